@@ -1,0 +1,212 @@
+"""The wire: one envelope, and every kind of message the pipeline sends. This module is the spec.
+
+An observer that imports only this module (and msgpack) can decode every message on the bus.
+
+Frames
+------
+Every ZeroMQ message is two frames: ``[topic, payload]``.
+
+- ``topic`` is UTF-8 bytes: the kind, or ``kind.detail`` for kinds that have a detail (see
+  :func:`topic_of`). It is a frame of its own so that SUB prefix matching never looks at
+  payload bytes. Subscribing to ``b"mmd."`` gets every MMDAgent-EX line,
+  ``b"mmd.RECOG_EVENT_STOP"`` only recognition results, ``b""`` everything.
+- ``payload`` is a msgpack map, the envelope:
+
+  ========== ======= ==========================================================================
+  key        type    meaning
+  ========== ======= ==========================================================================
+  ``v``      int     envelope version, :data:`VERSION`. A receiver drops other versions.
+  ``kind``   str     one of :data:`KINDS`.
+  ``session`` str    the conversation (one MMDAgent-EX avatar); ``"default"`` unless configured.
+  ``turn``   int     the turn this message belongs to; ``0`` when it belongs to none.
+  ``seq``    int     per sender, +1 per message sent: gaps show loss, resets show a restart.
+  ``sender`` str     the stage that made it (``bridge``, ``llm``, ``segmenter``, ...).
+  ``ts``     float   when it was made (``time.time()``, seconds).
+  ``origin`` float   when the input that caused it arrived in the pipeline; carried along the
+                     chain so the last stage can tell end-to-end latency. Equals ``ts`` on
+                     messages that start a chain.
+  ``body``   map     kind-specific fields, below.
+  ========== ======= ==========================================================================
+
+Where each kind travels
+-----------------------
+*Work queues* (PUSH to the broker, PULL from the broker; never dropped, one consumer):
+``tokens`` (llm -> segmenter), ``segments`` (segmenter -> sequencer), ``commands``
+(sequencer -> bridge). The broker also mirrors every work item onto the *bus* (PUB/SUB
+through the broker's XSUB/XPUB), so observers see everything without being in the path.
+Bus-only kinds are published by their stage directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+MAX_PAYLOAD_BYTES = 1 << 20  # a frame larger than this is refused, not unpacked
+
+
+KINDS: dict[str, str] = {
+    # kind: docstring. The body fields are the spec of each message.
+    "mmd": """A line that MMDAgent-EX wrote to the bridge's stdin (bus, bridge).
+
+    body: ``type`` (str, before the first ``|``), ``args`` (list[str], the rest split on ``|``).
+    topic: ``mmd.<type>``. Every line is published, including the bridge's own echoed output
+    and types nobody here knows. Lines that were not valid UTF-8 arrive with U+FFFD.""",
+    "command": """A message for MMDAgent-EX (work queue ``commands``: sequencer -> bridge).
+
+    body: ``type`` (str), ``args`` (list[str]). The bridge cleans every field (no ``|``, CR,
+    LF or control characters) and caps the line at 2000 bytes before writing it.""",
+    "written": """The bridge wrote a line to MMDAgent-EX (bus, bridge).
+
+    body: ``type``, ``args`` (as written, after cleaning), ``bytes`` (int, line length).
+    ``origin`` is the command's origin, so ``ts - origin`` is the pipeline's own latency.""",
+    "turn_start": """The llm stage opened a turn for a user utterance (bus, llm).
+
+    body: ``text`` (str, the utterance). Stages drop work items of older turns.""",
+    "token": """A piece of the answer as the LLM streamed it (work queue ``tokens``: llm -> segmenter).
+
+    body: ``text`` (str). ``origin`` is when the llm process received it.""",
+    "segment": """A speakable piece of the answer (work queue ``segments``: segmenter -> sequencer).
+
+    body: ``text`` (str, clean speech), ``index`` (int, 0-based within the turn).
+    ``origin`` is the arrival in llm of the token that completed the segment.""",
+    "turn_end": """No more work items of this turn will follow (work queues ``tokens`` then ``segments``).
+
+    body: ``reason`` (``done``, ``error``, ``superseded``), ``segments`` (int, how many segments
+    the turn had; 0 on the ``tokens`` queue, filled in by the segmenter).""",
+    "turn_result": """The llm stage closed a turn (bus, llm).
+
+    body: ``reason`` (as turn_end), ``answer`` (str, the text the LLM produced), ``error``
+    (str, one line, empty if none; never contains secrets).""",
+    "speech": """The sequencer's view of one segment being spoken (bus, sequencer).
+
+    body: ``model`` (alias), ``index``, ``text``, ``state``: ``sent`` (SYNTH_START written),
+    ``started`` (SYNTH_EVENT_START came), ``finished`` (SYNTH_EVENT_STOP came), ``timeout``
+    (no event in time: e.g. an unknown voice alias), ``dropped`` (never sent: turn was
+    superseded).""",
+    "heartbeat": """A stage is alive (bus, every stage, each second).
+
+    body: ``stage`` (str), ``pid`` (int), ``ready`` (bool: its subscriptions are in place, it
+    has seen its own heartbeat come back through the broker), ``info`` (map, stage-specific,
+    e.g. llm's ``backend``). topic: ``heartbeat.<stage>``.""",
+    "notice": """Something a person should read (bus, any stage).
+
+    body: ``level`` (``info``, ``warning``, ``error``), ``text`` (str).""",
+}
+
+#: which kinds have a topic detail, and which body field supplies it
+_TOPIC_DETAIL = {"mmd": "type", "heartbeat": "stage"}
+
+
+class WireError(ValueError):
+    """A frame that is not a valid envelope. The message says why."""
+
+
+@dataclass
+class Envelope:
+    kind: str
+    body: dict[str, Any] = field(default_factory=dict)
+    session: str = "default"
+    turn: int = 0
+    seq: int = 0
+    sender: str = ""
+    ts: float = 0.0
+    origin: float = 0.0
+
+    @property
+    def topic(self) -> str:
+        return topic_of(self.kind, self.body)
+
+
+def topic_of(kind: str, body: dict[str, Any]) -> str:
+    """``kind``, or ``kind.detail`` for kinds with a topic detail (``mmd.SYNTH_EVENT_STOP``)."""
+    detail_key = _TOPIC_DETAIL.get(kind)
+    if detail_key is None:
+        return kind
+    return f"{kind}.{body.get(detail_key, '')}"
+
+
+def encode(env: Envelope) -> list[bytes]:
+    """The two frames of ``env``."""
+    payload = msgpack.packb(
+        {
+            "v": VERSION,
+            "kind": env.kind,
+            "session": env.session,
+            "turn": env.turn,
+            "seq": env.seq,
+            "sender": env.sender,
+            "ts": env.ts,
+            "origin": env.origin,
+            "body": env.body,
+        },
+        use_bin_type=True,
+    )
+    return [env.topic.encode("utf-8"), payload]
+
+
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "kind": str,
+    "session": str,
+    "turn": int,
+    "seq": int,
+    "sender": str,
+    "ts": (int, float),
+    "origin": (int, float),
+    "body": dict,
+}
+
+
+def decode(frames: list[bytes]) -> Envelope:
+    """Parse ``[topic, payload]``; raise :class:`WireError` with the reason if it is not an envelope."""
+    if len(frames) != 2:
+        raise WireError(f"expected 2 frames, got {len(frames)}")
+    payload = frames[1]
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise WireError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    try:
+        raw = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise WireError(f"payload is not msgpack: {type(exc).__name__}") from None
+    if not isinstance(raw, dict):
+        raise WireError("payload is not a map")
+    if raw.get("v") != VERSION:
+        raise WireError(f"envelope version {raw.get('v')!r}, expected {VERSION}")
+    for key, typ in _FIELD_TYPES.items():
+        if not isinstance(raw.get(key), typ) or isinstance(raw.get(key), bool):
+            raise WireError(f"field {key!r} missing or not {typ}")
+    if raw["kind"] not in KINDS:
+        raise WireError(f"unknown kind {raw['kind']!r}")
+    return Envelope(
+        kind=raw["kind"],
+        body=raw["body"],
+        session=raw["session"],
+        turn=raw["turn"],
+        seq=raw["seq"],
+        sender=raw["sender"],
+        ts=float(raw["ts"]),
+        origin=float(raw["origin"]),
+    )
+
+
+class Sender:
+    """Stamps outgoing envelopes of one stage: sender name, session, sequence number, times."""
+
+    def __init__(self, sender: str, session: str = "default") -> None:
+        self.sender = sender
+        self.session = session
+        self._seq = itertools.count(1)
+
+    def make(self, kind: str, body: dict[str, Any] | None = None, *, turn: int = 0,
+             origin: float | None = None) -> Envelope:
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}")
+        now = time.time()
+        return Envelope(kind=kind, body=body or {}, session=self.session, turn=turn,
+                        seq=next(self._seq), sender=self.sender, ts=now,
+                        origin=now if origin is None else origin)

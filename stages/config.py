@@ -1,0 +1,123 @@
+"""Configuration: ``defaults.toml`` (the documented reference), a user file, then environment.
+
+``load()`` returns a plain ``dict[section][key]``. Every key a user sets must exist in
+``defaults.toml`` and have the same type (an int is accepted where a float is expected), so a
+typo is a clear error at start-up, not a silent default. Environment variables
+``MMDAGENT_LLM_<SECTION>_<KEY>`` override both files.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+Config = dict[str, dict[str, Any]]
+
+ENV_PREFIX = "MMDAGENT_LLM_"
+ENV_CONFIG = "MMDAGENT_LLM_CONFIG"
+LOCAL_NAME = "mmdagent-llm.toml"
+
+#: the broker's endpoints, in port order (tcp uses base_port + index)
+ENDPOINTS = (
+    "events_in",      # XSUB: stages publish bus events here
+    "events_out",     # XPUB: stages and observers subscribe here
+    "tokens_in", "tokens_out",
+    "segments_in", "segments_out",
+    "commands_in", "commands_out",
+)
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says which file/variable and key."""
+
+
+def defaults_text() -> str:
+    return resources.files("stages").joinpath("defaults.toml").read_text(encoding="utf-8")
+
+
+def user_config_path() -> Path | None:
+    """The user's file by the search order in defaults.toml, or None."""
+    if os.environ.get(ENV_CONFIG):
+        path = Path(os.environ[ENV_CONFIG])
+        if not path.is_file():
+            raise ConfigError(f"{ENV_CONFIG}={path}: no such file")
+        return path
+    local = Path.cwd() / LOCAL_NAME
+    if local.is_file():
+        return local
+    base = Path(os.environ.get("APPDATA", "~")) if sys.platform == "win32" else Path("~/.config")
+    home = base.expanduser() / "mmdagent-llm" / "config.toml"
+    return home if home.is_file() else None
+
+
+def load(path: Path | None = None) -> Config:
+    """Defaults, overlaid by ``path`` (or the file found by :func:`user_config_path`), then env."""
+    cfg = tomllib.loads(defaults_text())
+    path = path or user_config_path()
+    if path is not None:
+        try:
+            user = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        _overlay(cfg, user, str(path))
+    _overlay_env(cfg, os.environ)
+    return cfg
+
+
+def _coerce(default: Any, value: Any, where: str) -> Any:
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, type(default)) and not isinstance(value, bool)
+    if not ok:
+        raise ConfigError(f"{where}: expected {type(default).__name__}, got {value!r}")
+    return value
+
+
+def _overlay(cfg: Config, user: dict[str, Any], source: str) -> None:
+    for section, values in user.items():
+        if section not in cfg or not isinstance(values, dict):
+            raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(cfg)})")
+        for key, value in values.items():
+            if key not in cfg[section]:
+                raise ConfigError(f"{source}: unknown key {key!r} in [{section}]")
+            cfg[section][key] = _coerce(cfg[section][key], value, f"{source} [{section}] {key}")
+
+
+def _overlay_env(cfg: Config, environ: os._Environ[str] | dict[str, str]) -> None:
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition("_")
+        if section not in cfg or key not in cfg[section]:
+            raise ConfigError(f"environment {name}: no key {key!r} in [{section}]")
+        default = cfg[section][key]
+        if isinstance(default, bool):
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ConfigError(f"environment {name}: expected true/false, got {text!r}")
+            value: Any = text.lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, (int, float)):
+            try:
+                value = type(default)(text)
+            except ValueError:
+                raise ConfigError(f"environment {name}: expected {type(default).__name__}, got {text!r}") from None
+        else:
+            value = text
+        cfg[section][key] = value
+
+
+def endpoint(cfg: Config, name: str) -> str:
+    """The ZeroMQ address of broker endpoint ``name`` (one of :data:`ENDPOINTS`)."""
+    bus = cfg["bus"]
+    if bus["transport"] == "tcp":
+        return f"tcp://{bus['host']}:{bus['base_port'] + ENDPOINTS.index(name)}"
+    if bus["transport"] == "ipc":
+        return f"ipc://{bus['ipc_prefix']}{bus['session']}-{name}"
+    raise ConfigError(f"[bus] transport must be 'tcp' or 'ipc', not {bus['transport']!r}")

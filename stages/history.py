@@ -1,0 +1,54 @@
+"""Conversation history for the chat completion request.
+
+The system prompt is always first. A turn is added only when it ends, as a user/assistant
+pair, so the history is never left with a question and no answer (a failed turn that
+produced nothing adds nothing). It is trimmed, oldest pair first, by both limits the
+official samples use: the number of pairs, and a token budget. Tokens are estimated from
+characters (a CJK character is about one token, about four Latin characters are one), and
+when the server reports ``usage`` for the last request that count is used instead.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+
+PER_MESSAGE_TOKENS = 4  # role and framing overhead the chat format adds to every message
+
+
+def estimate_tokens(text: str) -> int:
+    wide = sum(1 for ch in text if unicodedata.east_asian_width(ch) in ("W", "F"))
+    return wide + math.ceil((len(text) - wide) / 4) + PER_MESSAGE_TOKENS
+
+
+class History:
+    def __init__(self, system_prompt: str, max_turns: int, max_tokens: int) -> None:
+        self.system = {"role": "system", "content": system_prompt}
+        self.max_turns = max_turns
+        self.max_tokens = max_tokens
+        self.pairs: list[tuple[dict, dict]] = []
+
+    def request(self, user_text: str) -> list[dict]:
+        """The messages to send for a new utterance (the history itself is not changed)."""
+        messages = [self.system]
+        for user, assistant in self.pairs:
+            messages += [user, assistant]
+        return messages + [{"role": "user", "content": user_text}]
+
+    def add(self, user_text: str, answer: str, *, interrupted: bool = False,
+            used_tokens: int | None = None) -> None:
+        """Record a finished turn. ``interrupted``: the user cut the answer off after ``answer``."""
+        content = answer + (" [interrupted]" if interrupted else "")
+        self.pairs.append(({"role": "user", "content": user_text},
+                           {"role": "assistant", "content": content}))
+        self._trim(used_tokens)
+
+    def tokens(self) -> int:
+        return sum(estimate_tokens(m["content"]) for m in self.request("")[:-1])
+
+    def _trim(self, used_tokens: int | None) -> None:
+        # used_tokens (the server's count) covers the request and the answer just added
+        total = used_tokens if used_tokens is not None else self.tokens()
+        while self.pairs and (len(self.pairs) > self.max_turns or total > self.max_tokens):
+            user, assistant = self.pairs.pop(0)
+            total -= estimate_tokens(user["content"]) + estimate_tokens(assistant["content"])

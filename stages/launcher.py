@@ -1,0 +1,88 @@
+"""Start the pipeline's stage processes as children, wait until they are ready, stop them.
+
+For the console and for tests. In production use supervisord (``deploy/``), which also
+restarts a stage that dies; honcho (``Procfile``) stops everything when one process exits.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from typing import IO, Iterable
+
+import zmq
+
+from broker import wire
+from stages import config as config_mod
+
+PIPELINE = ("broker", "llm", "segmenter", "sequencer")
+
+
+def stage_command(name: str) -> list[str]:
+    return [sys.executable, "-m", "stages.cli", name]
+
+
+class Pipeline:
+    def __init__(self, env: dict[str, str] | None = None, stderr: IO[bytes] | int | None = None,
+                 names: Iterable[str] = PIPELINE) -> None:
+        self.env = env
+        self.stderr = stderr
+        self.names = tuple(names)
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self) -> "Pipeline":
+        for name in self.names:
+            self.procs[name] = subprocess.Popen(stage_command(name), env=self.env, stdin=subprocess.DEVNULL,
+                                                stdout=subprocess.DEVNULL, stderr=self.stderr)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM every stage, then SIGKILL what is left after ``timeout``."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+    def __enter__(self) -> "Pipeline":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_ready(cfg: config_mod.Config, stages: Iterable[str], timeout: float) -> dict[str, dict]:
+    """Wait until each stage's heartbeat says ready; return their last heartbeat bodies.
+
+    Raises TimeoutError naming the stages that did not report.
+    """
+    want = set(stages)
+    seen: dict[str, dict] = {}
+    ctx = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.linger = 0
+    sub.setsockopt(zmq.SUBSCRIBE, b"heartbeat.")
+    sub.connect(config_mod.endpoint(cfg, "events_out"))
+    deadline = time.monotonic() + timeout
+    try:
+        while not want <= {name for name, body in seen.items() if body.get("ready")}:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(n for n in want if not seen.get(n, {}).get("ready"))
+                raise TimeoutError(f"stages not ready after {timeout} s: {', '.join(missing)}")
+            if sub.poll(int(left * 1000) + 1):
+                try:
+                    env = wire.decode(sub.recv_multipart())
+                except wire.WireError:
+                    continue
+                seen[env.body.get("stage", "")] = env.body
+    finally:
+        sub.close()
+    return seen

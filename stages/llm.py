@@ -1,0 +1,247 @@
+"""llm: turns each recognized utterance into a stream of answer tokens.
+
+- Listens on the bus for ``mmd.RECOG_EVENT_STOP``; each one opens a turn (``turn_start``).
+  An utterance that comes while a turn is still running supersedes it: the old request is
+  closed and its turn ends with reason ``superseded``.
+- The request runs on a worker thread with the openai client (streaming or not, per
+  ``[llm] stream``); tokens come back to the stage loop and go to the ``tokens`` queue, each
+  stamped with its arrival time (``origin``). The turn ends with ``turn_end`` on the queue
+  and ``turn_result`` on the bus.
+- Failures (authentication, rate limit after the client's bounded retries with backoff,
+  5xx, timeouts, refused connection, a stream cut midway, an error event in the stream)
+  end the turn: one log line without secrets, the configured apology spoken if nothing was
+  said yet, and history left consistent (see :mod:`stages.history`). Deadlines are enforced
+  here, not left to the client: ``first_token_timeout`` and ``turn_timeout``.
+- Server: OpenAI, or any OpenAI-compatible server via ``OPENAI_BASE_URL``; with neither
+  ``OPENAI_API_KEY`` nor ``OPENAI_BASE_URL``, the embedded offline responder
+  (:mod:`stages.offline_responder`), announced once in the log and in the heartbeat.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from typing import Any
+
+import openai
+import zmq
+
+from broker import wire
+from stages import config as config_mod
+from stages.history import History
+from stages.runtime import Stage, setup_logging
+from stages.states import Machine, TURN_TRANSITIONS, TurnState
+
+log = logging.getLogger("mmdagent_llm")
+
+_KEY_PATTERN = re.compile(r"(sk-|key-|Bearer\s+)[A-Za-z0-9_\-\*\.]{6,}")
+
+
+def redact(text: str) -> str:
+    """``text`` on one line with the API key and anything shaped like a key removed."""
+    key = os.environ.get("OPENAI_API_KEY")
+    if key:
+        text = text.replace(key, "***")
+    text = _KEY_PATTERN.sub(lambda m: m.group(1) + "***", text)
+    return " ".join(text.split())[:300]
+
+
+def describe(exc: BaseException) -> str:
+    """One line naming the failure, for logs and ``turn_result``."""
+    status = getattr(exc, "status_code", None)
+    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    return redact(f"{type(exc).__name__}{f' {status}' if status else ''}: {message}")
+
+
+class _Worker(threading.Thread):
+    """Runs one chat completion request and reports to the stage loop over an inproc PUSH."""
+
+    def __init__(self, stage: "LlmStage", turn: int, messages: list[dict]) -> None:
+        super().__init__(name=f"turn-{turn}", daemon=True)
+        self.stage, self.turn, self.messages = stage, turn, messages
+        self.cancelled = threading.Event()
+        self._response: Any = None
+        self._lock = threading.Lock()
+
+    def cancel(self) -> None:
+        """Stop now; closes the HTTP response so the server sees the connection go."""
+        self.cancelled.set()
+        with self._lock:
+            response = self._response
+        if response is not None:
+            try:
+                response.close()
+            except Exception:  # closing from another thread may race the reader; it is closed either way
+                pass
+
+    def run(self) -> None:
+        out = self.stage.ctx.socket(zmq.PUSH)
+        out.linger = 1000
+        out.connect(self.stage.worker_address)
+        cfg = self.stage.cfg["llm"]
+        kwargs: dict[str, Any] = {"model": cfg["model"], "messages": self.messages, "temperature": cfg["temperature"]}
+        if cfg["max_tokens"] > 0:
+            kwargs["max_tokens"] = cfg["max_tokens"]
+        try:
+            if cfg["stream"]:
+                used = self._stream(out, kwargs)
+            else:
+                used = self._whole(out, kwargs)
+            out.send_pyobj((self.turn, "done", used))
+        except Exception as exc:
+            if not self.cancelled.is_set():
+                out.send_pyobj((self.turn, "error", describe(exc)))
+        finally:
+            out.close()
+
+    def _stream(self, out: zmq.Socket, kwargs: dict[str, Any]) -> int | None:
+        used = None
+        stream = self.stage.client.chat.completions.create(
+            **kwargs, stream=True, stream_options={"include_usage": True})
+        with self._lock:
+            self._response = stream
+        if self.cancelled.is_set():
+            stream.close()
+            return None
+        with stream:
+            for chunk in stream:
+                if self.cancelled.is_set():
+                    break
+                if chunk.usage is not None:
+                    used = chunk.usage.total_tokens
+                if chunk.choices and chunk.choices[0].delta.content:
+                    out.send_pyobj((self.turn, "token", (chunk.choices[0].delta.content, time.time())))
+        return used
+
+    def _whole(self, out: zmq.Socket, kwargs: dict[str, Any]) -> int | None:
+        completion = self.stage.client.chat.completions.create(**kwargs)
+        text = completion.choices[0].message.content or "" if completion.choices else ""
+        if text and not self.cancelled.is_set():
+            out.send_pyobj((self.turn, "token", (text, time.time())))
+        return completion.usage.total_tokens if completion.usage else None
+
+
+class LlmStage(Stage):
+    name = "llm"
+    topics = ("mmd.RECOG_EVENT_STOP",)
+    output_queue = "tokens"
+
+    def __init__(self, cfg: config_mod.Config) -> None:
+        super().__init__(cfg)
+        c = cfg["llm"]
+        self.history = History(c["system_prompt"], c["history_turns"], c["history_tokens"])
+        self.machine: Machine[TurnState] = Machine("turn", TURN_TRANSITIONS, TurnState.IDLE)
+        self.offline_server = None
+        self.client, self.backend = self._make_client()
+        self.worker_address = f"inproc://llm-workers-{id(self)}"
+        self.inbox = self.ctx.socket(zmq.PULL)
+        self.inbox.bind(self.worker_address)
+        self.extra[self.inbox] = self._on_worker
+        self.turn = 0
+        self.worker: _Worker | None = None
+        self.user_text = ""
+        self.answer: list[str] = []
+        self.turn_started = 0.0
+
+    def _make_client(self) -> tuple[openai.OpenAI, str]:
+        c = self.cfg["llm"]
+        timeout = openai.Timeout(connect=5.0, read=c["chunk_timeout"], write=10.0, pool=5.0)
+        key = os.environ.get("OPENAI_API_KEY")
+        base = os.environ.get("OPENAI_BASE_URL")
+        if not key and not base:
+            from stages.offline_responder import OFFLINE_NOTICE, ChatCompletionServer, offline_reply
+            self.offline_server = ChatCompletionServer(offline_reply).start()
+            log.warning("%s", OFFLINE_NOTICE)
+            client = openai.OpenAI(api_key="offline", base_url=self.offline_server.base_url,
+                                   max_retries=c["max_retries"], timeout=timeout)
+            return client, "offline responder"
+        client = openai.OpenAI(api_key=key or "not-needed", base_url=base or None,
+                               max_retries=c["max_retries"], timeout=timeout)
+        backend = base or "OpenAI"
+        log.info("answering with %s, model %s", backend, c["model"])
+        return client, backend
+
+    def info(self) -> dict[str, Any]:
+        return {"backend": self.backend, "offline": self.offline_server is not None,
+                "model": self.cfg["llm"]["model"], "turn": self.turn, "state": self.machine.state.value}
+
+    # -- turns -----------------------------------------------------------------------------
+    def on_event(self, env: wire.Envelope) -> None:
+        text = "|".join(env.body.get("args", [])).strip()
+        if not text:
+            log.info("empty recognition result ignored")
+            return
+        if self.machine != TurnState.IDLE:
+            self._end_turn("superseded", "")
+        self.turn = max(self.turn + 1, int(time.time() * 1000))
+        self.user_text = text
+        self.answer = []
+        self.turn_started = time.monotonic()
+        self.machine.move(TurnState.REQUESTING, f"turn {self.turn}")
+        self.publish("turn_start", {"text": text}, turn=self.turn, origin=env.origin)
+        log.info("turn %d: %d characters from the user", self.turn, len(text))
+        self.worker = _Worker(self, self.turn, self.history.request(text))
+        self.worker.start()
+
+    def _on_worker(self) -> None:
+        while self.inbox.poll(0):
+            turn, what, data = self.inbox.recv_pyobj()
+            if turn != self.turn or self.machine == TurnState.IDLE:
+                continue  # a superseded or timed-out request still finishing
+            if what == "token":
+                text, arrived = data
+                if self.machine == TurnState.REQUESTING:
+                    self.machine.move(TurnState.STREAMING, "first token")
+                self.answer.append(text)
+                self.push("token", {"text": text}, turn=turn, origin=arrived)
+            elif what == "done":
+                self._end_turn("done", "", used_tokens=data)
+            else:
+                self._end_turn("error", data)
+
+    def next_deadline(self) -> float | None:
+        if self.machine == TurnState.IDLE:
+            return None
+        c = self.cfg["llm"]
+        end = self.turn_started + c["turn_timeout"]
+        if self.machine == TurnState.REQUESTING:
+            end = min(end, self.turn_started + c["first_token_timeout"])
+        return end
+
+    def on_tick(self, now: float) -> None:
+        deadline = self.next_deadline()
+        if deadline is not None and now >= deadline:
+            which = "first_token_timeout" if self.machine == TurnState.REQUESTING else "turn_timeout"
+            self._end_turn("error", f"no answer within [llm] {which} = {self.cfg['llm'][which]} s")
+
+    def _end_turn(self, reason: str, error: str, used_tokens: int | None = None) -> None:
+        if self.worker is not None:
+            self.worker.cancel()
+            self.worker = None
+        answer = "".join(self.answer)
+        if reason == "error":
+            log.error("turn %d failed: %s", self.turn, error)
+            if not answer and self.cfg["llm"]["apology"]:
+                self.push("token", {"text": self.cfg["llm"]["apology"]}, turn=self.turn)
+        if answer:
+            self.history.add(self.user_text, answer, interrupted=reason != "done", used_tokens=used_tokens)
+        self.push("turn_end", {"reason": reason, "segments": 0}, turn=self.turn)
+        self.publish("turn_result", {"reason": reason, "answer": answer, "error": error}, turn=self.turn)
+        log.info("turn %d %s after %.2f s, %d characters", self.turn, reason,
+                 time.monotonic() - self.turn_started, len(answer))
+        self.machine.move(TurnState.IDLE, reason)
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.cancel()
+        self.inbox.close(linger=0)
+        if self.offline_server is not None:
+            self.offline_server.stop()
+
+
+def main(cfg: config_mod.Config) -> int:
+    setup_logging("llm")
+    return LlmStage(cfg).run()

@@ -1,0 +1,205 @@
+"""What every stage process shares: logging, signals, and :class:`Stage`, the socket loop.
+
+A stage connects to the broker (it never binds), so it can be restarted alone:
+- a SUB on ``events_out`` with the stage's topics, plus its own ``heartbeat.<name>``;
+- a PUB on ``events_in`` for bus events;
+- optionally a PULL on its input queue ``<q>_out`` and a PUSH on its output queue ``<q>_in``.
+
+Readiness: a stage is *ready* once its own heartbeat has come back through the broker: that
+proves the broker is up and has its subscriptions (ZeroMQ sends all of a socket's
+subscriptions on connect, before anything else), so from then on it misses no bus event.
+Heartbeats go out each second with ``ready`` set accordingly; tests and the console wait for
+every stage to report ready instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import zmq
+
+from broker import wire
+from stages import config as config_mod
+
+log = logging.getLogger("mmdagent_llm")
+_stop = False
+
+
+class _OneLineFormatter(logging.Formatter):
+    """One event, one line: newlines inside a message or traceback are escaped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\r", "\\r").replace("\n", "\\n")
+
+
+def setup_logging(stage: str, level: int = logging.INFO) -> None:
+    """Log to stderr only (stdout belongs to MMDAgent-EX), with the stage's name on each line."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter(
+        f"%(asctime)s.%(msecs)03d mmdagent-llm[{stage}] %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("httpx", "httpx2", "httpcore", "openai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM/SIGINT ask the loop to stop; Python's default SIGTERM would skip cleanup."""
+    def handler(signum: int, frame: Any) -> None:
+        global _stop
+        _stop = True
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def request_stop() -> None:
+    """Make the loop end after the current step (end of input, a lost stdout)."""
+    global _stop
+    _stop = True
+
+
+def stop_requested() -> bool:
+    return _stop
+
+
+class Stage:
+    """Base of every stage process. Subclasses set the class attributes and override the hooks."""
+
+    name = "stage"
+    topics: tuple[str, ...] = ()       # bus topics (prefixes) to receive in on_event
+    input_queue: str | None = None     # work queue to receive in on_work
+    output_queue: str | None = None    # work queue that push() sends to
+
+    def __init__(self, cfg: config_mod.Config) -> None:
+        self.cfg = cfg
+        self.ready = False
+        self.sender = wire.Sender(self.name, cfg["bus"]["session"])
+        self.bad_frames: dict[str, int] = {}
+        self.ctx = zmq.Context.instance()
+        self.pub = self._socket(zmq.PUB, "events_in")
+        self.sub = self._socket(zmq.SUB, "events_out", subscribe=(*self.topics, f"heartbeat.{self.name}"))
+        self.pull = self._socket(zmq.PULL, f"{self.input_queue}_out") if self.input_queue else None
+        self.push_sock = self._socket(zmq.PUSH, f"{self.output_queue}_in") if self.output_queue else None
+        if self.push_sock is not None:
+            self.push_sock.sndtimeo = 2000
+        self.extra: dict[zmq.Socket, Callable[[], None]] = {}
+
+    def _socket(self, kind: int, endpoint: str, subscribe: tuple[str, ...] = ()) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.linger = 500
+        for topic in subscribe:
+            sock.setsockopt(zmq.SUBSCRIBE, topic.encode("utf-8"))
+        sock.connect(config_mod.endpoint(self.cfg, endpoint))
+        return sock
+
+    # -- hooks ---------------------------------------------------------------------------
+    def on_event(self, env: wire.Envelope) -> None:
+        """A bus event matching :attr:`topics`."""
+
+    def on_work(self, env: wire.Envelope) -> None:
+        """A work item from :attr:`input_queue`."""
+
+    def on_tick(self, now: float) -> None:
+        """Called at least every :meth:`next_deadline` (monotonic time) and each loop."""
+
+    def next_deadline(self) -> float | None:
+        """Monotonic time by which on_tick must run, or None."""
+        return None
+
+    def info(self) -> dict[str, Any]:
+        """Stage-specific fields of the heartbeat."""
+        return {}
+
+    def close(self) -> None:
+        """Release what the subclass holds; called once when the loop ends."""
+
+    # -- sending -------------------------------------------------------------------------
+    def publish(self, kind: str, body: dict[str, Any], *, turn: int = 0, origin: float | None = None) -> None:
+        self.pub.send_multipart(wire.encode(self.sender.make(kind, body, turn=turn, origin=origin)))
+
+    def push(self, kind: str, body: dict[str, Any], *, turn: int = 0, origin: float | None = None) -> None:
+        assert self.push_sock is not None, f"{self.name} has no output queue"
+        try:
+            self.push_sock.send_multipart(wire.encode(self.sender.make(kind, body, turn=turn, origin=origin)))
+        except zmq.Again:
+            log.error("output queue %s is full or the broker is gone: dropped a %s of turn %d",
+                      self.output_queue, kind, turn)
+
+    # -- loop ----------------------------------------------------------------------------
+    def _receive(self, sock: zmq.Socket) -> wire.Envelope | None:
+        frames = sock.recv_multipart()
+        try:
+            return wire.decode(frames)
+        except wire.WireError as exc:
+            reason = str(exc)
+            self.bad_frames[reason] = self.bad_frames.get(reason, 0) + 1
+            if self.bad_frames[reason] == 1:
+                log.warning("dropped an invalid frame: %s (further ones with this reason are only counted)", reason)
+            return None
+
+    def _heartbeat(self) -> None:
+        self.publish("heartbeat", {"stage": self.name, "pid": os.getpid(), "ready": self.ready, "info": self.info()})
+
+    def run(self) -> int:
+        install_signal_handlers()
+        log.info("started, pid %d, broker at %s", os.getpid(), config_mod.endpoint(self.cfg, "events_in"))
+        next_beat = time.monotonic()
+        try:
+            while not stop_requested():
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._heartbeat()
+                    next_beat = now + (1.0 if self.ready else 0.1)
+                deadline = min(d for d in (next_beat, self.next_deadline()) if d is not None)
+                poller = zmq.Poller()
+                poller.register(self.sub, zmq.POLLIN)
+                if self.pull is not None:
+                    poller.register(self.pull, zmq.POLLIN)
+                for sock in self.extra:
+                    poller.register(sock, zmq.POLLIN)
+                events = dict(poller.poll(timeout=max(0, int((deadline - now) * 1000)) + 1))
+                for sock, callback in list(self.extra.items()):
+                    if sock in events:
+                        callback()
+                # Bus first: cancellation-like events must not wait behind queued work.
+                if self.sub in events:
+                    self._drain(self.sub, self._dispatch_event)
+                if self.pull is not None and self.pull in events:
+                    self._drain(self.pull, self.on_work, limit=1)
+                self.on_tick(time.monotonic())
+        finally:
+            self.close()
+            for sock in (self.pub, self.sub, self.pull, self.push_sock):
+                if sock is not None:
+                    sock.close(linger=500)
+            log.info("stopped")
+        return 0
+
+    def _drain(self, sock: zmq.Socket, handler: Callable[[wire.Envelope], None], limit: int = 1000) -> None:
+        for _ in range(limit):
+            try:
+                env = self._receive_nowait(sock)
+            except zmq.Again:
+                return
+            if env is not None:
+                handler(env)
+
+    def _receive_nowait(self, sock: zmq.Socket) -> wire.Envelope | None:
+        if not sock.poll(0, zmq.POLLIN):
+            raise zmq.Again()
+        return self._receive(sock)
+
+    def _dispatch_event(self, env: wire.Envelope) -> None:
+        if env.kind == "heartbeat" and env.body.get("stage") == self.name:
+            if env.body.get("pid") == os.getpid() and not self.ready:
+                self.ready = True
+                log.info("ready: connected to the broker, subscriptions in place")
+                self._heartbeat()
+            return
+        self.on_event(env)

@@ -1,0 +1,59 @@
+"""segmenter: the ``tokens`` queue in, speakable ``segment`` items out, per turn.
+
+Cutting rules live in :mod:`stages.sentences`; this stage only keeps one cutter per turn,
+numbers the segments, and passes ``turn_end`` on with the segment count. Items of a turn
+older than the newest one seen are dropped: a late token of a superseded answer must never
+become speech.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from broker import wire
+from stages import config as config_mod
+from stages.runtime import Stage, setup_logging
+from stages.sentences import SentenceCutter
+
+log = logging.getLogger("mmdagent_llm")
+
+
+class SegmenterStage(Stage):
+    name = "segmenter"
+    input_queue = "tokens"
+    output_queue = "segments"
+
+    def __init__(self, cfg: config_mod.Config) -> None:
+        super().__init__(cfg)
+        self.turn = 0
+        self.cutter = self._new_cutter()
+        self.count = 0
+
+    def _new_cutter(self) -> SentenceCutter:
+        c = self.cfg["segmenter"]
+        return SentenceCutter(first_soft_chars=c["first_soft_chars"], soft_cut_chars=c["soft_cut_chars"],
+                              max_bytes=c["max_bytes"])
+
+    def on_work(self, env: wire.Envelope) -> None:
+        if env.turn < self.turn:
+            log.info("dropped a %s of old turn %d (current %d)", env.kind, env.turn, self.turn)
+            return
+        if env.turn > self.turn:
+            self.turn, self.cutter, self.count = env.turn, self._new_cutter(), 0
+        if env.kind == "token":
+            self._emit(self.cutter.feed(str(env.body.get("text", ""))), env)
+        elif env.kind == "turn_end":
+            self._emit(self.cutter.flush(), env)
+            self.push("turn_end", {**env.body, "segments": self.count}, turn=env.turn, origin=env.origin)
+        else:
+            log.warning("ignored a %s on the tokens queue", env.kind)
+
+    def _emit(self, segments: list[str], env: wire.Envelope) -> None:
+        for text in segments:
+            self.push("segment", {"text": text, "index": self.count}, turn=env.turn, origin=env.origin)
+            self.count += 1
+
+
+def main(cfg: config_mod.Config) -> int:
+    setup_logging("segmenter")
+    return SegmenterStage(cfg).run()

@@ -1,0 +1,82 @@
+"""The pipeline's explicit states: an enum and a transition table each, checked on every move.
+
+Turn (owned by the llm stage)::
+
+    IDLE --utterance--> REQUESTING --first token--> STREAMING --end of stream--> IDLE
+    REQUESTING/STREAMING --error, timeout, superseded--> IDLE
+
+Speech, per model alias (owned by the sequencer)::
+
+    IDLE --SYNTH_START sent--> SENT --SYNTH_EVENT_START--> SPEAKING --SYNTH_EVENT_STOP--> IDLE
+    SENT --no SYNTH_EVENT_START in time (unknown voice alias)--> IDLE
+    SPEAKING --no SYNTH_EVENT_STOP in time--> IDLE
+    SENT/SPEAKING --SYNTH_STOP sent--> STOPPING --SYNTH_EVENT_STOP or timeout--> IDLE
+
+A move that is not in the table raises :class:`IllegalTransition`: a bug shows up at once
+instead of as a wedged avatar.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from typing import Generic, TypeVar
+
+log = logging.getLogger("mmdagent_llm")
+
+
+class TurnState(enum.Enum):
+    IDLE = "idle"
+    REQUESTING = "requesting"
+    STREAMING = "streaming"
+
+
+class SpeechState(enum.Enum):
+    IDLE = "idle"
+    SENT = "sent"
+    SPEAKING = "speaking"
+    STOPPING = "stopping"
+
+
+TURN_TRANSITIONS: dict[TurnState, set[TurnState]] = {
+    TurnState.IDLE: {TurnState.REQUESTING},
+    TurnState.REQUESTING: {TurnState.STREAMING, TurnState.IDLE},
+    TurnState.STREAMING: {TurnState.IDLE},
+}
+
+SPEECH_TRANSITIONS: dict[SpeechState, set[SpeechState]] = {
+    SpeechState.IDLE: {SpeechState.SENT},
+    SpeechState.SENT: {SpeechState.SPEAKING, SpeechState.STOPPING, SpeechState.IDLE},
+    SpeechState.SPEAKING: {SpeechState.IDLE, SpeechState.STOPPING},
+    SpeechState.STOPPING: {SpeechState.IDLE},
+}
+
+S = TypeVar("S", TurnState, SpeechState)
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+class Machine(Generic[S]):
+    """A current state, the time it was entered, and checked moves along ``table``."""
+
+    def __init__(self, name: str, table: dict[S, set[S]], initial: S) -> None:
+        self.name = name
+        self.table = table
+        self.state = initial
+        self.since = time.monotonic()
+
+    def move(self, new: S, why: str = "") -> None:
+        if new not in self.table[self.state]:
+            raise IllegalTransition(f"{self.name}: {self.state.value} -> {new.value} ({why})")
+        log.debug("%s: %s -> %s %s", self.name, self.state.value, new.value, why)
+        self.state = new
+        self.since = time.monotonic()
+
+    def __eq__(self, other: object) -> bool:
+        return self.state == other
+
+    def __hash__(self) -> int:
+        return hash(self.state)
