@@ -1,0 +1,461 @@
+"""A simulated MMDAgent-EX: runs a plugin script the way Plugin_AnyScript does and answers like it.
+
+It follows the team's record of the real program's behaviour,
+``/work/shared/mmdagent-ex-protocol.md`` ("MMDAgent-EX: what the pipeline talks to"), cross-read
+with MMDAgent-EX's Plugin_AnyScript/ChildProcess.cpp; where a detail was left open, the choice is
+written here. Used as the fake MMDAgent-EX of the end-to-end tests and by ``mmdagent-llm console``.
+
+Starting the script
+  - POSIX: argv = :func:`split_plugin_command` (spaces split, ``"..."``/``'...'`` quote a whole
+    argument, nothing else; PATH lookup like execvp), no shell. Windows: the command line as
+    written (CreateProcess). cwd = the ``.mdf`` folder, environment inherited unless ``env``,
+    stderr not captured (inherited, or ``stderr=``). A script that exits or crashes is noted
+    (:attr:`returncode`), never restarted, and no message is sent about it.
+  - :meth:`SimulatedMMDAgent.kill` is what MMDAgent-EX does when it quits: SIGKILL
+    (TerminateProcess on Windows). The script never sees end of input.
+
+Message queue (one "main loop" thread)
+  - Every message on the queue is written to the script's stdin with a blocking write: what
+    :meth:`send` puts there, the simulator's own events, and every message the script printed
+    (echoed back). A script that stops reading blocks the main loop, as it freezes the avatar.
+    Each written message is in :attr:`inbox` and passed to ``on_message``.
+  - Writing (snprintf into a 2048-byte buffer): ``msg + "\\n"`` cut to 2047 bytes. A message of
+    2047 bytes or more therefore reaches the script as its first 2047 bytes WITHOUT newline,
+    glued to the next message (:attr:`inbox` records the cut text). The simulator's own
+    handling still sees the whole message.
+
+Reading the script's stdout (its own thread)
+  - At most 2048 bytes are read per message, newline included: a line of up to 2047 bytes is
+    one message; from a longer line the first 2047 bytes become a message and the rest is read
+    as the next message(s) (the garbage of the real program). Each piece is decoded on its own
+    as UTF-8 with ``errors="replace"``; an unterminated last line is never delivered.
+  - Each piece is then taken apart as the real reader does (``strtok(buf, "|\\r\\n")`` for the
+    type, ``strtok(NULL, "\\r\\n")`` for the arguments): empty lines and lines of only ``|``/CR
+    are dropped, a trailing CR is removed, ``TYPE|`` becomes ``TYPE``, and text after a CR
+    inside a line is lost. The result is a :class:`Received` in :attr:`received`.
+
+Speech (Plugin_Open_JTalk), per model alias; events go through one scheduler thread
+  - ``SYNTH_START|model|voice|text`` with ``voice`` not in ``voices`` (or an empty field):
+    ignored, no event at all, the current speech goes on. Unknown model aliases are accepted.
+  - Normal: after ``start_delay``: ``SYNTH_EVENT_START``, ``LIPSYNC_START|model|<phoneme,ms,...>``,
+    ``LIPSYNC_EVENT_START``; after max(min_speech, seconds_per_char * len(text)):
+    ``LIPSYNC_EVENT_STOP``, ``SYNTH_EVENT_STOP``. No ``LIPSYNC_STOP``: in MMDAgent-EX that is
+    the barge-in command the synthesizer sends to the lip-sync plugin, not an end event.
+  - ``SYNTH_STOP|model`` while speaking: ``LIPSYNC_STOP`` and ``LIPSYNC_EVENT_STOP`` at once,
+    ``SYNTH_EVENT_STOP`` after ``stop_delay``. While not speaking (or already stopping): nothing.
+  - ``SYNTH_START`` while the model speaks cuts it off: ``LIPSYNC_STOP``, ``LIPSYNC_EVENT_STOP``
+    at once, the old sentence's ``SYNTH_EVENT_STOP`` after ``cut_delay``, then the new sentence
+    plays normally (its ``SYNTH_EVENT_START`` ``start_delay`` later). A further ``SYNTH_START``
+    during that ``cut_delay`` replaces the waiting sentence, which then produces no event.
+  - Every accepted sentence that was handed to the synthesizer gets exactly one
+    ``SYNTH_EVENT_START`` and one ``SYNTH_EVENT_STOP``: one interrupted during ``start_delay``
+    gets its ``SYNTH_EVENT_START`` at once (no lip sync) and is then stopped as above.
+  - ``SYNTH_START`` from :meth:`send` (another plugin, the .fst) is spoken the same way.
+Cheap extras: ``MOTION_ADD`` -> ``MOTION_EVENT_ADD|model|alias``; ``TIMER_START|alias|sec`` ->
+``TIMER_EVENT_START``, then ``TIMER_EVENT_STOP`` after sec; ``CAPTION_SETSTYLE/START/STOP|x`` ->
+``CAPTION_EVENT_SETSTYLE/START/STOP|x``. Anything else is only echoed.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import IO, Callable, Collection
+
+MAXBUFLEN = 2048                  # MMDAGENT_MAXBUFLEN
+MAX_MESSAGE_BYTES = MAXBUFLEN - 1  # the C string's room: one byte goes to the terminator
+ARG_BUF = 100                     # Plugin_AnyScript: char current_arg[100], char *args[100]
+
+# strtok(buf, "|\r\n") then strtok(NULL, "\r\n"), as ChildProcess::receivingThreadRun does
+_MESSAGE = re.compile(r"[|\r\n]*([^|\r\n]+)(?:[|\r\n][\r\n]*([^\r\n]*))?")
+_EOF = object()  # queue marker for close_stdin(): keeps it in order with queued messages
+
+
+def split_plugin_command(command: str) -> list[str]:
+    """argv as Plugin_AnyScript builds it (POSIX): spaces split; a quote only opens an argument.
+
+    ``"..."``/``'...'`` at the start of an argument take everything up to the closing quote
+    (an unclosed one runs to the end) and end the argument there; quotes elsewhere are
+    ordinary characters. Raises ValueError for an argument of 100 UTF-8 bytes or more or for
+    100 arguments or more (the real buffers hold 99 plus a terminator and would overflow), or
+    for an empty command.
+    """
+    args: list[str] = []
+    i, n = 0, len(command)
+    while True:
+        while i < n and command[i] == " ":
+            i += 1
+        if i >= n:
+            break  # the C loop would add an empty argument for trailing spaces; we do not
+        quote = command[i] if command[i] in "\"'" else None
+        if quote:
+            end = command.find(quote, i + 1)
+            end = n if end < 0 else end
+            arg, i = command[i + 1:end], end + 1
+        else:
+            end = command.find(" ", i)
+            end = n if end < 0 else end
+            arg, i = command[i:end], end
+        if len(arg.encode("utf-8")) >= ARG_BUF:
+            raise ValueError(f"plugin command argument longer than {ARG_BUF - 1} bytes: {arg[:40]!r}...")
+        args.append(arg)
+        if len(args) >= ARG_BUF:
+            raise ValueError(f"plugin command has {ARG_BUF} arguments or more")
+    if not args:
+        raise ValueError("empty plugin command")
+    return args
+
+
+def message_of(raw: bytes) -> str | None:
+    """The message MMDAgent-EX makes of one piece read from a script (no newline), or None."""
+    m = _MESSAGE.match(raw.decode("utf-8", errors="replace"))
+    if not m:
+        return None
+    return f"{m[1]}|{m[2]}" if m[2] else m[1]
+
+
+@dataclass(frozen=True)
+class Received:
+    """One line as MMDAgent-EX took it from the script (or, in ``inbox``, wrote to it)."""
+    t: float  # time.monotonic()
+    line: str
+
+
+class _Speech:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.phase = "starting"  # -> "playing" -> "stopping"
+        self.pending: str | None = None  # the sentence that cut this one off
+
+
+class SimulatedMMDAgent:
+    """Runs ``command`` as MMDAgent-EX's Plugin_AnyScript would and plays MMDAgent-EX around it."""
+
+    def __init__(self, command: str, *, mdf_dir: str | os.PathLike, env: dict[str, str] | None = None,
+                 voices: Collection[str] = ("mei_voice_normal", "mei_voice_happy", "slt_voice_normal"),
+                 seconds_per_char: float = 0.2, min_speech: float = 0.3, start_delay: float = 0.03,
+                 stop_delay: float = 0.9, cut_delay: float = 1.1,
+                 on_message: Callable[[str], None] | None = None,
+                 on_speech: Callable[[str, str, bool], None] | None = None,
+                 stderr: int | IO | None = None) -> None:
+        self.command = command
+        self.argv = command if sys.platform == "win32" else split_plugin_command(command)
+        self.mdf_dir = os.fspath(mdf_dir)
+        self.env = env
+        self.voices = frozenset(voices)
+        self.seconds_per_char, self.min_speech = seconds_per_char, min_speech
+        self.start_delay, self.stop_delay, self.cut_delay = start_delay, stop_delay, cut_delay
+        self.on_message, self.on_speech = on_message, on_speech
+        self.stderr = stderr
+        self.received: list[Received] = []
+        self.inbox: list[Received] = []
+        self.speaking: dict[str, str] = {}
+        self._proc: subprocess.Popen | None = None
+        self._rcond = threading.Condition()   # guards received/inbox; notified on exit too
+        self._qcond = threading.Condition()   # the message queue
+        self._queue: collections.deque = collections.deque()
+        self._scond = threading.Condition()   # the timers
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._lock = threading.RLock()         # speech state: main loop and scheduler both change it
+        self._speech: dict[str, _Speech] = {}
+        self._closing = False
+        self._stdin_open = False
+        self._threads: list[threading.Thread] = []
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def start(self) -> "SimulatedMMDAgent":
+        # bufsize=0: no Python-side buffer may hide a script that stopped reading
+        self._proc = subprocess.Popen(self.argv, cwd=self.mdf_dir, env=self.env, stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=self.stderr, bufsize=0)
+        self._stdin_open = True
+        for target, name in ((self._main_loop, "main"), (self._read_stdout, "stdout"), (self._scheduler, "timers")):
+            thread = threading.Thread(target=target, name=f"avatar-sim-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def kill(self) -> None:
+        """MMDAgent-EX quits: SIGKILL the script, stop the simulator, close pipes, join threads."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        if proc is not None:
+            proc.wait()
+        with self._qcond:
+            self._closing = True
+            self._qcond.notify_all()
+        with self._scond:
+            self._scond.notify_all()
+        with self._rcond:
+            self._rcond.notify_all()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                # a grandchild holding a pipe open could block a thread forever: bounded join
+                thread.join(timeout=5)
+        if proc is not None:
+            for pipe, thread in ((proc.stdin, self._threads[0]), (proc.stdout, self._threads[1])):
+                if pipe is not None and not thread.is_alive():
+                    pipe.close()
+
+    def close_stdin(self) -> None:
+        """End of input for the script, after the messages already queued."""
+        self._post(_EOF)
+
+    def __enter__(self) -> "SimulatedMMDAgent":
+        return self if self._proc else self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._proc is None else self._proc.poll()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    # -- input and observation ----------------------------------------------------------------
+    def send(self, line: str) -> None:
+        """Put a message on MMDAgent-EX's queue, as the recognizer or another plugin would."""
+        if self._proc is None:
+            raise RuntimeError("start() first")
+        if "\n" in line:
+            raise ValueError("a message is one line; send its lines one by one")
+        self._post(line)
+
+    def wait_for(self, predicate: Callable[[list[Received]], bool], timeout: float) -> bool:
+        """Wait until ``predicate(received)`` holds; False after ``timeout`` seconds."""
+        with self._rcond:
+            return self._rcond.wait_for(lambda: predicate(self.received), timeout)
+
+    def wait_inbox(self, predicate: Callable[[list[Received]], bool], timeout: float) -> bool:
+        """Wait until ``predicate(inbox)`` holds (what was written to the script); False on timeout."""
+        with self._rcond:
+            return self._rcond.wait_for(lambda: predicate(self.inbox), timeout)
+
+    def wait_line(self, prefix: str, timeout: float, after: int = 0) -> Received | None:
+        """The first received line at index >= ``after`` that starts with ``prefix``, or None."""
+        return self._wait_first(self.received, prefix, timeout, after)
+
+    def wait_inbox_line(self, prefix: str, timeout: float, after: int = 0) -> Received | None:
+        """The first inbox line at index >= ``after`` that starts with ``prefix``, or None."""
+        return self._wait_first(self.inbox, prefix, timeout, after)
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """The script's exit status once it has ended, or None if it still runs after ``timeout``."""
+        with self._rcond:
+            self._rcond.wait_for(lambda: self.returncode is not None, timeout)
+        return self.returncode
+
+    def _wait_first(self, lines: list[Received], prefix: str, timeout: float, after: int) -> Received | None:
+        found: list[Received] = []
+
+        def match() -> bool:
+            found[:] = [r for r in lines[after:] if r.line.startswith(prefix)][:1]
+            return bool(found)
+        with self._rcond:
+            self._rcond.wait_for(match, timeout)
+        return found[0] if found else None
+
+    # -- threads ------------------------------------------------------------------------------
+    def _post(self, item: object) -> None:
+        with self._qcond:
+            self._queue.append(item)
+            self._qcond.notify()
+
+    def _main_loop(self) -> None:
+        while True:
+            with self._qcond:
+                self._qcond.wait_for(lambda: self._queue or self._closing)
+                if self._closing:
+                    return
+                item = self._queue.popleft()
+            if item is _EOF:
+                self._close_pipe_in()
+                continue
+            self._deliver(item)
+            with self._lock:
+                self._handle(item)
+
+    def _close_pipe_in(self) -> None:
+        self._stdin_open = False
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
+
+    def _deliver(self, line: str) -> None:
+        if not self._stdin_open or self._proc.poll() is not None:
+            return  # the real plugin skips a script it knows to be gone
+        data = (line + "\n").encode("utf-8", errors="replace")[:MAX_MESSAGE_BYTES]
+        view, fd = memoryview(data), self._proc.stdin.fileno()
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except (OSError, ValueError):
+            self._stdin_open = False  # the script died (EPIPE) or its stdin was closed
+            return
+        text = data.decode("utf-8", errors="replace")
+        text = text[:-1] if text.endswith("\n") else text
+        with self._rcond:
+            self.inbox.append(Received(time.monotonic(), text))
+            self._rcond.notify_all()
+        self._call(self.on_message, text)
+
+    def _read_stdout(self) -> None:
+        fd, buf = self._proc.stdout.fileno(), b""
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            buf += chunk
+            while True:
+                nl = buf.find(b"\n", 0, MAXBUFLEN)
+                if nl >= 0:
+                    piece, buf = buf[:nl], buf[nl + 1:]
+                elif len(buf) >= MAXBUFLEN:
+                    piece, buf = buf[:MAX_MESSAGE_BYTES], buf[MAX_MESSAGE_BYTES:]
+                else:
+                    break
+                message = message_of(piece)
+                if message is not None:
+                    with self._rcond:
+                        self.received.append(Received(time.monotonic(), message))
+                        self._rcond.notify_all()
+                    self._post(message)
+        self._proc.wait()
+        with self._rcond:
+            self._rcond.notify_all()
+
+    def _scheduler(self) -> None:
+        while True:
+            with self._scond:
+                while True:
+                    if self._closing:
+                        return
+                    now = time.monotonic()
+                    if self._timers and self._timers[0][0] <= now:
+                        _, _, action = heapq.heappop(self._timers)
+                        break
+                    self._scond.wait(self._timers[0][0] - now if self._timers else None)
+            with self._lock:
+                action()
+
+    def _after(self, delay: float, action: Callable[[], None]) -> None:
+        # the sequence number keeps equal deadlines in scheduling order: deterministic events
+        with self._scond:
+            heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), action))
+            self._scond.notify()
+
+    @staticmethod
+    def _call(callback: Callable | None, *args: object) -> None:
+        if callback is None:
+            return
+        try:
+            callback(*args)
+        except Exception:  # a faulty hook must not kill the simulator's threads
+            traceback.print_exc(file=sys.stderr)
+
+    # -- what the other plugins do with a message (called with _lock held) --------------------
+    def _handle(self, line: str) -> None:
+        kind, _, rest = line.partition("|")
+        args = rest.split("|") if rest else []
+        if kind == "SYNTH_START":
+            parts = rest.split("|", 2)
+            if len(parts) == 3 and all(parts) and parts[1] in self.voices:
+                self._synth_start(parts[0], parts[2])
+        elif kind == "SYNTH_STOP" and args:
+            speech = self._speech.get(args[0])
+            if speech is not None and speech.phase != "stopping":
+                self._interrupt(args[0], speech, self.stop_delay)
+        elif kind == "MOTION_ADD" and len(args) >= 3:
+            self._post(f"MOTION_EVENT_ADD|{args[0]}|{args[1]}")
+        elif kind == "TIMER_START" and len(args) >= 2:
+            try:
+                seconds = float(args[1])
+            except ValueError:
+                return
+            self._post(f"TIMER_EVENT_START|{args[0]}")
+            self._after(seconds, lambda alias=args[0]: self._post(f"TIMER_EVENT_STOP|{alias}"))
+        elif kind in ("CAPTION_SETSTYLE", "CAPTION_START", "CAPTION_STOP") and args:
+            self._post(f"CAPTION_EVENT_{kind[8:]}|{args[0]}")
+
+    def _synth_start(self, model: str, text: str) -> None:
+        speech = self._speech.get(model)
+        if speech is None:
+            self._begin(model, text)
+        elif speech.phase == "stopping":
+            speech.pending = text
+        else:
+            speech.pending = text
+            self._interrupt(model, speech, self.cut_delay)
+
+    def _begin(self, model: str, text: str) -> None:
+        speech = self._speech[model] = _Speech(text)
+        self._after(self.start_delay, lambda: self._play(model, speech))
+
+    def _play(self, model: str, speech: _Speech) -> None:
+        if self._speech.get(model) is not speech or speech.phase != "starting":
+            return  # interrupted meanwhile
+        speech.phase = "playing"
+        duration = max(self.min_speech, self.seconds_per_char * len(speech.text))
+        self.speaking[model] = speech.text  # before the event: whoever sees it sees this too
+        self._call(self.on_speech, model, speech.text, True)
+        self._post(f"SYNTH_EVENT_START|{model}")
+        self._post(f"LIPSYNC_START|{model}|{_phonemes(speech.text, duration)}")
+        self._post(f"LIPSYNC_EVENT_START|{model}")
+        self._after(duration, lambda: self._finish(model, speech))
+
+    def _finish(self, model: str, speech: _Speech) -> None:
+        if self._speech.get(model) is not speech or speech.phase != "playing":
+            return
+        self._silence(model, speech)
+        self._post(f"LIPSYNC_EVENT_STOP|{model}")
+        self._post(f"SYNTH_EVENT_STOP|{model}")
+        del self._speech[model]
+
+    def _interrupt(self, model: str, speech: _Speech, delay: float) -> None:
+        if speech.phase == "starting":
+            # the synthesizer already had it: it still announces the start, then is stopped
+            self._post(f"SYNTH_EVENT_START|{model}")
+            self._post(f"LIPSYNC_STOP|{model}")
+        else:
+            self._silence(model, speech)
+            self._post(f"LIPSYNC_STOP|{model}")
+            self._post(f"LIPSYNC_EVENT_STOP|{model}")
+        speech.phase = "stopping"
+        self._after(delay, lambda: self._stopped(model, speech))
+
+    def _stopped(self, model: str, speech: _Speech) -> None:
+        if self._speech.get(model) is not speech:
+            return
+        del self._speech[model]
+        self._post(f"SYNTH_EVENT_STOP|{model}")
+        if speech.pending is not None:
+            self._begin(model, speech.pending)
+
+    def _silence(self, model: str, speech: _Speech) -> None:
+        if self.speaking.get(model) == speech.text:
+            del self.speaking[model]
+        self._call(self.on_speech, model, speech.text, False)
+
+
+def _phonemes(text: str, duration: float) -> str:
+    """A fake Open JTalk phoneme list (``phoneme,ms,...``) spanning ``duration``, kept short."""
+    count = max(1, min(len(text), 60))
+    ms = max(1, round(duration * 1000 / count))
+    return ",".join(f"{'aiueo'[i % 5]},{ms}" for i in range(count))

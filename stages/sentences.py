@@ -1,0 +1,221 @@
+"""Cutting an LLM token stream into speakable segments, Japanese and English.
+
+Two steps, both streaming, both deciding only from text already received, so the result is the
+same for any split of the answer into tokens (the property tests check exactly that):
+
+1. :class:`SpeechFilter` keeps what must not be read aloud out of the text: fenced code blocks,
+   markdown markers (``**``, ``__``, ``~~``, backticks, ``#`` headings, list bullets, ``>``
+   quotes, link brackets), URLs and emoji. A marker can arrive in pieces (``*`` then ``*``), so
+   the filter holds back the trailing run of ASCII symbols/letters, an open code fence and a
+   line whose start is not decided yet, and releases them once the next character shows what
+   they are.
+2. :class:`SentenceCutter` cuts the filtered text:
+
+   - End marks ``。．｡！？!?…‥`` and newline; a run of them is one end (``？！``, ``……``), and
+     closing marks right after stay with the sentence (``」』）】〕〉》”’"')]``).
+   - The cut waits for the next character, and does not happen when that is the quoting particle
+     ``と``/``って`` after a closing mark (``「晴れるよ。」と言った。`` is one sentence).
+   - ASCII ``.`` ends a sentence only before whitespace, a non-ASCII character or the end, and
+     not after a known abbreviation (``Mr.``) or an initial; so ``3.14``, ``Node.js``,
+     ``example.com`` and e-mail addresses are never cut.
+   - ``、，,`` are soft cuts, used only once the segment has ``first_soft_chars`` characters (the
+     first segment of a turn: speech starts sooner) or ``soft_cut_chars`` (later ones); never
+     between digits (``1,000``).
+   - No segment is over ``max_bytes`` UTF-8 bytes: a longer run is cut at its last space, or
+     else at a character that is not inside a number.
+   - Whitespace at a cut is dropped; spacing inside a segment is kept as written (no spaces are
+     added between CJK characters). Segments with no letter or digit (``！``, ``」``) are dropped.
+
+Nothing else is lost or duplicated: the letters and digits of the segments, in order, are those
+of :func:`speakable` applied to the whole answer.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+END_MARKS = frozenset("。．｡！？!?…‥\n")
+CLOSERS = frozenset("」』）】〕〉》”’\"')]")
+SOFT_MARKS = frozenset("、，,")
+QUOTING_PARTICLES = ("と", "って")
+ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "no", "fig", "approx",
+                           "inc", "ltd", "co", "e.g", "i.e", "cf", "p.s", "a.m", "p.m"})
+
+_FENCE = "```"
+_URL = re.compile(r"(?:https?|ftp)://[\x21-\x7e]*[\w/#=~-]|www\.[\w-]+(?:\.[\w-]+)+[\w/#=~.-]*[\w/#=~-]", re.ASCII)
+_LINE_MARKER = re.compile(r"^[ \t]*(?:#{1,6}[ \t]*|>[ \t]*|[-*+][ \t]+|(\d{1,3})[.)][ \t]+)")
+# what a line may start with while it is still unknown whether it is a markdown marker
+_LINE_UNDECIDED = re.compile(r"[ \t]*(?:#{1,6}|>|[-*+]|\d{1,3}[.)]?)?[ \t]*")
+_INLINE = re.compile(r"\*+|`+|~~+|__+|!\[|[\[\]•]")
+_EMPTY_PARENS = re.compile(r"\(\)")
+_HELD_RUN = re.compile(r"[\x21-\x7e]+\Z")
+
+
+def _is_emoji(ch: str) -> bool:
+    cp = ord(ch)
+    return (0x1F000 <= cp <= 0x1FAFF or 0x2600 <= cp <= 0x27BF or 0x2B00 <= cp <= 0x2BFF
+            or cp in (0x200D, 0x20E3, 0xFE0E, 0xFE0F) or 0xE0020 <= cp <= 0xE007F)
+
+
+def _filter_complete(text: str, line_start: bool) -> str:
+    """Filter text in which no marker is cut off (see :class:`SpeechFilter`)."""
+    parts = text.split(_FENCE)
+    text = "".join(parts[0::2])  # odd parts are inside fences; an unclosed fence drops the rest
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if i or line_start:
+            lines[i] = _LINE_MARKER.sub(lambda m: (m.group(1) + " ") if m.group(1) else "", line, count=1)
+    text = "\n".join(lines)
+    text = _URL.sub("", text)
+    text = _INLINE.sub("", text)
+    text = _EMPTY_PARENS.sub("", text)
+    return "".join(ch for ch in text if not _is_emoji(ch))
+
+
+def speakable(text: str) -> str:
+    """What of a whole answer may be spoken: code, markdown markers, URLs and emoji removed."""
+    return _filter_complete(text, line_start=True)
+
+
+class SpeechFilter:
+    """Streaming :func:`speakable`: ``feed`` returns what is decided so far, ``flush`` the rest."""
+
+    def __init__(self) -> None:
+        self._tail = ""
+        self._line_start = True
+
+    def feed(self, token: str) -> str:
+        self._tail += token
+        safe = self._safe_end(self._tail)
+        return self._release(safe)
+
+    def flush(self) -> str:
+        return self._release(len(self._tail))
+
+    def _release(self, end: int) -> str:
+        if end <= 0:
+            return ""
+        # A held newline stays at the front of the tail, so a chunk never ends with one.
+        out = _filter_complete(self._tail[:end], self._line_start)
+        self._line_start = self._tail[end - 1] == "\n"
+        self._tail = self._tail[end:]
+        return out
+
+    def _safe_end(self, tail: str) -> int:
+        end = len(tail)
+        held = _HELD_RUN.search(tail)
+        if held:  # may be the start of a marker, URL or number
+            end = held.start()
+        # The last line may still turn out to start with a marker: hold it, from its newline.
+        line = tail.rfind("\n") + 1
+        if (line or self._line_start) and _LINE_UNDECIDED.fullmatch(tail, line):
+            end = min(end, max(line - 1, 0))
+        # Never release half a code block: hold from its opening fence until it closes.
+        if tail.count(_FENCE, 0, end) % 2:
+            end = tail.rfind(_FENCE, 0, end)
+        return end
+
+
+def _has_words(text: str) -> bool:
+    return any(unicodedata.category(ch)[0] in "LN" for ch in text)
+
+
+class SentenceCutter:
+    """Streaming cutter: ``feed(token)`` returns the segments completed by it, ``flush()`` the rest."""
+
+    def __init__(self, first_soft_chars: int = 8, soft_cut_chars: int = 40, max_bytes: int = 600) -> None:
+        if max_bytes < 8:
+            raise ValueError("max_bytes must be at least 8")
+        self.first_soft_chars = first_soft_chars
+        self.soft_cut_chars = soft_cut_chars
+        self.max_bytes = max_bytes
+        self._filter = SpeechFilter()
+        self._pending = ""
+        self._emitted = 0
+
+    def feed(self, token: str) -> list[str]:
+        self._pending += self._filter.feed(token)
+        return self._cut(final=False)
+
+    def flush(self) -> list[str]:
+        self._pending += self._filter.flush()
+        return self._cut(final=True)
+
+    def _cut(self, final: bool) -> list[str]:
+        out: list[str] = []
+        while True:
+            self._pending = self._pending.lstrip()
+            end = self._find_cut(self._pending, final)
+            if end is None:
+                break
+            segment, self._pending = self._pending[:end].strip(), self._pending[end:]
+            if _has_words(segment):
+                out.append(segment)
+                self._emitted += 1
+        return out
+
+    def _find_cut(self, text: str, final: bool) -> int | None:
+        """Where the first segment of ``text`` ends, or None while that is not decided yet."""
+        soft_after = self.first_soft_chars if self._emitted == 0 else self.soft_cut_chars
+        size = 0
+        for i, ch in enumerate(text):
+            size += len(ch.encode("utf-8"))
+            if size > self.max_bytes:
+                return _hard_cut(text, i)
+            if ch == "\n":
+                return i
+            if ch in END_MARKS or ch == ".":
+                if ch in ".．" and not _period_may_end(text, i):
+                    continue
+                end = i + 1
+                while end < len(text) and (text[end] in END_MARKS or text[end] in CLOSERS or text[end] == "."):
+                    if text[end] == "\n":
+                        break
+                    end += 1
+                while len(text[:end].encode("utf-8")) > self.max_bytes:
+                    end -= 1  # only closing marks are given up to the cap: they are not spoken
+                if end >= len(text):
+                    return end if final else None
+                if ch in ".．" and not (text[end].isspace() or not text[end].isascii()):
+                    continue
+                closed = any(c in CLOSERS for c in text[i:end])
+                if closed:
+                    rest = text[end:end + 2]
+                    if not final and len(rest) < 2 and "って".startswith(rest):
+                        return None
+                    if rest.startswith(QUOTING_PARTICLES):
+                        continue
+                return end
+            if ch in SOFT_MARKS and len(text[:i].strip()) >= soft_after:
+                if ch != "、" and text[i - 1:i].isdigit():  # 1,000 is no pause
+                    if i + 1 >= len(text):
+                        return i + 1 if final else None
+                    if text[i + 1].isdigit():
+                        continue
+                return i + 1
+        return len(text) if final and text else None
+
+
+def _period_may_end(text: str, i: int) -> bool:
+    """False for the ``.`` of ``3.14``, ``Mr.`` and initials; the caller checks what follows."""
+    before = text[:i]
+    if before[-1:].isdigit() and text[i + 1:i + 2].isdigit():
+        return False
+    if re.fullmatch(r"\s*\d{1,3}", before):  # "2. " opening a list item
+        return False
+    word = re.search(r"[A-Za-z.]*\Z", before).group()
+    if len(word) == 1 and word.isupper():
+        return False
+    return word.lower() not in ABBREVIATIONS
+
+
+def _hard_cut(text: str, i: int) -> int:
+    """A cut at or before ``i`` (the first character over the byte cap), outside numbers."""
+    space = text.rfind(" ", 0, i)
+    if space > 0:
+        return space
+    cut = i
+    while cut > 1 and text[cut - 1].isdigit() and text[cut].isdigit():
+        cut -= 1
+    return cut

@@ -1,0 +1,123 @@
+"""The segmenter's cutting rules: examples, and properties over random texts and token splits."""
+
+from __future__ import annotations
+
+import unicodedata
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from stages.sentences import SentenceCutter, speakable
+
+
+def cut(text: str, sizes: list[int] | None = None, **kw: int) -> list[str]:
+    """Feed ``text`` split into tokens of the given sizes (cycled), then flush."""
+    cutter = SentenceCutter(**kw)
+    out: list[str] = []
+    pos, k = 0, 0
+    while pos < len(text):
+        size = sizes[k % len(sizes)] if sizes else len(text)
+        out += cutter.feed(text[pos:pos + size])
+        pos, k = pos + size, k + 1
+    return out + cutter.flush()
+
+
+def words(text: str) -> str:
+    return "".join(ch for ch in text if unicodedata.category(ch)[0] in "LN")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("こんにちは！今日はいい天気ですね。Let's take a walk, shall we? 円周率は3.14です。",
+     ["こんにちは！", "今日はいい天気ですね。", "Let's take a walk, shall we?", "円周率は3.14です。"]),
+    # closing bracket stays; the quoting particle continues the sentence; と opening a sentence does not
+    ("彼は「明日は晴れるよ。」と言いました。そうですか。とにかく行こう！",
+     ["彼は「明日は晴れるよ。」と言いました。", "そうですか。", "とにかく行こう！"]),
+    ("「本当？」って聞いたの。うん。", ["「本当？」って聞いたの。", "うん。"]),
+    # a run of end marks is one end; symbol-only pieces are not spoken
+    ("えっ！？……そうなの。！", ["えっ！？……", "そうなの。！"]),
+    # numbers, domains, abbreviations, initials and e-mail addresses are never cut
+    ("It costs 1,000 yen. Mr. Smith uses Node.js at example.com. Write to a.b@example.com. J. K. Rowling wrote it.",
+     ["It costs 1,000 yen.", "Mr. Smith uses Node.js at example.com.", "Write to a.b@example.com.",
+      "J. K. Rowling wrote it."]),
+    # a fast first segment: 、 cuts it after 8 characters, later segments only after 40
+    ("えーと、今日の東京の天気は、晴れのち曇りで、午後からは少し風が強くなるそうですよ、気をつけてね。",
+     ["えーと、今日の東京の天気は、", "晴れのち曇りで、午後からは少し風が強くなるそうですよ、気をつけてね。"]),
+    # markdown, code, URLs and emoji stay out of speech
+    ("## 手順\n1. **まず**、[公式サイト](https://example.com/dl?x=1)を開きます😀\n```sh\nrm -rf /\n```\n- 次に`install`を実行！",
+     ["手順", "1 まず、公式サイトを開きます", "次にinstallを実行！"]),
+    ("詳しくは https://example.com/a/b を見てね。", ["詳しくは  を見てね。"]),
+    # newlines end segments; Latin spacing is kept as written
+    ("Hello  there\nsecond line", ["Hello  there", "second line"]),
+    ("", []),
+    ("。！？", []),
+])
+def test_examples(text: str, expected: list[str]) -> None:
+    assert cut(text) == expected
+    assert cut(text, [1]) == expected
+
+
+def test_byte_cap_cuts_at_a_space_and_never_inside_a_number() -> None:
+    text = "word " * 30 + "1234567890" * 10
+    segments = cut(text, max_bytes=40)
+    assert all(len(s.encode()) <= 40 for s in segments)
+    assert words("".join(segments)) == words(text)
+    assert all(s.startswith("word") or s.isdigit() for s in segments)
+
+
+def test_unclosed_code_fence_is_dropped_at_the_end() -> None:
+    assert cut("説明します。\n```\nprint('x')") == ["説明します。"]
+
+
+PIECES = [
+    "こんにちは", "今日は", "いい天気", "ですね", "ジェネ", "です", "私", "は", "と", "って", "とにかく",
+    "Hello", "world", "shall", "we", "Node.js", "example.com", "Mr.", "3.14", "1,000", "42",
+    "a.b@example.com", "https://example.com/x?y=1", "www.example.org",
+    "。", "、", "！", "？", "!", "?", ".", ",", "，", "…", "‥", "「", "」", "『", "』", "（", "）", "(", ")",
+    '"', "'", " ", "  ", "\n", "\n\n", "**", "*", "`", "```", "~~", "#", "- ", "1. ", "> ", "[", "](", "😀",
+    "👍🏽", "❤️", "\u3000",
+]
+
+
+@st.composite
+def answers(draw: st.DrawFn) -> str:
+    return "".join(draw(st.lists(st.sampled_from(PIECES), max_size=60)))
+
+
+@st.composite
+def splits(draw: st.DrawFn) -> list[int]:
+    return draw(st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=20))
+
+
+@settings(max_examples=400, deadline=None)
+@given(answers(), splits(), st.integers(min_value=8, max_value=80))
+def test_any_token_split_gives_the_same_segments_and_loses_nothing(text: str, sizes: list[int], cap: int) -> None:
+    whole = cut(text, max_bytes=cap)
+    assert cut(text, sizes, max_bytes=cap) == whole
+    assert words("".join(whole)) == words(speakable(text))
+    for segment in whole:
+        assert len(segment.encode()) <= cap
+        assert segment == segment.strip() and words(segment)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=80), splits())
+def test_arbitrary_unicode_is_split_invariant(text: str, sizes: list[int]) -> None:
+    whole = cut(text)
+    assert cut(text, sizes) == whole
+    assert words("".join(whole)) == words(speakable(text))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["3.14", "1,000", "a.b@example.com", "Node.js", "「晴れるよ。」と言った"]), min_size=1),
+       st.lists(st.sampled_from(["。", "、", " ", "です", "Yes. ", "\n", ", "]), min_size=1), splits())
+def test_numbers_addresses_and_quotes_are_never_cut(keep: list[str], glue: list[str], sizes: list[int]) -> None:
+    text = "".join(k + glue[i % len(glue)] for i, k in enumerate(keep))
+    segments = cut(text, sizes, first_soft_chars=1, soft_cut_chars=1)
+    for k in keep:
+        assert any(k in s for s in segments), (k, segments)
+
+
+def test_url_text_never_reaches_speech() -> None:
+    for sizes in ([1], [2], [3], None):
+        spoken = "".join(cut("見て https://example.com/path?q=1。次は (https://x.y/z) です。", sizes))
+        assert "http" not in spoken and "example" not in spoken and "x.y" not in spoken
