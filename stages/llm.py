@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from typing import Any
@@ -71,11 +72,20 @@ class _Worker(threading.Thread):
         self.cancelled.set()
         with self._lock:
             response = self._response
-        if response is not None:
-            try:
-                response.close()
-            except Exception:  # closing from another thread may race the reader; it is closed either way
-                pass
+        if response is None:
+            return
+        # close() alone does not wake a reader blocked in recv on another thread; shutting the
+        # socket down does, and the server sees the connection close at once.
+        try:
+            sock = response.response.extensions["network_stream"].get_extra_info("socket")
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+        except Exception:  # not a socket stream (or already gone): close() below still ends it
+            pass
+        try:
+            response.close()
+        except Exception:  # closing from another thread may race the reader; it is closed either way
+            pass
 
     def run(self) -> None:
         out = self.stage.ctx.socket(zmq.PUSH)

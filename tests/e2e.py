@@ -1,0 +1,124 @@
+"""Shared pieces of the end-to-end tests: a scripted LLM server, the fake avatar, one turn's record.
+
+Everything is real: stage processes under supervisord/honcho (or the launcher), the real
+openai client in the llm stage against :class:`ChatCompletionServer` on a free port, and
+:class:`SimulatedMMDAgent` launching ``mmdagent-llm bridge`` the way MMDAgent-EX does.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from broker import wire
+from stages.avatar_sim import SimulatedMMDAgent
+from stages.launcher import wait_ready
+from stages.offline_responder import ChatCompletionServer, Token
+from tests.harness import BusWatcher
+
+PLUGIN_COMMAND = "mmdagent-llm bridge"
+
+
+def tokens_of(text: str, seed: int = 1, delay: float = 0.005) -> list[Token]:
+    """``text`` cut into random 1-4 character tokens, as an LLM stream would arrive."""
+    rng = random.Random(seed)
+    out, i = [], 0
+    while i < len(text):
+        n = rng.randint(1, 4)
+        out.append(Token(text[i:i + n], delay))
+        i += n
+    return out
+
+
+class ScriptedLLM:
+    """Reply function for the server: plays queued scripts in order, else a default answer."""
+
+    def __init__(self, default: str = "はい、わかりました。") -> None:
+        self.default = default
+        self.scripts: collections.deque[list] = collections.deque()
+        self.lock = threading.Lock()
+
+    def queue(self, *scripts: Iterable) -> None:
+        with self.lock:
+            self.scripts.extend(list(s) for s in scripts)
+
+    def __call__(self, body: dict) -> Iterable:
+        with self.lock:
+            steps = self.scripts.popleft() if self.scripts else None
+        return steps if steps is not None else tokens_of(self.default)
+
+
+@dataclass
+class Turn:
+    turn: int
+    lines: list[str]                  # every line the bridge printed during the turn
+    result: dict                      # turn_result body
+    speech: list[dict] = field(default_factory=list)
+
+    @property
+    def spoken(self) -> list[str]:
+        return [line.split("|", 3)[3] for line in self.lines if line.startswith("SYNTH_START|")]
+
+
+@dataclass
+class World:
+    cfg: dict
+    avatar: SimulatedMMDAgent
+    bus: BusWatcher
+    llm: ScriptedLLM
+    server: ChatCompletionServer
+    run_dir: Path
+
+    def talk(self, text: str, timeout: float = 30.0) -> Turn:
+        """Say ``text`` as the recognizer would; wait until the turn is fully spoken (or ended)."""
+        first_line = len(self.avatar.received)
+        first_env = len(self.bus.envelopes)
+        self.avatar.send("RECOG_EVENT_START")
+        self.avatar.send(f"RECOG_EVENT_STOP|{text}")
+
+        def started(envs: list[wire.Envelope]) -> int:
+            return next((e.turn for e in envs[first_env:] if e.kind == "turn_start" and e.body["text"] == text), 0)
+
+        turn = self.bus.wait_for(started, timeout)
+        assert turn, f"no turn started for {text!r}"
+
+        def finished(envs: list[wire.Envelope]) -> bool:
+            ends = [e for e in envs if e.kind == "turn_end" and e.turn == turn and e.sender == "segmenter"]
+            if not ends:
+                return False
+            done = [e for e in envs if e.kind == "speech" and e.turn == turn
+                    and e.body["state"] in ("finished", "timeout", "dropped")]
+            return len(done) >= ends[0].body["segments"]
+
+        assert self.bus.wait_for(finished, timeout), f"turn {turn} did not finish within {timeout} s"
+        results = self.bus.of("turn_result", turn)
+        assert results, f"turn {turn} has no turn_result"
+        lines = [r.line for r in self.avatar.received[first_line:]]
+        speech = [e.body for e in self.bus.of("speech", turn)]
+        return Turn(turn, lines, results[0].body, speech)
+
+
+def start_avatar(cfg: dict, mdf_dir: Path, env: dict[str, str], **kwargs) -> SimulatedMMDAgent:
+    """The fake MMDAgent-EX, launching the plugin command; returns once the bridge is ready."""
+    mdf_dir.mkdir(exist_ok=True)
+    avatar = SimulatedMMDAgent(PLUGIN_COMMAND, mdf_dir=mdf_dir, env=env,
+                               seconds_per_char=kwargs.pop("seconds_per_char", 0.005),
+                               min_speech=kwargs.pop("min_speech", 0.05), **kwargs).start()
+    try:
+        wait_ready(cfg, ["bridge"], 20)
+    except BaseException:
+        avatar.kill()
+        raise
+    return avatar
+
+
+def speech_pattern_ok(avatar: SimulatedMMDAgent) -> bool:
+    """What MMDAgent-EX got is SYNTH_START, SYNTH_EVENT_START, SYNTH_EVENT_STOP, repeated: never a cut."""
+    kinds = [r.line.split("|", 1)[0] for r in avatar.inbox
+             if r.line.startswith(("SYNTH_START|", "SYNTH_EVENT_START|", "SYNTH_EVENT_STOP|"))]
+    return len(kinds) % 3 == 0 and all(
+        kinds[i:i + 3] == ["SYNTH_START", "SYNTH_EVENT_START", "SYNTH_EVENT_STOP"] for i in range(0, len(kinds), 3))
