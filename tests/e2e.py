@@ -10,15 +10,17 @@ from __future__ import annotations
 import collections
 import random
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from broker import wire
 from stages.avatar_sim import SimulatedMMDAgent
-from stages.launcher import wait_ready
+from stages import config as config_mod
+from stages.launcher import Pipeline, wait_ready
 from stages.offline_responder import ChatCompletionServer, Token
-from tests.harness import BusWatcher
+from tests.harness import BusWatcher, pipeline_env, wait_pipeline, write_config
 
 PLUGIN_COMMAND = "mmdagent-llm bridge"
 
@@ -69,9 +71,10 @@ class World:
     cfg: dict
     avatar: SimulatedMMDAgent
     bus: BusWatcher
-    llm: ScriptedLLM
-    server: ChatCompletionServer
+    llm: ScriptedLLM | None
+    server: ChatCompletionServer | None
     run_dir: Path
+    pipeline: Pipeline | None = None
 
     def talk(self, text: str, timeout: float = 30.0) -> Turn:
         """Say ``text`` as the recognizer would; wait until the turn is fully spoken (or ended)."""
@@ -122,3 +125,29 @@ def speech_pattern_ok(avatar: SimulatedMMDAgent) -> bool:
              if r.line.startswith(("SYNTH_START|", "SYNTH_EVENT_START|", "SYNTH_EVENT_STOP|"))]
     return len(kinds) % 3 == 0 and all(
         kinds[i:i + 3] == ["SYNTH_START", "SYNTH_EVENT_START", "SYNTH_EVENT_STOP"] for i in range(0, len(kinds), 3))
+
+
+@contextmanager
+def launched(tmp: Path, *, server: ChatCompletionServer | None = None, base_url: str | None = None,
+             transport: str = "tcp", avatar_kwargs: dict | None = None, **sections: dict) -> Iterator[World]:
+    """The real stage processes started by :class:`stages.launcher.Pipeline` (no manager), the fake
+    avatar and a bus watcher. ``base_url`` None and no ``server``: the embedded offline default."""
+    mdf = tmp / "content"
+    mdf.mkdir()
+    cfg_path = write_config(mdf, transport=transport, **sections)
+    cfg = config_mod.load(cfg_path)
+    env = pipeline_env(cfg_path, server.base_url if server else base_url)
+    log_path = tmp / "pipeline.log"
+    bus = avatar = None
+    with open(log_path, "wb") as log, Pipeline(env=env, stderr=log) as pipeline:
+        try:
+            wait_pipeline(cfg)
+            bus = BusWatcher(cfg)
+            avatar = start_avatar(cfg, mdf, {k: v for k, v in env.items() if k != "MMDAGENT_LLM_CONFIG"},
+                                  **(avatar_kwargs or {}))
+            yield World(cfg, avatar, bus, server.reply if server else None, server, tmp, pipeline)
+        finally:
+            if avatar is not None:
+                avatar.kill()
+            if bus is not None:
+                bus.close()

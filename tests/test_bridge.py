@@ -1,0 +1,97 @@
+"""The bridge process on its own (with a real broker): what MMDAgent-EX may throw at its stdin,
+what it may write to stdout, and how it ends."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from broker import wire
+from stages import config as config_mod
+from stages.launcher import Pipeline, wait_ready
+from tests.harness import BIN, BusWatcher, pipeline_env, write_config
+
+
+@pytest.fixture
+def bridge(tmp_path: Path):
+    cfg_path = write_config(tmp_path)
+    cfg = config_mod.load(cfg_path)
+    env = pipeline_env(cfg_path, None)
+    log = open(tmp_path / "broker.log", "wb")
+    broker = Pipeline(env=env, stderr=log, names=["broker"]).start()
+    proc = None
+    bus = None
+    try:
+        wait_ready(cfg, ["broker"], 20)
+        bus = BusWatcher(cfg)
+        proc = subprocess.Popen([str(BIN / "mmdagent-llm"), "bridge"], cwd=tmp_path, env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_ready(cfg, ["bridge"], 20)
+        yield cfg, proc, bus
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        if bus is not None:
+            bus.close()
+        broker.stop()
+        log.close()
+
+
+def mmd_events(bus: BusWatcher) -> list[tuple[str, list[str]]]:
+    return [(e.body["type"], e.body["args"]) for e in bus.of("mmd")]
+
+
+def test_bad_input_is_published_and_reading_goes_on(bridge):
+    cfg, proc, bus = bridge
+    proc.stdin.write(b"RECOG_EVENT_STOP|\xff\xfe\xe3\x81\x82\n")     # invalid UTF-8, then a valid あ
+    proc.stdin.write(b"HUGE|" + b"x" * 200_000 + b"\n")             # over the 64 KiB cap
+    proc.stdin.write(b"KEY|a\r\n")                                   # CRLF
+    proc.stdin.write(b"\n|\n")                                       # empty and type-less lines
+    proc.stdin.write(b"SYNTH_EVENT_STOP|0\n")
+    proc.stdin.flush()
+    assert bus.wait_for(lambda envs: any(e.kind == "mmd" and e.body["type"] == "SYNTH_EVENT_STOP" for e in envs), 10)
+    events = mmd_events(bus)
+    assert events[0] == ("RECOG_EVENT_STOP", ["\ufffd\ufffdあ"])
+    assert events[1][0] == "HUGE" and 60_000 < len(events[1][1][0]) <= 64 * 1024
+    assert ("KEY", ["a"]) in events and events[-1] == ("SYNTH_EVENT_STOP", ["0"])
+    assert proc.poll() is None
+
+
+def test_commands_become_clean_lines_and_end_of_input_exits(bridge):
+    cfg, proc, bus = bridge
+    ctx = zmq.Context.instance()
+    push = ctx.socket(zmq.PUSH)
+    push.linger = 1000
+    push.connect(config_mod.endpoint(cfg, "commands_in"))
+    sender = wire.Sender("test")
+    commands = [
+        ["0", "mei_voice_normal", "一行目\nEXECUTE|rm -rf /\r\x07\x1b[31m"],
+        ["0", "mei_voice_normal", "長" * 3000],
+    ]
+    for args in commands:
+        push.send_multipart(wire.encode(sender.make("command", {"type": "SYNTH_START", "args": args}, turn=1)))
+    push.send_multipart(wire.encode(sender.make("segment", {"text": "wrong queue"}, turn=1)))  # ignored, logged
+    assert bus.wait_for(lambda envs: len([e for e in envs if e.kind == "written"]) == 2, 10)
+    push.close()
+    out, err = proc.communicate(timeout=10)  # closes stdin: end of input
+    assert proc.returncode == 0
+    lines = out.split(b"\n")
+    assert lines[-1] == b"" and len(lines) == 3
+    first = lines[0].decode("utf-8")
+    assert first == "SYNTH_START|0|mei_voice_normal|一行目 EXECUTE｜rm -rf / [31m"
+    assert len(lines[1]) <= 2000 and lines[1].decode("utf-8").startswith("SYNTH_START|0|mei_voice_normal|長長")
+    log_lines = err.decode("utf-8").splitlines()
+    assert log_lines and all("mmdagent-llm[bridge]" in line for line in log_lines)
+    assert any("end of input" in line for line in log_lines)
+
+
+def test_bridge_does_not_import_the_llm_client():
+    code = "import sys, stages.cli, stages.bridge; sys.exit('openai' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent).returncode == 0

@@ -1,0 +1,84 @@
+"""``mmdagent-llm console``: the terminal stand-in for MMDAgent-EX, run as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from stages.offline_responder import OFFLINE_NOTICE, offline_text
+from stages.sentences import SentenceCutter
+from tests.harness import BIN, pipeline_env, write_config
+
+
+class Output:
+    """The console's stdout, collected by a thread, waited on with deadlines."""
+
+    def __init__(self, stream) -> None:
+        self.text = ""
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for chunk in iter(lambda: stream.read1(4096), b""):
+            with self._cond:
+                self.text += chunk.decode("utf-8", errors="replace")
+                self._cond.notify_all()
+
+    def wait_for(self, needle: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while needle not in self.text:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+
+def processes_with(marker: str) -> list[int]:
+    """Pids whose environment holds ``marker`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_console_conversation_on_the_offline_default(tmp_path: Path):
+    cfg_path = write_config(tmp_path)
+    env = pipeline_env(cfg_path, None)
+    proc = subprocess.Popen([str(BIN / "mmdagent-llm"), "console"], cwd=tmp_path, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out = Output(proc.stdout)
+        assert out.wait_for("you> ", 40), out.text
+        said = "こんにちは、調子はどう？"
+        proc.stdin.write(f"{said}\n".encode())
+        proc.stdin.flush()
+        cutter = SentenceCutter()
+        sentences = cutter.feed(offline_text(said)) + cutter.flush()
+        for sentence in sentences:
+            assert out.wait_for(f"avatar> {sentence}\n", 20), out.text
+        proc.stdin.write(b"\n")  # an empty line quits
+        proc.stdin.flush()
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert out.text.count(OFFLINE_NOTICE.splitlines()[0]) == 1
+    positions = [out.text.index(f"avatar> {s}") for s in sentences]
+    assert positions == sorted(positions)
+    assert (tmp_path / "mmdagent-llm-console.log").exists()
+    left = processes_with(str(cfg_path))
+    for pid in left:
+        os.kill(pid, 9)
+    assert not left, "the console left processes behind"
