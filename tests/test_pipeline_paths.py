@@ -7,6 +7,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import pytest
+
 from stages.offline_responder import OFFLINE_NOTICE, ChatCompletionServer, offline_text
 from stages.sentences import SentenceCutter
 from tests.e2e import ScriptedLLM, launched, speech_pattern_ok, tokens_of
@@ -72,15 +74,17 @@ def test_unknown_voice_alias_cannot_wedge_the_conversation(tmp_path: Path):
     assert not any(line.startswith("SYNTH_EVENT_") for line in inbox)
 
 
-def test_refused_connection_ends_the_turn_with_the_apology(tmp_path: Path):
+@pytest.mark.parametrize("apology", [APOLOGY, ""])
+def test_refused_connection_ends_the_turn_with_the_configured_apology(tmp_path: Path, apology: str):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again below: nothing listens there
-    with launched(tmp_path, base_url=f"http://127.0.0.1:{port}/v1", llm={"max_retries": 1}) as world:
+    with launched(tmp_path, base_url=f"http://127.0.0.1:{port}/v1", llm={"max_retries": 1, "apology": apology}) as world:
         turn = world.talk("聞こえますか", timeout=30)
     assert turn.result["reason"] == "error"
     assert "APIConnectionError" in turn.result["error"]
-    assert turn.spoken == [APOLOGY]
+    assert turn.spoken == ([apology] if apology else [])
+    assert "APIConnectionError" in (tmp_path / "pipeline.log").read_text(encoding="utf-8")
 
 
 def test_long_answers_respect_the_configured_byte_cap(tmp_path: Path):
