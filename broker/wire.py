@@ -65,9 +65,22 @@ KINDS: dict[str, str] = {
 
     body: ``type``, ``args`` (as written, after cleaning), ``bytes`` (int, line length).
     ``origin`` is the command's origin, so ``ts - origin`` is the pipeline's own latency.""",
-    "turn_start": """The llm stage opened a turn for a user utterance (bus, llm).
+    "turn_start": """A user utterance opens a turn (bus, bridge; see :mod:`stages.turns`).
 
-    body: ``text`` (str, the utterance). Stages drop work items of older turns.""",
+    body: ``text`` (str, the utterance). ``turn`` is the new turn's id; ids only grow. The llm
+    stage answers it; stages drop work items of older turns.""",
+    "cancel": """A turn is cancelled: drop everything of it, now (bus, bridge).
+
+    body: ``reason`` (``interrupted``: the user started speaking; ``superseded``: a newer
+    utterance came; ``away``: recognition paused), ``stopped`` (bool: ``SYNTH_STOP`` was written,
+    so one more ``SYNTH_EVENT_STOP`` will come for the stopped speech), ``spoken`` (list[str]:
+    the turn's segments whose ``SYNTH_EVENT_START`` came, i.e. what the user heard). It travels
+    on the bus, which every stage reads before its work queue, so it never waits behind
+    queued tokens or segments. Every item of this turn or an older one is dropped after it.""",
+    "spoken": """Every segment of a turn has been spoken or given up (bus, sequencer).
+
+    body: ``segments`` (int). Not sent for a cancelled turn. The bridge's turn control takes
+    the turn as over.""",
     "token": """A piece of the answer as the LLM streamed it (work queue ``tokens``: llm -> segmenter).
 
     body: ``text`` (str). ``origin`` is when the llm process received it.""",
@@ -77,7 +90,7 @@ KINDS: dict[str, str] = {
     ``origin`` is the arrival in llm of the token that completed the segment.""",
     "turn_end": """No more work items of this turn will follow (work queues ``tokens`` then ``segments``).
 
-    body: ``reason`` (``done``, ``error``, ``superseded``), ``segments`` (int, how many segments
+    body: ``reason`` (``done``, ``error``, or a cancel reason), ``segments`` (int, how many segments
     the turn had; 0 on the ``tokens`` queue, filled in by the segmenter).""",
     "turn_result": """The llm stage closed a turn (bus, llm).
 
@@ -87,8 +100,9 @@ KINDS: dict[str, str] = {
 
     body: ``model`` (alias), ``index``, ``text``, ``state``: ``sent`` (SYNTH_START written),
     ``started`` (SYNTH_EVENT_START came), ``finished`` (SYNTH_EVENT_STOP came), ``timeout``
-    (no event in time: e.g. an unknown voice alias), ``dropped`` (never sent: turn was
-    superseded).""",
+    (no event in time: e.g. an unknown voice alias), ``dropped`` (never written: its turn was
+    cancelled or superseded), ``interrupted`` (cut off by ``SYNTH_STOP``), ``stopped`` (the
+    cut-off speech's ``SYNTH_EVENT_STOP`` came, or ``cut_timeout`` passed).""",
     "heartbeat": """A stage is alive (bus, every stage, each second).
 
     body: ``stage`` (str), ``pid`` (int), ``ready`` (bool: its subscriptions are in place, it

@@ -11,6 +11,9 @@ Started by MMDAgent-EX as ``Plugin_AnyScript_Command=mmdagent-llm bridge``:
   :func:`stages.mmd_line.format_line`, which removes ``|``, CR, LF and control characters
   from every field and caps the line at 2000 bytes. Nothing else is ever written to stdout;
   logs go to stderr.
+- turn control (:mod:`stages.turns`) sees every line first: it opens turns (``turn_start``),
+  cancels them (``cancel``), writes ``SYNTH_STOP`` itself on an interruption, and keeps
+  ``SYNTH_START`` of a cancelled or old turn from being written.
 - end of input (MMDAgent-EX closed the pipe) ends the process with status 0.
 
 This is the one process MMDAgent-EX will not restart, so it stays small and imports no LLM code.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from typing import BinaryIO
 
 import zmq
@@ -28,6 +32,7 @@ import zmq
 from broker import wire
 from stages import mmd_line
 from stages.runtime import Stage, request_stop, setup_logging
+from stages.turns import Publish, TurnController, Write
 
 log = logging.getLogger("mmdagent_llm")
 
@@ -36,6 +41,7 @@ MAX_IN_BYTES = 64 * 1024  # longer stdin lines are cut; MMDAgent-EX itself never
 
 class Bridge(Stage):
     name = "bridge"
+    topics = ("spoken",)
     input_queue = "commands"
 
     def __init__(self, cfg, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> None:
@@ -44,6 +50,8 @@ class Bridge(Stage):
         self.stdout = stdout or sys.stdout.buffer
         self.lines_in = 0
         self.lines_out = 0
+        t = cfg["turn"]
+        self.turns = TurnController(t["barge_in"], t["echo_grace"], t["listen_timeout"], cfg["speech"]["model"])
         self._inbox = self.ctx.socket(zmq.PAIR)
         address = f"inproc://bridge-stdin-{id(self)}"
         self._inbox.bind(address)
@@ -94,8 +102,16 @@ class Bridge(Stage):
             if not text:
                 continue
             self.lines_in += 1
+            arrived = time.time()
             msg_type, args = mmd_line.parse_line(text)
-            self.publish("mmd", {"type": msg_type, "args": args})
+            actions = self.turns.on_line(msg_type, args, arrived)
+            for action in actions:  # SYNTH_STOP before anything else: it is what the user waits for
+                if isinstance(action, Write):
+                    self._write(action.type, action.args, self.turns.turn, arrived)
+            self.publish("mmd", {"type": msg_type, "args": args}, origin=arrived)
+            for action in actions:
+                if isinstance(action, Publish):
+                    self.publish(action.kind, action.body, turn=action.turn, origin=action.origin)
 
     def on_work(self, env: wire.Envelope) -> None:
         if env.kind != "command":
@@ -106,7 +122,13 @@ class Bridge(Stage):
         if not isinstance(msg_type, str) or not isinstance(args, list):
             log.warning("ignored a command without type/args")
             return
-        line = mmd_line.format_line(msg_type, [str(a) for a in args])
+        if not self.turns.accepts(msg_type, env.turn):
+            log.info("dropped a %s of turn %d: not the current turn (%d)", msg_type, env.turn, self.turns.turn)
+            return
+        self._write(msg_type, [str(a) for a in args], env.turn, env.origin)
+
+    def _write(self, msg_type: str, args: list[str], turn: int, origin: float) -> None:
+        line = mmd_line.format_line(msg_type, args)
         try:
             self.stdout.write(line)
             self.stdout.flush()
@@ -116,11 +138,23 @@ class Bridge(Stage):
             return
         self.lines_out += 1
         written_type, written_args = mmd_line.parse_line(line[:-1].decode("utf-8"))
+        self.turns.on_written(written_type, written_args)
         self.publish("written", {"type": written_type, "args": written_args, "bytes": len(line) - 1},
-                     turn=env.turn, origin=env.origin)
+                     turn=turn, origin=origin)
+
+    def on_event(self, env: wire.Envelope) -> None:
+        if env.kind == "spoken":
+            self.turns.on_spoken(env.turn)
+
+    def next_deadline(self) -> float | None:
+        return self.turns.next_deadline()
+
+    def on_tick(self, now: float) -> None:
+        self.turns.on_tick(now)
 
     def info(self) -> dict:
-        return {"lines_in": self.lines_in, "lines_out": self.lines_out}
+        return {"lines_in": self.lines_in, "lines_out": self.lines_out, "turn": self.turns.turn,
+                "state": self.turns.machine.state.value}
 
     def close(self) -> None:
         self._inbox.close(linger=0)

@@ -31,6 +31,10 @@ ENDPOINTS = (
 )
 
 
+# keys whose value is one of a few words
+CHOICES = {("bus", "transport"): ("tcp", "ipc"), ("turn", "barge_in"): ("interrupt", "ignore")}
+
+
 class ConfigError(ValueError):
     """The configuration cannot be used; the message says which file/variable and key."""
 
@@ -65,6 +69,9 @@ def load(path: Path | None = None) -> Config:
             raise ConfigError(f"{path}: {exc}") from None
         _overlay(cfg, user, str(path))
     _overlay_env(cfg, os.environ)
+    for (section, key), allowed in CHOICES.items():
+        if cfg[section][key] not in allowed:
+            raise ConfigError(f"[{section}] {key} = {cfg[section][key]!r}: expected one of {', '.join(allowed)}")
     return cfg
 
 

@@ -2,7 +2,8 @@
 
 The system prompt is always first. A turn is added only when it ends, as a user/assistant
 pair, so the history is never left with a question and no answer (a failed turn that
-produced nothing adds nothing). It is trimmed, oldest pair first, by both limits the
+produced nothing adds nothing). An answer the user cut off keeps only what was actually
+spoken, followed by `` [interrupted]`` (just ``[interrupted]`` if nothing was). It is trimmed, oldest pair first, by both limits the
 official samples use: the number of pairs, and a token budget. Tokens are estimated from
 characters (a CJK character is about one token, about four Latin characters are one), and
 when the server reports ``usage`` for the last request that count is used instead.
@@ -38,10 +39,19 @@ class History:
     def add(self, user_text: str, answer: str, *, interrupted: bool = False,
             used_tokens: int | None = None) -> None:
         """Record a finished turn. ``interrupted``: the user cut the answer off after ``answer``."""
-        content = answer + (" [interrupted]" if interrupted else "")
         self.pairs.append(({"role": "user", "content": user_text},
-                           {"role": "assistant", "content": content}))
+                           {"role": "assistant", "content": _content(answer, interrupted)}))
         self._trim(used_tokens)
+
+    def revise_last(self, user_text: str, answer: str) -> bool:
+        """The last turn was cut off after all: keep only ``answer``, marked interrupted.
+
+        False (and nothing changed) if the last pair is not the one for ``user_text``: it was
+        trimmed away, or never added."""
+        if not self.pairs or self.pairs[-1][0]["content"] != user_text:
+            return False
+        self.pairs[-1][1]["content"] = _content(answer, True)
+        return True
 
     def tokens(self) -> int:
         return sum(estimate_tokens(m["content"]) for m in self.request("")[:-1])
@@ -52,3 +62,7 @@ class History:
         while self.pairs and (len(self.pairs) > self.max_turns or total > self.max_tokens):
             user, assistant = self.pairs.pop(0)
             total -= estimate_tokens(user["content"]) + estimate_tokens(assistant["content"])
+
+
+def _content(answer: str, interrupted: bool) -> str:
+    return f"{answer} [interrupted]".lstrip() if interrupted else answer

@@ -1,8 +1,9 @@
 """llm: turns each recognized utterance into a stream of answer tokens.
 
-- Listens on the bus for ``mmd.RECOG_EVENT_STOP``; each one opens a turn (``turn_start``).
-  An utterance that comes while a turn is still running supersedes it: the old request is
-  closed and its turn ends with reason ``superseded``.
+- Answers each ``turn_start`` the bridge publishes. A ``cancel`` of the running turn closes
+  its request at once (the HTTP connection is shut down, so the server sees it go) and ends
+  the turn with the cancel's reason; history then keeps only the segments the user heard,
+  marked interrupted, even when the answer had already been fully streamed.
 - The request runs on a worker thread with the openai client (streaming or not, per
   ``[llm] stream``); tokens come back to the stage loop and go to the ``tokens`` queue, each
   stamped with its arrival time (``origin``). The turn ends with ``turn_end`` on the queue
@@ -55,6 +56,16 @@ def describe(exc: BaseException) -> str:
     status = getattr(exc, "status_code", None)
     message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
     return redact(f"{type(exc).__name__}{f' {status}' if status else ''}: {message}")
+
+
+def join_segments(segments: list[str]) -> str:
+    """Spoken segments as one text: a space between Latin neighbours, none next to CJK."""
+    out = ""
+    for seg in segments:
+        if out and out[-1].isascii() and seg[:1].isascii():
+            out += " "
+        out += seg
+    return out
 
 
 class _Worker(threading.Thread):
@@ -136,7 +147,7 @@ class _Worker(threading.Thread):
 
 class LlmStage(Stage):
     name = "llm"
-    topics = ("mmd.RECOG_EVENT_STOP",)
+    topics = ("turn_start", "cancel")
     output_queue = "tokens"
 
     def __init__(self, cfg: config_mod.Config) -> None:
@@ -154,6 +165,7 @@ class LlmStage(Stage):
         self.worker: _Worker | None = None
         self.user_text = ""
         self.answer: list[str] = []
+        self.recorded = False  # the current turn's full answer is the last pair in history
         self.turn_started = 0.0
 
     def _make_client(self) -> tuple[openai.OpenAI, str]:
@@ -180,21 +192,36 @@ class LlmStage(Stage):
 
     # -- turns -----------------------------------------------------------------------------
     def on_event(self, env: wire.Envelope) -> None:
-        text = "|".join(env.body.get("args", [])).strip()
-        if not text:
-            log.info("empty recognition result ignored")
-            return
-        if self.machine != TurnState.IDLE:
+        if env.kind == "cancel":
+            self._cancel(env)
+        elif env.kind == "turn_start" and env.turn > self.turn:
+            self._start(env)
+
+    def _start(self, env: wire.Envelope) -> None:
+        text = str(env.body.get("text", "")).strip()
+        if self.machine != TurnState.IDLE:  # the bridge cancels first; this is only a safety net
             self._end_turn("superseded", "")
-        self.turn = max(self.turn + 1, int(time.time() * 1000))
+        self.turn = env.turn
         self.user_text = text
         self.answer = []
+        self.recorded = False
         self.turn_started = time.monotonic()
         self.machine.move(TurnState.REQUESTING, f"turn {self.turn}")
-        self.publish("turn_start", {"text": text}, turn=self.turn, origin=env.origin)
         log.info("turn %d: %d characters from the user", self.turn, len(text))
         self.worker = _Worker(self, self.turn, self.history.request(text))
         self.worker.start()
+
+    def _cancel(self, env: wire.Envelope) -> None:
+        """The user cut the turn off: stop the request, keep in history only what was spoken."""
+        if env.turn != self.turn:
+            return
+        spoken = join_segments([str(s) for s in env.body.get("spoken", [])])
+        reason = str(env.body.get("reason", "interrupted"))
+        if self.machine != TurnState.IDLE:
+            self._end_turn(reason, "", spoken=spoken)
+        elif self.recorded and self.history.revise_last(self.user_text, spoken):
+            self.recorded = False
+            log.info("turn %d %s while speaking: history keeps %d spoken characters", self.turn, reason, len(spoken))
 
     def _on_worker(self) -> None:
         while self.inbox.poll(0):
@@ -227,7 +254,8 @@ class LlmStage(Stage):
             which = "first_token_timeout" if self.machine == TurnState.REQUESTING else "turn_timeout"
             self._end_turn("error", f"no answer within [llm] {which} = {self.cfg['llm'][which]} s")
 
-    def _end_turn(self, reason: str, error: str, used_tokens: int | None = None) -> None:
+    def _end_turn(self, reason: str, error: str, used_tokens: int | None = None, spoken: str | None = None) -> None:
+        """End the running request. ``spoken``: the turn was cancelled after the user heard this."""
         if self.worker is not None:
             self.worker.cancel()
             self.worker = None
@@ -236,9 +264,13 @@ class LlmStage(Stage):
             log.error("turn %d failed: %s", self.turn, error)
             if not answer and self.cfg["llm"]["apology"]:
                 self.push("token", {"text": self.cfg["llm"]["apology"]}, turn=self.turn)
-        if answer:
+        if spoken is not None:
+            self.history.add(self.user_text, spoken, interrupted=True)
+        elif answer:
             self.history.add(self.user_text, answer, interrupted=reason != "done", used_tokens=used_tokens)
-        self.push("turn_end", {"reason": reason, "segments": 0}, turn=self.turn)
+            self.recorded = True
+        if spoken is None:  # a cancelled turn's items are dropped downstream anyway
+            self.push("turn_end", {"reason": reason, "segments": 0}, turn=self.turn)
         self.publish("turn_result", {"reason": reason, "answer": answer, "error": error}, turn=self.turn)
         log.info("turn %d %s after %.2f s, %d characters", self.turn, reason,
                  time.monotonic() - self.turn_started, len(answer))

@@ -2,8 +2,8 @@
 
 Cutting rules live in :mod:`stages.sentences`; this stage only keeps one cutter per turn,
 numbers the segments, and passes ``turn_end`` on with the segment count. Items of a turn
-older than the newest one seen are dropped: a late token of a superseded answer must never
-become speech.
+older than the newest one seen, or of a cancelled turn (``cancel`` on the bus, read before
+the queue), are dropped: a late token of a superseded answer must never become speech.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ log = logging.getLogger("mmdagent_llm")
 
 class SegmenterStage(Stage):
     name = "segmenter"
+    topics = ("cancel",)
     input_queue = "tokens"
     output_queue = "segments"
 
@@ -28,6 +29,13 @@ class SegmenterStage(Stage):
         self.turn = 0
         self.cutter = self._new_cutter()
         self.count = 0
+        self.cancelled = 0
+
+    def on_event(self, env: wire.Envelope) -> None:
+        if env.kind == "cancel" and env.turn > self.cancelled:
+            self.cancelled = env.turn
+            if self.turn <= env.turn:
+                self.cutter, self.count = self._new_cutter(), 0
 
     def _new_cutter(self) -> SentenceCutter:
         c = self.cfg["segmenter"]
@@ -35,8 +43,8 @@ class SegmenterStage(Stage):
                               max_bytes=c["max_bytes"])
 
     def on_work(self, env: wire.Envelope) -> None:
-        if env.turn < self.turn:
-            log.info("dropped a %s of old turn %d (current %d)", env.kind, env.turn, self.turn)
+        if env.turn < self.turn or env.turn <= self.cancelled:
+            log.debug("dropped a %s of old or cancelled turn %d", env.kind, env.turn)
             return
         if env.turn > self.turn:
             self.turn, self.cutter, self.count = env.turn, self._new_cutter(), 0

@@ -13,7 +13,11 @@ speech machine):
   stop_timeout_per_char * len(text)`` for the end. A timeout is logged and the next
   segment goes on.
 
-Segments of a turn older than the newest one seen are dropped, never spoken. ``origin`` of
+Segments of a turn older than the newest one seen, or of a cancelled turn, are dropped, never
+spoken. On ``cancel`` with ``stopped`` (the bridge wrote ``SYNTH_STOP``), the segment being
+spoken moves to STOPPING until its ``SYNTH_EVENT_STOP`` (or ``cut_timeout``): that event ends
+the stopped speech, never the next sentence. Once every segment of a turn is spoken (after
+its ``turn_end``), ``spoken`` is published. ``origin`` of
 each command is the input that caused it: the token for a segment sent at once, the
 ``SYNTH_EVENT_STOP`` (or timeout) for one that waited its turn.
 """
@@ -43,7 +47,7 @@ class Segment:
 
 class SequencerStage(Stage):
     name = "sequencer"
-    topics = ("mmd.SYNTH_EVENT_START", "mmd.SYNTH_EVENT_STOP")
+    topics = ("mmd.SYNTH_EVENT_START", "mmd.SYNTH_EVENT_STOP", "cancel")
     input_queue = "segments"
     output_queue = "commands"
 
@@ -55,6 +59,9 @@ class SequencerStage(Stage):
         self.queue: collections.deque[Segment] = collections.deque()
         self.current: Segment | None = None
         self.turn = 0
+        self.cancelled = 0
+        self.total: int | None = None  # segments of self.turn, once its turn_end came
+        self.done = 0                  # segments of self.turn spoken or given up
 
     def info(self) -> dict:
         return {"model": self.model, "voice": self.voice, "state": self.machine.state.value,
@@ -62,19 +69,20 @@ class SequencerStage(Stage):
 
     # -- segments in -----------------------------------------------------------------------
     def on_work(self, env: wire.Envelope) -> None:
-        if env.turn < self.turn:
+        if env.turn < self.turn or env.turn <= self.cancelled:
             if env.kind == "segment":
                 self._speech("dropped", Segment(env.turn, env.body.get("index", -1), env.body.get("text", ""), env.origin))
             return
         if env.turn > self.turn:
-            self.turn = env.turn
-            for old in self.queue:
-                self._speech("dropped", old)
-            self.queue.clear()
+            self.turn, self.total, self.done = env.turn, None, 0
+            self._drop_queued(env.turn - 1)
         if env.kind == "segment":
             self.queue.append(Segment(env.turn, int(env.body.get("index", 0)), str(env.body.get("text", "")), env.origin))
             self._send_next(None)
-        elif env.kind != "turn_end":
+        elif env.kind == "turn_end":
+            self.total = int(env.body.get("segments", 0))
+            self._check_spoken()
+        else:
             log.warning("ignored a %s on the segments queue", env.kind)
 
     def _send_next(self, cause: float | None) -> None:
@@ -89,8 +97,43 @@ class SequencerStage(Stage):
         self.machine.move(SpeechState.SENT, f"segment {seg.index} of turn {seg.turn}")
         self._speech("sent", seg)
 
+    def _check_spoken(self) -> None:
+        if self.total is not None and self.done >= self.total and self.turn > self.cancelled:
+            self.publish("spoken", {"segments": self.total}, turn=self.turn)
+            self.total = None
+
+    # -- cancel ----------------------------------------------------------------------------
+    def _cancel(self, env: wire.Envelope) -> None:
+        self.cancelled = max(self.cancelled, env.turn)
+        self._drop_queued(env.turn)
+        seg = self.current
+        if seg is None or seg.turn > env.turn or self.machine not in (SpeechState.SENT, SpeechState.SPEAKING):
+            return
+        if env.body.get("stopped"):
+            # MMDAgent-EX still sends this speech's SYNTH_EVENT_STOP: wait for it (or cut_timeout)
+            # so it is not taken as the end of the next turn's first sentence.
+            self.machine.move(SpeechState.STOPPING, f"turn {env.turn} cancelled")
+            self._speech("interrupted", seg)
+        else:
+            self._speech("dropped", seg)
+            self.current = None
+            self.machine.move(SpeechState.IDLE, f"turn {env.turn} cancelled before it was written")
+            self._send_next(None)
+
+    def _drop_queued(self, up_to_turn: int) -> None:
+        keep = collections.deque()
+        for seg in self.queue:
+            if seg.turn <= up_to_turn:
+                self._speech("dropped", seg)
+            else:
+                keep.append(seg)
+        self.queue = keep
+
     # -- MMDAgent-EX events ----------------------------------------------------------------
     def on_event(self, env: wire.Envelope) -> None:
+        if env.kind == "cancel":
+            self._cancel(env)
+            return
         args = env.body.get("args") or [""]
         if args[0] != self.model or self.current is None:
             return  # another model's speech, or speech that is not ours
@@ -98,14 +141,19 @@ class SequencerStage(Stage):
         if event == "SYNTH_EVENT_START" and self.machine == SpeechState.SENT:
             self.machine.move(SpeechState.SPEAKING, "SYNTH_EVENT_START")
             self._speech("started", self.current)
-        elif event == "SYNTH_EVENT_STOP" and self.machine in (SpeechState.SPEAKING, SpeechState.STOPPING):
+        elif event == "SYNTH_EVENT_STOP" and self.machine == SpeechState.SPEAKING:
             self._finish("finished", env.ts)
+        elif event == "SYNTH_EVENT_STOP" and self.machine == SpeechState.STOPPING:
+            self._finish("stopped", env.ts)
 
     def _finish(self, state: str, cause: float) -> None:
         assert self.current is not None
         self._speech(state, self.current)
+        if self.current.turn == self.turn and state in ("finished", "timeout"):
+            self.done += 1
         self.current = None
         self.machine.move(SpeechState.IDLE, state)
+        self._check_spoken()
         self._send_next(cause)
 
     # -- deadlines -------------------------------------------------------------------------
@@ -115,6 +163,8 @@ class SequencerStage(Stage):
         s = self.cfg["speech"]
         if self.machine == SpeechState.SENT:
             return self.machine.since + s["start_timeout"]
+        if self.machine == SpeechState.STOPPING:
+            return self.machine.since + s["cut_timeout"]
         return self.machine.since + s["stop_timeout_base"] + s["stop_timeout_per_char"] * len(self.current.text)
 
     def on_tick(self, now: float) -> None:
@@ -125,10 +175,12 @@ class SequencerStage(Stage):
             log.warning("no SYNTH_EVENT_START|%s within %.1f s of SYNTH_START with voice %r: is the voice "
                         "alias defined in your .ojt/.fph file? Going on.", self.model,
                         self.cfg["speech"]["start_timeout"], self.voice)
+        elif self.machine == SpeechState.STOPPING:
+            log.warning("no SYNTH_EVENT_STOP|%s within [speech] cut_timeout after SYNTH_STOP: going on", self.model)
         else:
             log.warning("no SYNTH_EVENT_STOP|%s in time for a %d-character segment: going on",
                         self.model, len(self.current.text) if self.current else 0)
-        self._finish("timeout", time.time())
+        self._finish("timeout" if self.machine != SpeechState.STOPPING else "stopped", time.time())
 
     def _speech(self, state: str, seg: Segment) -> None:
         self.publish("speech", {"model": self.model, "index": seg.index, "text": seg.text, "state": state},

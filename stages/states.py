@@ -1,6 +1,15 @@
 """The pipeline's explicit states: an enum and a transition table each, checked on every move.
 
-Turn (owned by the llm stage)::
+Conversation (owned by the bridge, :mod:`stages.turns`: who may speak now)::
+
+    IDLE --RECOG_EVENT_START--> LISTENING --RECOG_EVENT_STOP--> ANSWERING --all spoken--> IDLE
+    IDLE --RECOG_EVENT_STOP (no START came)--> ANSWERING
+    LISTENING --no RECOG_EVENT_STOP within listen_timeout (a noise)--> IDLE
+    ANSWERING --RECOG_EVENT_START, policy "interrupt": cancel--> LISTENING
+    ANSWERING --RECOG_EVENT_STOP: cancel (superseded), new turn--> ANSWERING
+    any --RECOG_EVENT_AWAY|ON (cancels an answer)--> AWAY --RECOG_EVENT_AWAY|OFF--> IDLE
+
+LLM request of a turn (owned by the llm stage)::
 
     IDLE --utterance--> REQUESTING --first token--> STREAMING --end of stream--> IDLE
     REQUESTING/STREAMING --error, timeout, superseded--> IDLE
@@ -26,6 +35,13 @@ from typing import Generic, TypeVar
 log = logging.getLogger("mmdagent_llm")
 
 
+class ConversationState(enum.Enum):
+    IDLE = "idle"
+    LISTENING = "listening"
+    ANSWERING = "answering"
+    AWAY = "away"
+
+
 class TurnState(enum.Enum):
     IDLE = "idle"
     REQUESTING = "requesting"
@@ -38,6 +54,14 @@ class SpeechState(enum.Enum):
     SPEAKING = "speaking"
     STOPPING = "stopping"
 
+
+CONVERSATION_TRANSITIONS: dict[ConversationState, set[ConversationState]] = {
+    ConversationState.IDLE: {ConversationState.LISTENING, ConversationState.ANSWERING, ConversationState.AWAY},
+    ConversationState.LISTENING: {ConversationState.ANSWERING, ConversationState.IDLE, ConversationState.AWAY},
+    ConversationState.ANSWERING: {ConversationState.IDLE, ConversationState.LISTENING, ConversationState.ANSWERING,
+                                  ConversationState.AWAY},
+    ConversationState.AWAY: {ConversationState.IDLE},
+}
 
 TURN_TRANSITIONS: dict[TurnState, set[TurnState]] = {
     TurnState.IDLE: {TurnState.REQUESTING},
@@ -52,7 +76,7 @@ SPEECH_TRANSITIONS: dict[SpeechState, set[SpeechState]] = {
     SpeechState.STOPPING: {SpeechState.IDLE},
 }
 
-S = TypeVar("S", TurnState, SpeechState)
+S = TypeVar("S", ConversationState, TurnState, SpeechState)
 
 
 class IllegalTransition(RuntimeError):

@@ -75,9 +75,12 @@ def test_commands_become_clean_lines_and_end_of_input_exits(bridge):
         ["0", "mei_voice_normal", "一行目\nEXECUTE|rm -rf /\r\x07\x1b[31m"],
         ["0", "mei_voice_normal", "長" * 3000],
     ]
-    for args in commands:
-        push.send_multipart(wire.encode(sender.make("command", {"type": "SYNTH_START", "args": args}, turn=1)))
-    push.send_multipart(wire.encode(sender.make("segment", {"text": "wrong queue"}, turn=1)))  # ignored, logged
+    # speech of a turn that is not the current one (no utterance opened it) is never written
+    push.send_multipart(wire.encode(sender.make(
+        "command", {"type": "SYNTH_START", "args": ["0", "mei_voice_normal", "stale"]}, turn=5)))
+    for args in commands:  # turn 0: commands that belong to no turn
+        push.send_multipart(wire.encode(sender.make("command", {"type": "SYNTH_START", "args": args}, turn=0)))
+    push.send_multipart(wire.encode(sender.make("segment", {"text": "wrong queue"}, turn=0)))  # ignored, logged
     assert bus.wait_for(lambda envs: len([e for e in envs if e.kind == "written"]) == 2, 10)
     push.close()
     out, err = proc.communicate(timeout=10)  # closes stdin: end of input

@@ -2,8 +2,8 @@
 
 import pytest
 
-from stages.states import (IllegalTransition, Machine, SPEECH_TRANSITIONS, SpeechState,
-                           TURN_TRANSITIONS, TurnState)
+from stages.states import (CONVERSATION_TRANSITIONS, IllegalTransition, Machine, SPEECH_TRANSITIONS,
+                           ConversationState, SpeechState, TURN_TRANSITIONS, TurnState)
 
 
 def test_speech_happy_path_and_illegal_move():
@@ -15,7 +15,8 @@ def test_speech_happy_path_and_illegal_move():
 
 
 def test_every_state_has_a_way_back_to_idle():
-    for table, idle in ((TURN_TRANSITIONS, TurnState.IDLE), (SPEECH_TRANSITIONS, SpeechState.IDLE)):
+    for table, idle in ((TURN_TRANSITIONS, TurnState.IDLE), (SPEECH_TRANSITIONS, SpeechState.IDLE),
+                        (CONVERSATION_TRANSITIONS, ConversationState.IDLE)):
         for state in table:
             seen, todo = set(), [state]
             while todo:
