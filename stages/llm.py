@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
 import threading
 import time
 from typing import Any
@@ -34,6 +33,7 @@ import zmq
 from broker import wire
 from stages import config as config_mod
 from stages.history import History
+from stages.llm_http import make_client
 from stages.runtime import Stage, setup_logging
 from stages.states import Machine, TURN_TRANSITIONS, TurnState
 
@@ -75,28 +75,11 @@ class _Worker(threading.Thread):
         super().__init__(name=f"turn-{turn}", daemon=True)
         self.stage, self.turn, self.messages = stage, turn, messages
         self.cancelled = threading.Event()
-        self._response: Any = None
-        self._lock = threading.Lock()
 
     def cancel(self) -> None:
-        """Stop now; closes the HTTP response so the server sees the connection go."""
+        """Stop now: the request's connection is shut down, so the server sees it close."""
         self.cancelled.set()
-        with self._lock:
-            response = self._response
-        if response is None:
-            return
-        # close() alone does not wake a reader blocked in recv on another thread; shutting the
-        # socket down does, and the server sees the connection close at once.
-        try:
-            sock = response.response.extensions["network_stream"].get_extra_info("socket")
-            if sock is not None:
-                sock.shutdown(socket.SHUT_RDWR)
-        except Exception:  # not a socket stream (or already gone): close() below still ends it
-            pass
-        try:
-            response.close()
-        except Exception:  # closing from another thread may race the reader; it is closed either way
-            pass
+        self.stage.connections.cut(self)
 
     def run(self) -> None:
         out = self.stage.ctx.socket(zmq.PUSH)
@@ -122,11 +105,6 @@ class _Worker(threading.Thread):
         used = None
         stream = self.stage.client.chat.completions.create(
             **kwargs, stream=True, stream_options={"include_usage": True})
-        with self._lock:
-            self._response = stream
-        if self.cancelled.is_set():
-            stream.close()
-            return None
         with stream:
             for chunk in stream:
                 if self.cancelled.is_set():
@@ -177,13 +155,11 @@ class LlmStage(Stage):
             from stages.offline_responder import OFFLINE_NOTICE, ChatCompletionServer, offline_reply
             self.offline_server = ChatCompletionServer(offline_reply).start()
             log.warning("%s", OFFLINE_NOTICE)
-            client = openai.OpenAI(api_key="offline", base_url=self.offline_server.base_url,
-                                   max_retries=c["max_retries"], timeout=timeout)
-            return client, "offline responder"
-        client = openai.OpenAI(api_key=key or "not-needed", base_url=base or None,
-                               max_retries=c["max_retries"], timeout=timeout)
-        backend = base or "OpenAI"
-        log.info("answering with %s, model %s", backend, c["model"])
+            key, base, backend = "offline", self.offline_server.base_url, "offline responder"
+        else:
+            backend = base or "OpenAI"
+            log.info("answering with %s, model %s", backend, c["model"])
+        client, self.connections = make_client(key or "not-needed", base or None, c["max_retries"], timeout)
         return client, backend
 
     def info(self) -> dict[str, Any]:
@@ -257,7 +233,8 @@ class LlmStage(Stage):
     def _end_turn(self, reason: str, error: str, used_tokens: int | None = None, spoken: str | None = None) -> None:
         """End the running request. ``spoken``: the turn was cancelled after the user heard this."""
         if self.worker is not None:
-            self.worker.cancel()
+            if reason != "done":  # a finished request keeps its connection for the next turn
+                self.worker.cancel()
             self.worker = None
         answer = "".join(self.answer)
         if reason == "error":

@@ -44,3 +44,17 @@ def test_interrupted_answers_are_marked():
 
 def test_estimate_counts_cjk_per_character():
     assert estimate_tokens("あ" * 100) > estimate_tokens("a" * 100)
+
+
+def test_revise_last_keeps_only_what_was_spoken():
+    h = History("sys", 10, 10_000)
+    h.add("質問", "一文目。二文目。三文目。")
+    assert h.revise_last("質問", "一文目。")
+    assert h.request("次")[-2] == {"role": "assistant", "content": "一文目。 [interrupted]"}
+    assert h.revise_last("質問", "") and h.request("次")[-2]["content"] == "[interrupted]"
+    assert not h.revise_last("別の質問", "x")
+
+
+def test_spoken_segments_join_without_spaces_in_japanese_only():
+    from stages.llm import join_segments
+    assert join_segments(["こんにちは！", "Let's go.", "Yes!", "円周率。"]) == "こんにちは！Let's go. Yes!円周率。"

@@ -1,0 +1,117 @@
+"""Turn control (the bridge's decisions), driven line by line with a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from stages.states import ConversationState as C
+from stages.turns import Publish, TurnController, Write
+
+
+def controller(policy: str = "interrupt") -> TurnController:
+    return TurnController(policy, echo_grace=1.0, listen_timeout=5.0, model="0")
+
+
+def kinds(actions) -> list[str]:
+    return [a.type if isinstance(a, Write) else a.kind for a in actions]
+
+
+def say(tc: TurnController, text: str, now: float = 0.0):
+    return tc.on_line("RECOG_EVENT_START", [], 0.0, now) + tc.on_line("RECOG_EVENT_STOP", [text], 0.0, now)
+
+
+def speak(tc: TurnController, text: str, now: float = 0.0) -> None:
+    tc.on_written("SYNTH_START", ["0", "mei_voice_normal", text])
+    tc.on_line("SYNTH_EVENT_START", ["0"], 0.0, now)
+
+
+def test_utterance_opens_a_turn_with_growing_ids():
+    tc = controller()
+    first = say(tc, "こんにちは")
+    assert kinds(first) == ["turn_start"] and first[0].body == {"text": "こんにちは"}
+    assert tc.machine == C.ANSWERING
+    tc.on_spoken(tc.turn)
+    turn = tc.turn
+    assert tc.machine == C.IDLE
+    say(tc, "次")
+    assert tc.turn > turn
+
+
+def test_interrupt_while_speaking_stops_first_and_reports_what_was_heard():
+    tc = controller()
+    say(tc, "質問")
+    speak(tc, "一文目。")
+    tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0)
+    speak(tc, "二文目。")
+    actions = tc.on_line("RECOG_EVENT_START", [], 0.0)
+    assert actions[0] == Write("SYNTH_STOP", ["0"])
+    cancel = actions[1]
+    assert isinstance(cancel, Publish) and cancel.kind == "cancel"
+    assert cancel.body == {"reason": "interrupted", "stopped": True, "spoken": ["一文目。", "二文目。"]}
+    assert tc.machine == C.LISTENING
+    assert not tc.accepts("SYNTH_START", tc.turn)  # nothing more of that turn is written
+    assert tc.accepts("SYNTH_STOP", tc.turn) and tc.accepts("MOTION_ADD", 0)
+
+
+def test_interrupt_before_anything_was_spoken_writes_no_stop():
+    tc = controller()
+    say(tc, "質問")
+    actions = tc.on_line("RECOG_EVENT_START", [], 0.0)
+    assert kinds(actions) == ["cancel"] and actions[0].body["stopped"] is False
+
+
+def test_new_result_supersedes_the_running_turn():
+    tc = controller()
+    say(tc, "一つ目")
+    old = tc.turn
+    speak(tc, "答え。")
+    actions = tc.on_line("RECOG_EVENT_STOP", ["二つ目"], 0.0)
+    assert kinds(actions) == ["SYNTH_STOP", "cancel", "turn_start"]
+    assert actions[1].turn == old and actions[1].body["reason"] == "superseded"
+    assert actions[2].turn > old and tc.accepts("SYNTH_START", actions[2].turn)
+    assert not tc.accepts("SYNTH_START", old)
+
+
+def test_ignore_policy_discards_self_echo_during_speech_and_grace():
+    tc = controller("ignore")
+    say(tc, "質問", now=0.0)
+    speak(tc, "答えです。", now=1.0)
+    assert tc.on_line("RECOG_EVENT_START", [], 0.0, 2.0) == []
+    assert tc.on_line("RECOG_EVENT_STOP", ["答えです"], 0.0, 2.5) == []
+    tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0, 3.0)
+    tc.on_spoken(tc.turn, now=3.0)
+    assert tc.on_line("RECOG_EVENT_STOP", ["答えです"], 0.0, 3.5) == []      # within echo_grace
+    assert kinds(tc.on_line("RECOG_EVENT_STOP", ["本当の質問"], 0.0, 4.5)) == ["turn_start"]
+
+
+def test_noise_without_a_result_resumes_nothing_and_loses_nothing():
+    tc = controller()
+    tc.on_line("RECOG_EVENT_START", [], 0.0)
+    assert tc.machine == C.LISTENING
+    tc.on_tick(tc.next_deadline() + 0.01)
+    assert tc.machine == C.IDLE and tc.next_deadline() is None
+    assert kinds(tc.on_line("RECOG_EVENT_STOP", ["あとから"], 0.0)) == ["turn_start"]
+
+
+def test_away_cancels_and_pauses_until_off():
+    tc = controller()
+    say(tc, "質問")
+    speak(tc, "答え。")
+    assert kinds(tc.on_line("RECOG_EVENT_AWAY", ["ON"], 0.0)) == ["SYNTH_STOP", "cancel"]
+    assert tc.machine == C.AWAY
+    assert say(tc, "聞こえない") == []
+    tc.on_line("RECOG_EVENT_AWAY", ["OFF"], 0.0)
+    assert kinds(say(tc, "聞こえる")) == ["turn_start"]
+
+
+def test_other_models_and_empty_results_change_nothing():
+    tc = controller()
+    tc.on_line("SYNTH_EVENT_START", ["1"], 0.0)
+    assert kinds(say(tc, "")) == [] and tc.machine == C.IDLE
+    say(tc, "質問")
+    assert kinds(tc.on_line("RECOG_EVENT_START", [], 0.0)) == ["cancel"]
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="barge_in"):
+        TurnController("shout", 1.0, 1.0, "0")
