@@ -1,7 +1,9 @@
 """segmenter: the ``tokens`` queue in, speakable ``segment`` items out, per turn.
 
 Cutting rules live in :mod:`stages.sentences`; this stage only keeps one cutter per turn,
-numbers the segments, and passes ``turn_end`` on with the segment count. Items of a turn
+numbers the segments, and passes ``turn_end`` on with the segment count. When the stream
+pauses for ``pause_release`` seconds, a finished sentence that only waits for the character
+after its end mark is released (see :meth:`stages.sentences.SentenceCutter.ripe`). Items of a turn
 older than the newest one seen, or of a cancelled turn (``cancel`` on the bus, read before
 the queue), are dropped: a late token of a superseded answer must never become speech.
 """
@@ -9,6 +11,7 @@ the queue), are dropped: a late token of a superseded answer must never become s
 from __future__ import annotations
 
 import logging
+import time
 
 from broker import wire
 from stages import config as config_mod
@@ -30,6 +33,8 @@ class SegmenterStage(Stage):
         self.cutter = self._new_cutter()
         self.count = 0
         self.cancelled = 0
+        self.last_token: wire.Envelope | None = None  # of the current turn, while text is held
+        self.last_token_at = 0.0
 
     def on_event(self, env: wire.Envelope) -> None:
         if env.kind == "cancel" and env.turn > self.cancelled:
@@ -50,11 +55,25 @@ class SegmenterStage(Stage):
             self.turn, self.cutter, self.count = env.turn, self._new_cutter(), 0
         if env.kind == "token":
             self._emit(self.cutter.feed(str(env.body.get("text", ""))), env)
+            self.last_token = env if self.cutter.has_pending() else None
+            self.last_token_at = time.monotonic()
         elif env.kind == "turn_end":
+            self.last_token = None
             self._emit(self.cutter.flush(), env)
             self.push("turn_end", {**env.body, "segments": self.count}, turn=env.turn, origin=env.origin)
         else:
             log.warning("ignored a %s on the tokens queue", env.kind)
+
+    def next_deadline(self) -> float | None:
+        if self.last_token is None:
+            return None
+        return self.last_token_at + self.cfg["segmenter"]["pause_release"]
+
+    def on_tick(self, now: float) -> None:
+        deadline = self.next_deadline()
+        if deadline is not None and now >= deadline and self.last_token is not None:
+            env, self.last_token = self.last_token, None
+            self._emit(self.cutter.ripe(), env)
 
     def _emit(self, segments: list[str], env: wire.Envelope) -> None:
         for text in segments:

@@ -27,7 +27,9 @@ same for any split of the answer into tokens (the property tests check exactly t
      added between CJK characters). Segments with no letter or digit (``！``, ``」``) are dropped.
 
 Nothing else is lost or duplicated: the letters and digits of the segments, in order, are those
-of :func:`speakable` applied to the whole answer.
+of :func:`speakable` applied to the whole answer. The segments depend only on the text, never on
+how it was split into tokens, with one deliberate exception: :meth:`SentenceCutter.ripe`, called
+when the stream pauses, releases a finished sentence without waiting for the next character.
 """
 
 from __future__ import annotations
@@ -93,6 +95,10 @@ class SpeechFilter:
     def flush(self) -> str:
         return self._release(len(self._tail))
 
+    def held(self) -> str:
+        """The raw text held back, not yet filtered."""
+        return self._tail
+
     def _release(self, end: int) -> str:
         if end <= 0:
             return ""
@@ -141,6 +147,19 @@ class SentenceCutter:
     def flush(self) -> list[str]:
         self._pending += self._filter.flush()
         return self._cut(final=True)
+
+    def ripe(self) -> list[str]:
+        """The stream has paused: a sentence that only waits for the character after its end
+        mark is released now (the pause decides it). Otherwise nothing; the cutter goes on."""
+        held = self._pending + self._filter.held()
+        last = held.rstrip()[-1:]
+        if not last or not (last in END_MARKS or last in CLOSERS or last == "."):
+            return []
+        self._pending += self._filter.flush()
+        return self._cut(final=True)
+
+    def has_pending(self) -> bool:
+        return bool(self._pending.strip() or self._filter.held().strip())
 
     def _cut(self, final: bool) -> list[str]:
         out: list[str] = []

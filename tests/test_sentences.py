@@ -121,3 +121,14 @@ def test_url_text_never_reaches_speech() -> None:
     for sizes in ([1], [2], [3], None):
         spoken = "".join(cut("見て https://example.com/path?q=1。次は (https://x.y/z) です。", sizes))
         assert "http" not in spoken and "example" not in spoken and "x.y" not in spoken
+
+
+def test_a_pause_releases_a_finished_sentence_but_not_an_unfinished_one():
+    cutter = SentenceCutter()
+    assert cutter.feed("はい、わかりました。") == []      # waits for the character after 。
+    assert cutter.ripe() == ["はい、わかりました。"]
+    assert cutter.feed("次は") == [] and cutter.ripe() == [] and cutter.has_pending()
+    assert cutter.feed("ですね。それで") == ["次はですね。"]
+    assert cutter.feed(" it is done.") == [] and cutter.ripe() == ["それで it is done."]
+    assert not cutter.has_pending()
+    assert cutter.feed("「それは」") == [] and cutter.ripe() == ["「それは」"]
