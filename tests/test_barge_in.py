@@ -101,6 +101,12 @@ def closed_by_client(world: World, mark: Mark, index: int = 0) -> bool:
                                  and world.server.connections[mark.connection + index].closed_by_client, WAIT)
 
 
+def all_connections_closed(world: World, mark: Mark) -> bool:
+    """No LLM request since ``mark`` is left open (finished, or closed by the client)."""
+    return world.server.wait_for(lambda srv: all(c.closed is not None for c in srv.connections[mark.connection:]),
+                                 WAIT)
+
+
 def finish_with(world: World, text: str, answer: str = "はい。") -> int:
     world.llm.queue(tokens_of(answer))
     turn = utter(world, text)
@@ -117,6 +123,7 @@ def test_interruption_during_the_first_segment(world: World):
     finish_with(world, "割り込み一")
     assert mark.lines() == [VOICE + "一文目です。", "SYNTH_STOP|0", VOICE + "はい。"]
     assert ("user", "質問一") in history_of(world) and ("assistant", "一文目です。 [interrupted]") in history_of(world)
+    assert all_connections_closed(world, mark)
     assert no_old_speech_after_new_turn(mark.envelopes())
     assert no_cut_off_by_synth_start(world, mark)
 
@@ -130,6 +137,7 @@ def test_interruption_during_a_later_segment(world: World):
     finish_with(world, "割り込み二")
     assert mark.lines() == [VOICE + "一文目です。", VOICE + "二文目です。", "SYNTH_STOP|0", VOICE + "はい。"]
     assert ("assistant", "一文目です。二文目です。 [interrupted]") in history_of(world)
+    assert all_connections_closed(world, mark)
     assert no_old_speech_after_new_turn(mark.envelopes())
     assert no_cut_off_by_synth_start(world, mark)
 
@@ -162,6 +170,20 @@ def test_interruption_before_the_first_token(world: World):
     assert not [e for e in world.bus.of("written", old)]
 
 
+def test_cancel_overtakes_a_long_queue_of_tokens_and_segments(world: World):
+    mark = Mark(world)
+    long_answer = "".join(f"これは{i}番目の文です。" for i in range(300))
+    world.llm.queue(tokens_of(long_answer, delay=0.0))  # all of it at once: queues fill up
+    old = utter(world, "長い答え")
+    wait_speech(world, old, "これは0番目の文です。")
+    interrupt(world)
+    finish_with(world, "止まって")
+    assert mark.lines() == [VOICE + "これは0番目の文です。", "SYNTH_STOP|0", VOICE + "はい。"]
+    assert ("assistant", "これは0番目の文です。 [interrupted]") in history_of(world)
+    assert all_connections_closed(world, mark)
+    assert no_old_speech_after_new_turn(mark.envelopes())
+
+
 def test_two_interruptions_in_a_row(world: World):
     mark = Mark(world)
     world.llm.queue(tokens_of(ANSWER), tokens_of("二回目の答えです。まだ続きます。"))
@@ -177,6 +199,7 @@ def test_two_interruptions_in_a_row(world: World):
     history = history_of(world)
     assert ("assistant", "一文目です。 [interrupted]") in history
     assert ("assistant", "二回目の答えです。 [interrupted]") in history
+    assert all_connections_closed(world, mark)
     assert no_old_speech_after_new_turn(mark.envelopes())
     assert no_cut_off_by_synth_start(world, mark)
 
@@ -192,6 +215,9 @@ def test_new_utterance_supersedes_a_running_turn(world: World):
     assert mark.lines() == [VOICE + "一文目です。", "SYNTH_STOP|0", VOICE + "新しい答えです。"]
     assert [e.body["reason"] for e in world.bus.of("cancel", old)] == ["superseded"]
     assert no_old_speech_after_new_turn(mark.envelopes())
+    assert ("assistant", "一文目です。 [interrupted]") in history_of(world)
+    assert history_of(world)[-1] == ("user", "質問八")
+    assert all_connections_closed(world, mark)
 
 
 def test_a_noise_without_a_result_loses_nothing(world: World):
@@ -205,6 +231,8 @@ def test_a_noise_without_a_result_loses_nothing(world: World):
                                                for e in envs[mark.env:]), WAIT)
     finish_with(world, "次の質問")
     assert mark.lines() == [VOICE + "一文目です。", "SYNTH_STOP|0", VOICE + "はい。"]
+    assert ("assistant", "一文目です。 [interrupted]") in history_of(world)
+    assert all_connections_closed(world, mark)
     # the noise while idle changes nothing either
     mark = Mark(world)
     world.avatar.send("RECOG_EVENT_START")
@@ -244,7 +272,9 @@ def test_ignore_policy_does_not_answer_its_own_voice(tmp_path: Path):
             wait_spoken(world, real)
             lines = mark.lines()
             texts = [e.body["text"] for e in mark.envelopes() if e.kind == "turn_start"]
+            history = history_of(world)
     finally:
         server.stop()
     assert lines == [VOICE + s for s in ("一文目です。", "二文目です。", "三文目です。", "本当の答えです。")]
     assert texts == ["質問", "本当の質問"]
+    assert history[-1] == ("user", "本当の質問") and ("assistant", ANSWER) in history
