@@ -107,6 +107,14 @@ def all_connections_closed(world: World, mark: Mark) -> bool:
                                  WAIT)
 
 
+def assert_clean(world: World, mark: Mark) -> None:
+    """What must hold after any interruption: no request left open, no old speech after a new
+    turn started, no speech cut off by a SYNTH_START."""
+    assert all_connections_closed(world, mark)
+    assert no_old_speech_after_new_turn(mark.envelopes())
+    assert no_cut_off_by_synth_start(world, mark)
+
+
 def finish_with(world: World, text: str, answer: str = "はい。") -> int:
     world.llm.queue(tokens_of(answer))
     turn = utter(world, text)
@@ -123,9 +131,7 @@ def test_interruption_during_the_first_segment(world: World):
     finish_with(world, "割り込み一")
     assert mark.lines() == [VOICE + "一文目です。", "SYNTH_STOP|0", VOICE + "はい。"]
     assert ("user", "質問一") in history_of(world) and ("assistant", "一文目です。 [interrupted]") in history_of(world)
-    assert all_connections_closed(world, mark)
-    assert no_old_speech_after_new_turn(mark.envelopes())
-    assert no_cut_off_by_synth_start(world, mark)
+    assert_clean(world, mark)
 
 
 def test_interruption_during_a_later_segment(world: World):
@@ -137,9 +143,7 @@ def test_interruption_during_a_later_segment(world: World):
     finish_with(world, "割り込み二")
     assert mark.lines() == [VOICE + "一文目です。", VOICE + "二文目です。", "SYNTH_STOP|0", VOICE + "はい。"]
     assert ("assistant", "一文目です。二文目です。 [interrupted]") in history_of(world)
-    assert all_connections_closed(world, mark)
-    assert no_old_speech_after_new_turn(mark.envelopes())
-    assert no_cut_off_by_synth_start(world, mark)
+    assert_clean(world, mark)
 
 
 def test_interruption_while_the_llm_is_still_streaming_closes_the_connection(world: World):
@@ -154,6 +158,7 @@ def test_interruption_while_the_llm_is_still_streaming_closes_the_connection(wor
     assert mark.lines() == [VOICE + "一文目です。", "SYNTH_STOP|0", VOICE + "はい。"]
     assert ("assistant", "一文目です。 [interrupted]") in history_of(world)
     assert [e.body["reason"] for e in world.bus.of("turn_result", old)] == ["interrupted"]
+    assert_clean(world, mark)
 
 
 def test_interruption_before_the_first_token(world: World):
@@ -168,6 +173,7 @@ def test_interruption_before_the_first_token(world: World):
     assert len(world.server.requests) == mark.request + 2  # the cut request was not retried
     assert ("user", "質問四") in history_of(world) and ("assistant", "[interrupted]") in history_of(world)
     assert not [e for e in world.bus.of("written", old)]
+    assert_clean(world, mark)
 
 
 def test_cancel_overtakes_a_long_queue_of_tokens_and_segments(world: World):
@@ -180,8 +186,7 @@ def test_cancel_overtakes_a_long_queue_of_tokens_and_segments(world: World):
     finish_with(world, "止まって")
     assert mark.lines() == [VOICE + "これは0番目の文です。", "SYNTH_STOP|0", VOICE + "はい。"]
     assert ("assistant", "これは0番目の文です。 [interrupted]") in history_of(world)
-    assert all_connections_closed(world, mark)
-    assert no_old_speech_after_new_turn(mark.envelopes())
+    assert_clean(world, mark)
 
 
 def test_two_interruptions_in_a_row(world: World):
@@ -199,9 +204,7 @@ def test_two_interruptions_in_a_row(world: World):
     history = history_of(world)
     assert ("assistant", "一文目です。 [interrupted]") in history
     assert ("assistant", "二回目の答えです。 [interrupted]") in history
-    assert all_connections_closed(world, mark)
-    assert no_old_speech_after_new_turn(mark.envelopes())
-    assert no_cut_off_by_synth_start(world, mark)
+    assert_clean(world, mark)
 
 
 def test_new_utterance_supersedes_a_running_turn(world: World):
@@ -214,10 +217,9 @@ def test_new_utterance_supersedes_a_running_turn(world: World):
     wait_spoken(world, new)
     assert mark.lines() == [VOICE + "一文目です。", "SYNTH_STOP|0", VOICE + "新しい答えです。"]
     assert [e.body["reason"] for e in world.bus.of("cancel", old)] == ["superseded"]
-    assert no_old_speech_after_new_turn(mark.envelopes())
     assert ("assistant", "一文目です。 [interrupted]") in history_of(world)
     assert history_of(world)[-1] == ("user", "質問八")
-    assert all_connections_closed(world, mark)
+    assert_clean(world, mark)
 
 
 def test_a_noise_without_a_result_loses_nothing(world: World):
@@ -232,7 +234,7 @@ def test_a_noise_without_a_result_loses_nothing(world: World):
     finish_with(world, "次の質問")
     assert mark.lines() == [VOICE + "一文目です。", "SYNTH_STOP|0", VOICE + "はい。"]
     assert ("assistant", "一文目です。 [interrupted]") in history_of(world)
-    assert all_connections_closed(world, mark)
+    assert_clean(world, mark)
     # the noise while idle changes nothing either
     mark = Mark(world)
     world.avatar.send("RECOG_EVENT_START")
