@@ -8,6 +8,11 @@
   queued instead of being dropped, and the producer feels the back-pressure. Each forwarded
   item is also published on the bus (observers see the whole pipeline from one socket).
 - Once a second the broker publishes its own ``heartbeat.broker``.
+- With ``[bus] curve_dir`` set, every endpoint is a CURVE server and a ZAP authenticator
+  admits only the client keys of that folder (:mod:`stages.curve`).
+- The broker never decodes what it forwards, but a peer that sends a frame over
+  :data:`broker.wire.MAX_FRAME_BYTES` is disconnected by ZeroMQ (``ZMQ_MAXMSGSIZE``), so a
+  rogue's huge frame reaches no stage.
 
 One thread, one poll loop: at our rates (tens of messages a second) this costs tens of
 microseconds a hop and keeps ordering obvious.
@@ -23,6 +28,7 @@ import zmq
 
 from broker import wire
 from stages import config as config_mod
+from stages import curve
 from stages.runtime import install_signal_handlers, setup_logging, stop_requested
 
 QUEUES = ("tokens", "segments", "commands")
@@ -33,10 +39,17 @@ def run(cfg: config_mod.Config) -> int:
     setup_logging("broker")
     ctx = zmq.Context.instance()
     sockets: list[zmq.Socket] = []
+    try:  # [bus] curve_dir set: every socket a CURVE server, only known client keys admitted
+        secure = curve.server_options(cfg)
+        auth = curve.start_authenticator(ctx, cfg)  # before any bind: no window without checks
+    except config_mod.ConfigError as exc:
+        raise SystemExit(f"broker: configuration error: {exc}")
 
     def bind(kind: int, name: str) -> zmq.Socket:
         sock = ctx.socket(kind)
         sock.linger = 0
+        sock.maxmsgsize = wire.MAX_FRAME_BYTES  # a peer sending a larger frame is disconnected
+        secure(sock)
         addr = config_mod.endpoint(cfg, name)
         try:
             sock.bind(addr)
@@ -85,6 +98,8 @@ def run(cfg: config_mod.Config) -> int:
     finally:
         for sock in sockets:
             sock.close(linger=0)
+        if auth is not None:
+            auth.stop()
     log.info("stopped")
     return 0
 

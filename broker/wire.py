@@ -35,6 +35,15 @@ Where each kind travels
 (sequencer -> bridge). The broker also mirrors every work item onto the *bus* (PUB/SUB
 through the broker's XSUB/XPUB), so observers see everything without being in the path.
 Bus-only kinds are published by their stage directly.
+
+Refusal
+-------
+:func:`decode` refuses anything that is not exactly such a message with a :class:`WireError`
+whose ``reason`` is one of a few fixed phrases. Receivers drop the message, log the first of
+each reason and count the rest (a stage's heartbeat ``bad_frames``). Every socket that
+receives from a peer has ``ZMQ_MAXMSGSIZE`` :data:`MAX_FRAME_BYTES`: a peer sending a larger
+frame is disconnected by ZeroMQ before the frame is allocated. The broker's own receiving
+sockets have it too, so a rogue publisher's or producer's huge frame never travels further.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ import msgpack
 
 VERSION = 1
 MAX_PAYLOAD_BYTES = 1 << 20  # a frame larger than this is refused, not unpacked
+MAX_FRAME_BYTES = 2 << 20  # ZMQ_MAXMSGSIZE of receiving sockets: a peer sending more is disconnected
 
 
 KINDS: dict[str, str] = {
@@ -107,7 +117,9 @@ KINDS: dict[str, str] = {
 
     body: ``stage`` (str), ``pid`` (int), ``ready`` (bool: its subscriptions are in place, it
     has seen its own heartbeat come back through the broker), ``info`` (map, stage-specific,
-    e.g. llm's ``backend``). topic: ``heartbeat.<stage>``.""",
+    e.g. llm's ``backend``; the bridge's ``bad_input``: stdin problems by reason),
+    ``bad_frames`` (map: :attr:`WireError.reason` -> count of refused messages received since
+    start; empty when none; not in the broker's, which decodes nothing). topic: ``heartbeat.<stage>``.""",
     "notice": """Something a person should read (bus, any stage).
 
     body: ``level`` (``info``, ``warning``, ``error``), ``text`` (str).""",
@@ -118,7 +130,29 @@ _TOPIC_DETAIL = {"mmd": "type", "heartbeat": "stage"}
 
 
 class WireError(ValueError):
-    """A frame that is not a valid envelope. The message says why."""
+    """A frame that is not a valid envelope.
+
+    :attr:`reason` is one of a small fixed set of short phrases (:data:`REASONS`, plus
+    ``bad field <name>`` for each envelope field), fit for counting; the message adds the
+    details of this frame (never more than a few dozen characters of what it carried).
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+#: why :func:`decode` refuses a frame (besides ``bad field <name>``)
+REASONS = ("wrong frame count", "payload too large", "not msgpack", "not a map", "wrong version",
+           "unknown kind", "topic mismatch")
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """``repr(value)``, cut: a rogue frame's content goes into a log line."""
+    if not isinstance(value, (str, bytes, int, float, type(None))):
+        return f"a {type(value).__name__}"  # no repr of a container: it may be huge or deeply nested
+    text = repr(value[: limit + 1] if isinstance(value, (str, bytes)) else value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass
@@ -138,11 +172,14 @@ class Envelope:
 
 
 def topic_of(kind: str, body: dict[str, Any]) -> str:
-    """``kind``, or ``kind.detail`` for kinds with a topic detail (``mmd.SYNTH_EVENT_STOP``)."""
+    """``kind``, or ``kind.detail`` for kinds with a topic detail (``mmd.SYNTH_EVENT_STOP``).
+
+    The detail is the body field if it is a str, else empty (``heartbeat.``)."""
     detail_key = _TOPIC_DETAIL.get(kind)
     if detail_key is None:
         return kind
-    return f"{kind}.{body.get(detail_key, '')}"
+    detail = body.get(detail_key, "")
+    return f"{kind}.{detail if isinstance(detail, str) else ''}"
 
 
 def encode(env: Envelope) -> list[bytes]:
@@ -177,25 +214,35 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
 
 
 def decode(frames: list[bytes]) -> Envelope:
-    """Parse ``[topic, payload]``; raise :class:`WireError` with the reason if it is not an envelope."""
+    """Parse ``[topic, payload]``; raise :class:`WireError` with the reason if it is not an envelope.
+
+    Refused: not exactly two frames; a payload over :data:`MAX_PAYLOAD_BYTES` (before any
+    unpacking); a payload that is not one complete msgpack object (truncated, trailing bytes,
+    too deeply nested); not a map; ``v`` not the int :data:`VERSION`; a field missing or of
+    the wrong type (``bool`` is not an int); a kind not in :data:`KINDS`; a topic frame that
+    is not :func:`topic_of` the envelope (SUB filtering trusts the topic).
+    """
     if len(frames) != 2:
-        raise WireError(f"expected 2 frames, got {len(frames)}")
+        raise WireError("wrong frame count", f"expected 2 frames, got {len(frames)}")
     payload = frames[1]
     if len(payload) > MAX_PAYLOAD_BYTES:
-        raise WireError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+        raise WireError("payload too large", f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     try:
         raw = msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise WireError(f"payload is not msgpack: {type(exc).__name__}") from None
+        raise WireError("not msgpack", f"payload is not msgpack: {type(exc).__name__}") from None
     if not isinstance(raw, dict):
-        raise WireError("payload is not a map")
-    if raw.get("v") != VERSION:
-        raise WireError(f"envelope version {raw.get('v')!r}, expected {VERSION}")
+        raise WireError("not a map", f"payload is not a map but {type(raw).__name__}")
+    version = raw.get("v")
+    if type(version) is not int or version != VERSION:
+        raise WireError("wrong version", f"envelope version {_short(version)}, expected {VERSION}")
     for key, typ in _FIELD_TYPES.items():
         if not isinstance(raw.get(key), typ) or isinstance(raw.get(key), bool):
-            raise WireError(f"field {key!r} missing or not {typ}")
+            raise WireError(f"bad field {key}", f"field {key!r} missing or not {typ}")
     if raw["kind"] not in KINDS:
-        raise WireError(f"unknown kind {raw['kind']!r}")
+        raise WireError("unknown kind", f"unknown kind {_short(raw['kind'])}")
+    if frames[0] != topic_of(raw["kind"], raw["body"]).encode("utf-8", errors="replace"):
+        raise WireError("topic mismatch", f"topic {_short(bytes(frames[0]))} for a {raw['kind']}")
     return Envelope(
         kind=raw["kind"],
         body=raw["body"],

@@ -3,10 +3,14 @@
 Started by MMDAgent-EX as ``Plugin_AnyScript_Command=mmdagent-llm bridge``:
 - stdin is read on its own thread, continuously, as bytes: MMDAgent-EX writes to us with a
   blocking write from its main loop, so a bridge that stopped reading would freeze the
-  avatar. Each line is decoded as UTF-8 (invalid bytes become U+FFFD, logged), a trailing
-  CR is dropped, and it is published on the bus as an ``mmd`` event, whatever its type,
-  our own echoed output included. A line over :data:`MAX_IN_BYTES` is cut (logged), the
-  rest of it skipped, and reading goes on.
+  avatar. Each line is decoded as UTF-8 (invalid bytes become U+FFFD), a NUL byte becomes
+  U+FFFD too (not dropped: the line keeps showing that something was there, and no NUL
+  reaches a topic or a C reader of the bus), a trailing CR is dropped, and it is published
+  on the bus as an ``mmd`` event, whatever its type, our own echoed output and a line with
+  an empty type (``|...``) included. Empty lines are skipped. A line over
+  :data:`MAX_IN_BYTES` is cut, the rest of it skipped, and reading goes on.
+- bad input never stops the bridge: each problem (:data:`BAD_INPUT` reasons) is logged the
+  first time only, then counted; the heartbeat's ``info`` carries the counts as ``bad_input``.
 - each ``command`` from the ``commands`` queue is written as one line and flushed, through
   :func:`stages.mmd_line.format_line`, which removes ``|``, CR, LF and control characters
   from every field and caps the line at 2000 bytes. Nothing else is ever written to stdout;
@@ -25,23 +29,26 @@ import logging
 import sys
 import threading
 import time
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 import zmq
 
 from broker import wire
 from stages import mmd_line
 from stages.runtime import Stage, request_stop, setup_logging
-from stages.turns import Publish, TurnController, Write
+from stages.liveness import PIPELINE
+from stages.turns import Action, Publish, TurnController, Write
 
 log = logging.getLogger("mmdagent_llm")
 
 MAX_IN_BYTES = 64 * 1024  # longer stdin lines are cut; MMDAgent-EX itself never sends > 2 KiB
+#: what is counted in the heartbeat's ``bad_input`` (and logged once)
+BAD_INPUT = ("invalid UTF-8", "NUL bytes", "line too long", "empty line", "empty type")
 
 
 class Bridge(Stage):
     name = "bridge"
-    topics = ("spoken",)
+    topics = ("spoken", "turn_result", "turn_end", "token", "segment", "speech")  # turn progress
     input_queue = "commands"
 
     def __init__(self, cfg, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> None:
@@ -50,8 +57,10 @@ class Bridge(Stage):
         self.stdout = stdout or sys.stdout.buffer
         self.lines_in = 0
         self.lines_out = 0
-        t = cfg["turn"]
-        self.turns = TurnController(t["barge_in"], t["echo_grace"], t["listen_timeout"], cfg["speech"]["model"])
+        self.bad_input: dict[str, int] = {}
+        self._bad_lock = threading.Lock()  # the stdin thread counts cut lines
+        self.turns = TurnController(cfg["turn"], cfg["speech"]["model"], cfg["speech"]["voice"],
+                                    startup_grace=cfg["bus"]["peer_timeout"])
         self._inbox = self.ctx.socket(zmq.PAIR)
         address = f"inproc://bridge-stdin-{id(self)}"
         self._inbox.bind(address)
@@ -70,7 +79,7 @@ class Bridge(Stage):
                 if not chunk.endswith(b"\n"):
                     skipped = self._skip_rest_of_line()
                     if skipped:
-                        log.warning("stdin line over %d bytes: cut, %d more bytes skipped", MAX_IN_BYTES, skipped)
+                        self._bad("line too long", f"over {MAX_IN_BYTES} bytes: cut, {skipped} more bytes skipped")
                 out.send(chunk)
         except (OSError, ValueError) as exc:
             log.error("stdin read failed: %s", exc)
@@ -97,21 +106,32 @@ class Bridge(Stage):
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
                 text = raw.decode("utf-8", errors="replace")
-                log.warning("stdin line is not valid UTF-8: undecodable bytes replaced by U+FFFD")
+                self._bad("invalid UTF-8", "undecodable bytes replaced by U+FFFD")
+            if "\x00" in text:
+                text = text.replace("\x00", "\ufffd")
+                self._bad("NUL bytes", "replaced by U+FFFD")
             text = text.rstrip("\n").rstrip("\r")
             if not text:
+                self._bad("empty line", "skipped")
                 continue
+            if text.startswith("|"):
+                self._bad("empty type", "published with type \"\"")
             self.lines_in += 1
             arrived = time.time()
             msg_type, args = mmd_line.parse_line(text)
-            actions = self.turns.on_line(msg_type, args, arrived)
-            for action in actions:  # SYNTH_STOP before anything else: it is what the user waits for
-                if isinstance(action, Write):
-                    self._write(action.type, action.args, self.turns.turn, arrived)
-            self.publish("mmd", {"type": msg_type, "args": args}, origin=arrived)
-            for action in actions:
-                if isinstance(action, Publish):
-                    self.publish(action.kind, action.body, turn=action.turn, origin=action.origin)
+            self._carry_out(self.turns.on_line(msg_type, args, arrived), arrived,
+                            then=lambda: self.publish("mmd", {"type": msg_type, "args": args}, origin=arrived))
+
+    def _carry_out(self, actions: list[Action], origin: float, then: Callable[[], None] | None = None) -> None:
+        """Writes first (SYNTH_STOP is what the user waits for), then ``then``, then bus events."""
+        for action in actions:
+            if isinstance(action, Write):
+                self._write(action.type, action.args, self.turns.turn, origin)
+        if then is not None:
+            then()
+        for action in actions:
+            if isinstance(action, Publish):
+                self.publish(action.kind, action.body, turn=action.turn, origin=action.origin)
 
     def on_work(self, env: wire.Envelope) -> None:
         if env.kind != "command":
@@ -138,23 +158,50 @@ class Bridge(Stage):
             return
         self.lines_out += 1
         written_type, written_args = mmd_line.parse_line(line[:-1].decode("utf-8"))
-        self.turns.on_written(written_type, written_args)
+        self.turns.on_written(written_type, written_args, turn)
         self.publish("written", {"type": written_type, "args": written_args, "bytes": len(line) - 1},
                      turn=turn, origin=origin)
 
     def on_event(self, env: wire.Envelope) -> None:
         if env.kind == "spoken":
             self.turns.on_spoken(env.turn)
+        else:
+            self.turns.on_progress(env.kind, env.sender, env.turn)
+
+    def on_peer(self, name: str, change: str) -> None:
+        if name not in PIPELINE:
+            return
+        actions = self.turns.on_stage_lost(name) if change in ("gone", "restarted") else []
+        missing = [n for n in self.liveness.missing() if n in PIPELINE]
+        if missing and self.turns.pipeline_up:
+            log.error("the pipeline is unreachable (%s down): utterances wait for it", ", ".join(missing))
+        elif not missing and not self.turns.pipeline_up:
+            log.info("the pipeline is reachable")
+        was = self.turns.pipeline_up
+        self._carry_out(actions + self.turns.on_pipeline(not missing), time.time())
+        if was != self.turns.pipeline_up and self.ready:
+            self._heartbeat()  # observers learn of it now, not within the next second
 
     def next_deadline(self) -> float | None:
         return self.turns.next_deadline()
 
     def on_tick(self, now: float) -> None:
-        self.turns.on_tick(now)
+        self._carry_out(self.turns.on_tick(now), time.time())
+
+    def _bad(self, reason: str, detail: str) -> None:
+        """Count a stdin problem; log only the first of each reason (MMDAgent-EX may repeat it)."""
+        with self._bad_lock:
+            self.bad_input[reason] = self.bad_input.get(reason, 0) + 1
+            first = self.bad_input[reason] == 1
+        if first:
+            log.warning("stdin: %s: %s (further ones are only counted, see the heartbeat's bad_input)",
+                        reason, detail)
 
     def info(self) -> dict:
+        with self._bad_lock:
+            bad_input = dict(self.bad_input)
         return {"lines_in": self.lines_in, "lines_out": self.lines_out, "turn": self.turns.turn,
-                "state": self.turns.machine.state.value}
+                "state": self.turns.machine.state.value, "pipeline": self.turns.pipeline_up, "bad_input": bad_input}
 
     def close(self) -> None:
         self._inbox.close(linger=0)

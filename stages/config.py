@@ -72,7 +72,23 @@ def load(path: Path | None = None) -> Config:
     for (section, key), allowed in CHOICES.items():
         if cfg[section][key] not in allowed:
             raise ConfigError(f"[{section}] {key} = {cfg[section][key]!r}: expected one of {', '.join(allowed)}")
+    _check_bus_access(cfg)
     return cfg
+
+
+def _check_bus_access(cfg: Config) -> None:
+    """Who may talk: a non-loopback tcp host needs CURVE keys, and a set curve_dir must hold them."""
+    from stages import curve  # imports this module: import here, not at the top
+
+    bus = cfg["bus"]
+    folder = curve.folder_of(cfg)
+    if bus["transport"] == "tcp" and not curve.is_loopback(bus["host"]) and folder is None:
+        raise ConfigError(
+            f"[bus] host = {bus['host']!r} is not a loopback address, so other machines could reach the "
+            f"bus: it needs encryption and client keys. Run `mmdagent-llm keys <folder>` and set "
+            f"[bus] curve_dir = \"<folder>\" (the same folder on every machine), or use host = \"127.0.0.1\"")
+    if folder is not None:
+        curve.check_folder(folder)
 
 
 def _coerce(default: Any, value: Any, where: str) -> Any:

@@ -7,12 +7,20 @@ spoken, followed by `` [interrupted]`` (just ``[interrupted]`` if nothing was). 
 official samples use: the number of pairs, and a token budget. Tokens are estimated from
 characters (a CJK character is about one token, about four Latin characters are one), and
 when the server reports ``usage`` for the last request that count is used instead.
+
+With a :class:`~stages.history_store.HistoryStore`, the pairs are loaded when the history is
+created (then trimmed by the limits) and saved after every change, so a restarted llm stage
+goes on with the same conversation.
 """
 
 from __future__ import annotations
 
 import math
 import unicodedata
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from stages.history_store import HistoryStore
 
 PER_MESSAGE_TOKENS = 4  # role and framing overhead the chat format adds to every message
 
@@ -23,11 +31,15 @@ def estimate_tokens(text: str) -> int:
 
 
 class History:
-    def __init__(self, system_prompt: str, max_turns: int, max_tokens: int) -> None:
+    def __init__(self, system_prompt: str, max_turns: int, max_tokens: int,
+                 store: HistoryStore | None = None) -> None:
         self.system = {"role": "system", "content": system_prompt}
         self.max_turns = max_turns
         self.max_tokens = max_tokens
-        self.pairs: list[tuple[dict, dict]] = []
+        self.store = store
+        self.pairs: list[tuple[dict, dict]] = (store.load() or []) if store is not None else []
+        if self._trim(None):
+            self._save()
 
     def request(self, user_text: str) -> list[dict]:
         """The messages to send for a new utterance (the history itself is not changed)."""
@@ -42,6 +54,7 @@ class History:
         self.pairs.append(({"role": "user", "content": user_text},
                            {"role": "assistant", "content": _content(answer, interrupted)}))
         self._trim(used_tokens)
+        self._save()
 
     def revise_last(self, user_text: str, answer: str) -> bool:
         """The last turn was cut off after all: keep only ``answer``, marked interrupted.
@@ -51,17 +64,25 @@ class History:
         if not self.pairs or self.pairs[-1][0]["content"] != user_text:
             return False
         self.pairs[-1][1]["content"] = _content(answer, True)
+        self._save()
         return True
 
     def tokens(self) -> int:
         return sum(estimate_tokens(m["content"]) for m in self.request("")[:-1])
 
-    def _trim(self, used_tokens: int | None) -> None:
+    def _trim(self, used_tokens: int | None) -> bool:
+        """Drop the oldest pairs over the limits; True if any were dropped."""
         # used_tokens (the server's count) covers the request and the answer just added
         total = used_tokens if used_tokens is not None else self.tokens()
+        before = len(self.pairs)
         while self.pairs and (len(self.pairs) > self.max_turns or total > self.max_tokens):
             user, assistant = self.pairs.pop(0)
             total -= estimate_tokens(user["content"]) + estimate_tokens(assistant["content"])
+        return len(self.pairs) != before
+
+    def _save(self) -> None:
+        if self.store is not None:
+            self.store.save(self.pairs)
 
 
 def _content(answer: str, interrupted: bool) -> str:

@@ -16,8 +16,9 @@ import zmq
 
 from broker import wire
 from stages import config as config_mod
+from stages import curve
+from stages.liveness import PIPELINE
 
-PIPELINE = ("broker", "llm", "segmenter", "sequencer")
 
 
 def stage_command(name: str) -> list[str]:
@@ -69,6 +70,7 @@ def wait_ready(cfg: config_mod.Config, stages: Iterable[str], timeout: float) ->
     sub = ctx.socket(zmq.SUB)
     sub.linger = 0
     sub.setsockopt(zmq.SUBSCRIBE, b"heartbeat.")
+    curve.client_options(cfg)(sub)
     sub.connect(config_mod.endpoint(cfg, "events_out"))
     deadline = time.monotonic() + timeout
     try:

@@ -33,6 +33,7 @@ import zmq
 from broker import wire
 from stages import config as config_mod
 from stages.history import History
+from stages.history_store import store_for
 from stages.llm_http import make_client
 from stages.runtime import Stage, setup_logging
 from stages.states import Machine, TURN_TRANSITIONS, TurnState
@@ -131,7 +132,7 @@ class LlmStage(Stage):
     def __init__(self, cfg: config_mod.Config) -> None:
         super().__init__(cfg)
         c = cfg["llm"]
-        self.history = History(c["system_prompt"], c["history_turns"], c["history_tokens"])
+        self.history = History(c["system_prompt"], c["history_turns"], c["history_tokens"], store=store_for(cfg))
         self.machine: Machine[TurnState] = Machine("turn", TURN_TRANSITIONS, TurnState.IDLE)
         self.offline_server = None
         self.client, self.backend = self._make_client()

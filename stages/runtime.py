@@ -1,7 +1,8 @@
 """What every stage process shares: logging, signals, and :class:`Stage`, the socket loop.
 
 A stage connects to the broker (it never binds), so it can be restarted alone:
-- a SUB on ``events_out`` with the stage's topics, plus its own ``heartbeat.<name>``;
+- a SUB on ``events_out`` with the stage's topics, plus every ``heartbeat.``: its own tells
+  it is ready, the others feed :class:`stages.liveness.Liveness` (``on_peer``);
 - a PUB on ``events_in`` for bus events;
 - optionally a PULL on its input queue ``<q>_out`` and a PUSH on its output queue ``<q>_in``.
 
@@ -25,6 +26,8 @@ import zmq
 
 from broker import wire
 from stages import config as config_mod
+from stages import curve
+from stages.liveness import PIPELINE, Liveness
 
 log = logging.getLogger("mmdagent_llm")
 _stop = False
@@ -83,7 +86,9 @@ class Stage:
         self.bad_frames: dict[str, int] = {}
         self.ctx = zmq.Context.instance()
         self.pub = self._socket(zmq.PUB, "events_in")
-        self.sub = self._socket(zmq.SUB, "events_out", subscribe=(*self.topics, f"heartbeat.{self.name}"))
+        self.sub = self._socket(zmq.SUB, "events_out", subscribe=(*self.topics, "heartbeat."))
+        peers = tuple(n for n in (*PIPELINE, "bridge") if n != self.name)
+        self.liveness = Liveness(peers, cfg["bus"]["peer_timeout"])
         self.pull = self._socket(zmq.PULL, f"{self.input_queue}_out") if self.input_queue else None
         self.push_sock = self._socket(zmq.PUSH, f"{self.output_queue}_in") if self.output_queue else None
         if self.push_sock is not None:
@@ -93,8 +98,11 @@ class Stage:
     def _socket(self, kind: int, endpoint: str, subscribe: tuple[str, ...] = ()) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.linger = 500
+        if kind in (zmq.SUB, zmq.PULL):  # a peer sending a larger frame is disconnected, not read
+            sock.maxmsgsize = wire.MAX_FRAME_BYTES
         for topic in subscribe:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode("utf-8"))
+        curve.client_options(self.cfg)(sock)  # [bus] curve_dir set: encrypted, with our client key
         sock.connect(config_mod.endpoint(self.cfg, endpoint))
         return sock
 
@@ -111,6 +119,9 @@ class Stage:
     def next_deadline(self) -> float | None:
         """Monotonic time by which on_tick must run, or None."""
         return None
+
+    def on_peer(self, name: str, change: str) -> None:
+        """Another process is ``up``, ``back``, ``restarted`` or ``gone`` (already logged)."""
 
     def info(self) -> dict[str, Any]:
         """Stage-specific fields of the heartbeat."""
@@ -137,14 +148,15 @@ class Stage:
         try:
             return wire.decode(frames)
         except wire.WireError as exc:
-            reason = str(exc)
+            reason = exc.reason  # one of a few fixed phrases: the counts stay small
             self.bad_frames[reason] = self.bad_frames.get(reason, 0) + 1
             if self.bad_frames[reason] == 1:
-                log.warning("dropped an invalid frame: %s (further ones with this reason are only counted)", reason)
+                log.warning("dropped an invalid frame: %s (further ones with this reason are only counted)", exc)
             return None
 
     def _heartbeat(self) -> None:
-        self.publish("heartbeat", {"stage": self.name, "pid": os.getpid(), "ready": self.ready, "info": self.info()})
+        self.publish("heartbeat", {"stage": self.name, "pid": os.getpid(), "ready": self.ready, "info": self.info(),
+                                   "bad_frames": dict(self.bad_frames)})
 
     def run(self) -> int:
         install_signal_handlers()
@@ -156,7 +168,8 @@ class Stage:
                 if now >= next_beat:
                     self._heartbeat()
                     next_beat = now + (1.0 if self.ready else 0.1)
-                deadline = min(d for d in (next_beat, self.next_deadline()) if d is not None)
+                deadline = min(d for d in (next_beat, self.next_deadline(), self.liveness.next_deadline())
+                               if d is not None)
                 poller = zmq.Poller()
                 poller.register(self.sub, zmq.POLLIN)
                 if self.pull is not None:
@@ -172,7 +185,10 @@ class Stage:
                     self._drain(self.sub, self._dispatch_event)
                 if self.pull is not None and self.pull in events:
                     self._drain(self.pull, self.on_work, limit=1)
-                self.on_tick(time.monotonic())
+                now = time.monotonic()
+                for name in self.liveness.check(now):
+                    self.on_peer(name, "gone")
+                self.on_tick(now)
         finally:
             self.close()
             for sock in (self.pub, self.sub, self.pull, self.push_sock):
@@ -196,6 +212,12 @@ class Stage:
         return self._receive(sock)
 
     def _dispatch_event(self, env: wire.Envelope) -> None:
+        if env.kind == "heartbeat" and env.body.get("stage") != self.name:
+            change = self.liveness.beat(str(env.body.get("stage")), int(env.body.get("pid") or 0),
+                                        bool(env.body.get("ready")), time.monotonic())
+            if change:
+                self.on_peer(str(env.body.get("stage")), change)
+            return
         if env.kind == "heartbeat" and env.body.get("stage") == self.name:
             if env.body.get("pid") == os.getpid() and not self.ready:
                 self.ready = True

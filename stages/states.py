@@ -8,6 +8,11 @@ Conversation (owned by the bridge, :mod:`stages.turns`: who may speak now)::
     ANSWERING --RECOG_EVENT_START, policy "interrupt": cancel--> LISTENING
     ANSWERING --RECOG_EVENT_STOP: cancel (superseded), new turn--> ANSWERING
     any --RECOG_EVENT_AWAY|ON (cancels an answer)--> AWAY --RECOG_EVENT_AWAY|OFF--> IDLE
+    IDLE/LISTENING/ANSWERING --utterance while a stage is down--> HOLDING
+    ANSWERING --a stage restarted before anything was said: replay--> HOLDING
+    HOLDING --pipeline up again--> ANSWERING
+    HOLDING --older than max_age: failure notice--> IDLE
+    ANSWERING --a stage restarted after speech began, or no progress: failure notice--> IDLE
 
 LLM request of a turn (owned by the llm stage)::
 
@@ -39,6 +44,7 @@ class ConversationState(enum.Enum):
     IDLE = "idle"
     LISTENING = "listening"
     ANSWERING = "answering"
+    HOLDING = "holding"
     AWAY = "away"
 
 
@@ -56,10 +62,14 @@ class SpeechState(enum.Enum):
 
 
 CONVERSATION_TRANSITIONS: dict[ConversationState, set[ConversationState]] = {
-    ConversationState.IDLE: {ConversationState.LISTENING, ConversationState.ANSWERING, ConversationState.AWAY},
-    ConversationState.LISTENING: {ConversationState.ANSWERING, ConversationState.IDLE, ConversationState.AWAY},
-    ConversationState.ANSWERING: {ConversationState.IDLE, ConversationState.LISTENING, ConversationState.ANSWERING,
+    ConversationState.IDLE: {ConversationState.LISTENING, ConversationState.ANSWERING, ConversationState.HOLDING,
+                             ConversationState.AWAY},
+    ConversationState.LISTENING: {ConversationState.ANSWERING, ConversationState.IDLE, ConversationState.HOLDING,
                                   ConversationState.AWAY},
+    ConversationState.ANSWERING: {ConversationState.IDLE, ConversationState.LISTENING, ConversationState.ANSWERING,
+                                  ConversationState.HOLDING, ConversationState.AWAY},
+    ConversationState.HOLDING: {ConversationState.ANSWERING, ConversationState.HOLDING, ConversationState.IDLE,
+                                ConversationState.AWAY},
     ConversationState.AWAY: {ConversationState.IDLE},
 }
 

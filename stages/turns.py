@@ -23,6 +23,19 @@ order. States and moves: :data:`stages.states.CONVERSATION_TRANSITIONS`.
   segments of the turn whose ``SYNTH_EVENT_START`` came: what history should keep).
 - :meth:`TurnController.accepts` lets through only speech of the current, uncancelled turn: a
   ``SYNTH_START`` of an old turn still in the queue is never written.
+
+Crashes and restarts (the bridge is told by :mod:`stages.liveness`):
+
+- An utterance that comes while a pipeline stage is down is held (HOLDING, with an on-screen
+  ``NOTIFY_SHOW`` if configured) and sent when the pipeline is back; if by then it is older
+  than ``max_age``, or the pipeline stays down that long, the turn ends with the failure notice.
+- A stage lost (gone, or restarted by supervisord) while it still had work for the current turn:
+  if nothing of the answer was written yet, the turn is cancelled and asked again under a new
+  turn id (no stale token, segment or command of the old id can be spoken); otherwise it is
+  cancelled and the bridge speaks ``failure_notice`` itself. A turn never restarts after a
+  word of it was said, so nothing is half-spoken twice.
+- A turn with no sign of life in the pipeline for ``stall_timeout`` ends with the notice too:
+  every turn ends.
 """
 
 from __future__ import annotations
@@ -72,17 +85,28 @@ class _Voice:
 
 
 class TurnController:
-    def __init__(self, policy: str, echo_grace: float, listen_timeout: float, model: str) -> None:
+    def __init__(self, turn_cfg: dict[str, Any], model: str, voice: str, startup_grace: float = 0.0) -> None:
+        policy = turn_cfg["barge_in"]
         if policy not in POLICIES:
             raise ValueError(f"[turn] barge_in = {policy!r}: expected one of {', '.join(POLICIES)}")
+        self.cfg = turn_cfg
         self.policy = policy
-        self.echo_grace = echo_grace
-        self.listen_timeout = listen_timeout
-        self.model = model
+        self.echo_grace = turn_cfg["echo_grace"]
+        self.listen_timeout = turn_cfg["listen_timeout"]
+        self.model, self.voice_alias = model, voice
         self.machine: Machine[C] = Machine("conversation", CONVERSATION_TRANSITIONS, C.IDLE)
         self.turn = 0
         self.cancelled = 0  # highest cancelled turn
         self.voice = _Voice(quiet_since=-1e9)
+        self.pipeline_up = False
+        # just started: the stages' heartbeats may not have come yet; no alarm during this time
+        self.quiet_until = time.monotonic() + startup_grace
+        self.user_text = ""           # the utterance of the current (or held) turn
+        self.asked_at = 0.0           # monotonic time it was said: its age decides replay or notice
+        self.asked_origin = 0.0
+        self.progress_at = 0.0        # last sign of life of the current turn in the pipeline
+        self.written = False          # a SYNTH_START of the current turn was written
+        self.done_by: set[str] = set()  # stages whose part of the current turn is complete
 
     # -- input ---------------------------------------------------------------------------
     def on_line(self, msg_type: str, args: list[str], origin: float, now: float | None = None) -> list[Action]:
@@ -105,10 +129,22 @@ class TurnController:
                 self.voice.quiet_since = now
         return []
 
-    def on_written(self, msg_type: str, args: list[str]) -> None:
-        """A line the bridge wrote to MMDAgent-EX."""
+    def on_written(self, msg_type: str, args: list[str], turn: int = 0) -> None:
+        """A line the bridge wrote to MMDAgent-EX (``turn``: the turn it belongs to, 0 if none)."""
         if msg_type == "SYNTH_START" and args[:1] == [self.model] and len(args) >= 3:
             self.voice.outstanding = args[2]
+            if turn == self.turn:
+                self.written = True
+
+    def on_progress(self, kind: str, sender: str, turn: int, now: float | None = None) -> None:
+        """A pipeline event of some turn: the current one shows it is moving."""
+        if turn != self.turn:
+            return
+        self.progress_at = time.monotonic() if now is None else now
+        if kind == "turn_result":
+            self.done_by.add("llm")
+        elif kind == "turn_end" and sender == "segmenter":
+            self.done_by.add("segmenter")
 
     def on_spoken(self, turn: int, now: float | None = None) -> None:
         """The sequencer reports every segment of ``turn`` spoken (or given up)."""
@@ -123,19 +159,64 @@ class TurnController:
         return turn == self.turn and turn > self.cancelled
 
     def next_deadline(self) -> float | None:
-        return self.machine.since + self.listen_timeout if self.machine == C.LISTENING else None
+        state = self.machine.state
+        if state == C.LISTENING:
+            return self.machine.since + self.listen_timeout
+        if state == C.HOLDING:
+            return self.asked_at + self.cfg["max_age"]
+        if state == C.ANSWERING:
+            return self.progress_at + self.cfg["stall_timeout"]
+        return None
 
-    def on_tick(self, now: float) -> None:
+    def on_tick(self, now: float) -> list[Action]:
         deadline = self.next_deadline()
-        if deadline is not None and now >= deadline:
+        if deadline is None or now < deadline:
+            return []
+        state = self.machine.state
+        if state == C.LISTENING:
             log.info("no RECOG_EVENT_STOP within [turn] listen_timeout = %.1f s of RECOG_EVENT_START: "
                      "taken as a noise", self.listen_timeout)
             self.machine.move(C.IDLE, "listen timeout")
+            return []
+        if state == C.HOLDING:
+            return self._fail(f"the pipeline was not back within [turn] max_age = {self.cfg['max_age']} s",
+                              self.asked_origin)
+        return self._fail(f"no progress for [turn] stall_timeout = {self.cfg['stall_timeout']} s", time.time())
+
+    # -- the pipeline's health -----------------------------------------------------------
+    def on_pipeline(self, up: bool, now: float | None = None) -> list[Action]:
+        """Every pipeline stage is alive (``up``), or one is not (logged by the caller)."""
+        now = time.monotonic() if now is None else now
+        was, self.pipeline_up = self.pipeline_up, up
+        actions: list[Action] = []
+        if was and not up and self.cfg["notify_unreachable"]:
+            actions.append(Write("NOTIFY_SHOW", [self.cfg["unreachable_text"]]))
+        if up and self.machine == C.HOLDING:
+            actions += self._release_held(now)
+        return actions
+
+    def on_stage_lost(self, name: str, now: float | None = None) -> list[Action]:
+        """Stage ``name`` died (gone, or restarted): what it held of the current turn is lost.
+
+        Nothing of the turn said yet: it is asked again as a new turn (so no stale piece of it
+        can be spoken). Something said: it ends with the failure notice, never half-spoken twice.
+        """
+        now = time.monotonic() if now is None else now
+        if self.machine != C.ANSWERING or name in self.done_by:
+            return []
+        if self.written or self.voice.spoken:
+            return self._fail(f"{name} was lost in the middle of the answer", time.time())
+        log.info("turn %d: %s was lost before anything was said: asking again", self.turn, name)
+        actions = self._cancel("restarted", time.time())
+        self._hold(self.user_text, self.asked_at, self.asked_origin)
+        if self.pipeline_up:
+            actions += self._release_held(now)
+        return actions
 
     # -- transitions ---------------------------------------------------------------------
     def _recog_start(self, origin: float) -> list[Action]:
         state = self.machine.state
-        if state == C.AWAY:
+        if state in (C.AWAY, C.HOLDING):
             return []
         if state == C.ANSWERING:
             if self.policy == "ignore":
@@ -165,29 +246,67 @@ class TurnController:
                 self.machine.move(C.IDLE, "empty result")
             return []
         actions = self._cancel("superseded", origin) if state == C.ANSWERING else []
+        self._hold(text, now, origin)
+        if self.pipeline_up:
+            return actions + self._release_held(now)
+        log.warning("turn %d: the pipeline is not reachable; the utterance waits for it (at most "
+                    "[turn] max_age = %.0f s)", self.turn, self.cfg["max_age"])
+        if self.cfg["notify_unreachable"] and time.monotonic() >= self.quiet_until:
+            actions.append(Write("NOTIFY_SHOW", [self.cfg["unreachable_text"]]))
+        return actions
+
+    def _hold(self, text: str, asked_at: float, origin: float) -> None:
+        """Open a new turn for ``text``, not yet sent to the pipeline."""
         self.turn = max(self.turn + 1, int(time.time() * 1000))
+        self.user_text, self.asked_at, self.asked_origin = text, asked_at, origin
         self.voice.spoken = []
-        self.machine.move(C.ANSWERING, f"turn {self.turn}")
-        return actions + [Publish("turn_start", {"text": text}, self.turn, origin)]
+        self.written = False
+        self.done_by = set()
+        self.machine.move(C.HOLDING, f"turn {self.turn}")
+
+    def _release_held(self, now: float) -> list[Action]:
+        if now - self.asked_at > self.cfg["max_age"]:
+            return self._fail(f"the utterance is older than [turn] max_age = {self.cfg['max_age']} s",
+                              self.asked_origin)
+        self.progress_at = now
+        self.machine.move(C.ANSWERING, f"turn {self.turn} sent")
+        return [Publish("turn_start", {"text": self.user_text}, self.turn, self.asked_origin)]
+
+    def _fail(self, why: str, origin: float) -> list[Action]:
+        """End the current turn with the failure notice (spoken by the bridge itself)."""
+        log.error("turn %d failed: %s", self.turn, why)
+        actions: list[Action] = []
+        if self.machine == C.ANSWERING:
+            actions = self._cancel("failed", origin, stop=False)
+        else:  # held, never sent: nothing to stop, but nothing of it may run later either
+            self.cancelled = self.turn
+        notice = self.cfg["failure_notice"]
+        if notice:  # a SYNTH_START cuts off whatever the model says: no SYNTH_STOP needed first
+            actions.append(Write("SYNTH_START", [self.model, self.voice_alias, notice]))
+        self.machine.move(C.IDLE, "failed")
+        return actions
 
     def _away(self, on: bool, origin: float) -> list[Action]:
         state = self.machine.state
         if on and state != C.AWAY:
             actions = self._cancel("away", origin) if state == C.ANSWERING else []
+            if state == C.HOLDING:
+                log.info("turn %d: the held utterance is dropped: away", self.turn)
             self.machine.move(C.AWAY, "RECOG_EVENT_AWAY|ON")
             return actions
         if not on and state == C.AWAY:
             self.machine.move(C.IDLE, "RECOG_EVENT_AWAY|OFF")
         return []
 
-    def _cancel(self, reason: str, origin: float) -> list[Action]:
+    def _cancel(self, reason: str, origin: float, stop: bool = True) -> list[Action]:
         actions: list[Action] = []
         stopped = self.voice.audible
-        if stopped:
+        if stopped and stop:
             actions.append(Write("SYNTH_STOP", [self.model]))
+        if stopped:
             self.voice.outstanding = None
         self.cancelled = self.turn
-        log.info("turn %d cancelled (%s)%s", self.turn, reason, ": SYNTH_STOP sent" if stopped else "")
+        log.info("turn %d cancelled (%s)%s", self.turn, reason, ": SYNTH_STOP sent" if stopped and stop else "")
         actions.append(Publish("cancel", {"reason": reason, "stopped": stopped, "spoken": list(self.voice.spoken)},
                                self.turn, origin))
         return actions

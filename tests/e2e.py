@@ -107,11 +107,23 @@ def start_avatar(cfg: dict, mdf_dir: Path, env: dict[str, str], **kwargs) -> Sim
                                seconds_per_char=kwargs.pop("seconds_per_char", 0.005),
                                min_speech=kwargs.pop("min_speech", 0.05), **kwargs).start()
     try:
-        wait_ready(cfg, ["bridge"], 20)
+        beats = wait_ready(cfg, ["bridge"], 20)
+        if not beats["bridge"]["info"]["pipeline"]:  # it has not yet seen every stage's heartbeat
+            bridge_sees_pipeline(cfg, 20)
     except BaseException:
         avatar.kill()
         raise
     return avatar
+
+
+def bridge_sees_pipeline(cfg: dict, timeout: float) -> None:
+    """Wait for a bridge heartbeat that reports the whole pipeline reachable."""
+    watcher = BusWatcher(cfg, b"heartbeat.bridge")
+    try:
+        assert watcher.wait_for(lambda envs: any(e.body["info"].get("pipeline") for e in envs), timeout), \
+            "the bridge did not see the pipeline"
+    finally:
+        watcher.close()
 
 
 def speech_pattern_ok(avatar: SimulatedMMDAgent) -> bool:

@@ -25,6 +25,7 @@ import zmq
 
 from broker import wire
 from stages import config as config_mod
+from stages import curve
 from stages.launcher import PIPELINE, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +57,8 @@ def write_config(folder: Path, *, transport: str = "tcp", **sections: dict) -> P
     values: dict[str, dict] = {
         "bus": {"transport": transport, "base_port": free_base_port(),
                 "ipc_prefix": f"@mmdagent-llm-test-{uuid.uuid4().hex[:12]}-"},
-        "llm": {"first_token_timeout": 3.0, "chunk_timeout": 5.0, "turn_timeout": 20.0, "max_retries": 2},
+        "llm": {"first_token_timeout": 3.0, "chunk_timeout": 5.0, "turn_timeout": 20.0, "max_retries": 2,
+                "history_file": str(folder / "history.json")},
         "speech": {"start_timeout": 1.5, "stop_timeout_base": 3.0},
     }
     for name, items in sections.items():
@@ -149,6 +151,7 @@ class BusWatcher:
         self._stop = threading.Event()
         self._ctx = zmq.Context.instance()
         self._addr = config_mod.endpoint(cfg, "events_out")
+        self._secure = curve.client_options(cfg)
         self._topic = topic
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -159,6 +162,7 @@ class BusWatcher:
         sub = self._ctx.socket(zmq.SUB)
         sub.linger = 0
         sub.setsockopt(zmq.SUBSCRIBE, self._topic)
+        self._secure(sub)
         sub.connect(self._addr)
         self._ready.set()
         try:

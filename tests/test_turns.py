@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
+from stages import config
 from stages.states import ConversationState as C
 from stages.turns import Publish, TurnController, Write
 
 
-def controller(policy: str = "interrupt") -> TurnController:
-    return TurnController(policy, echo_grace=1.0, listen_timeout=5.0, model="0")
+def controller(policy: str = "interrupt", up: bool = True) -> TurnController:
+    cfg = dict(config.load(Path(os.devnull))["turn"], barge_in=policy, echo_grace=1.0, listen_timeout=5.0)
+    tc = TurnController(cfg, model="0", voice="mei_voice_normal")
+    tc.on_pipeline(up)
+    return tc
 
 
 def kinds(actions) -> list[str]:
@@ -114,4 +121,61 @@ def test_other_models_and_empty_results_change_nothing():
 
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="barge_in"):
-        TurnController("shout", 1.0, 1.0, "0")
+        TurnController({"barge_in": "shout"}, "0", "v")
+
+
+NOTICE = config.load(Path(os.devnull))["turn"]["failure_notice"]
+
+
+def test_utterance_while_the_pipeline_is_down_waits_for_it():
+    tc = controller(up=False)
+    actions = say(tc, "聞こえる？", now=10.0)
+    assert kinds(actions) == ["NOTIFY_SHOW"] and tc.machine == C.HOLDING
+    held = tc.turn
+    actions = tc.on_pipeline(True, now=15.0)
+    assert kinds(actions) == ["turn_start"] and actions[0].turn == held and actions[0].body == {"text": "聞こえる？"}
+    assert tc.machine == C.ANSWERING
+
+
+def test_a_held_utterance_too_old_gets_the_notice():
+    tc = controller(up=False)
+    say(tc, "聞こえる？", now=0.0)
+    assert tc.next_deadline() == tc.cfg["max_age"]
+    actions = tc.on_tick(tc.cfg["max_age"] + 0.1)
+    assert actions == [Write("SYNTH_START", ["0", "mei_voice_normal", NOTICE])]
+    assert tc.machine == C.IDLE and not tc.accepts("SYNTH_START", tc.turn)
+
+
+def test_stage_lost_before_anything_was_said_asks_again_under_a_new_turn():
+    tc = controller()
+    say(tc, "質問")
+    old = tc.turn
+    actions = tc.on_stage_lost("llm", now=1.0)
+    assert kinds(actions) == ["cancel", "turn_start"]
+    assert actions[0].turn == old and actions[1].turn > old and actions[1].body == {"text": "質問"}
+    assert not tc.accepts("SYNTH_START", old) and tc.accepts("SYNTH_START", actions[1].turn)
+
+
+def test_stage_lost_after_speech_began_ends_with_the_notice_never_a_replay():
+    tc = controller()
+    say(tc, "質問")
+    tc.on_written("SYNTH_START", ["0", "mei_voice_normal", "一文目。"], tc.turn)
+    actions = tc.on_stage_lost("sequencer", now=1.0)
+    assert kinds(actions) == ["cancel", "SYNTH_START"] and actions[1].args[2] == NOTICE
+    assert actions[0].body["reason"] == "failed" and tc.machine == C.IDLE
+
+
+def test_a_stage_whose_part_is_done_may_restart_freely():
+    tc = controller()
+    say(tc, "質問")
+    tc.on_progress("turn_result", "llm", tc.turn)
+    assert tc.on_stage_lost("llm", now=1.0) == [] and tc.machine == C.ANSWERING
+
+
+def test_a_turn_without_progress_ends_with_the_notice():
+    tc = controller()
+    say(tc, "質問", now=0.0)
+    tc.on_progress("token", "llm", tc.turn, now=5.0)
+    assert tc.next_deadline() == 5.0 + tc.cfg["stall_timeout"]
+    assert kinds(tc.on_tick(6.0)) == []
+    assert kinds(tc.on_tick(5.0 + tc.cfg["stall_timeout"])) == ["cancel", "SYNTH_START"]

@@ -1,0 +1,259 @@
+"""Conversation history on disk: one JSON file per session, so a restarted llm stage goes on
+with the same conversation.
+
+The file holds a format version, the session name (for people reading it), the user/assistant
+pairs, and the SHA-256 of the canonical JSON of the pairs, so a truncated or altered file is
+noticed::
+
+    {"format": "mmdagent-llm-history", "version": 1, "session": "default",
+     "pairs": [[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]],
+     "sha256": "..."}
+
+Writing is crash-safe: the new content goes to a temporary file in the same folder, is flushed
+and fsynced, then atomically replaces the old file (``os.replace``), and the folder is fsynced
+(POSIX) so the rename itself survives a power loss. A crash at any point leaves either the old
+file or the new one, never a mix.
+
+Nothing here raises for bad content or a failing disk. A corrupt file is reported with one
+error line (the file and the reason), kept as ``<name>.corrupt-<timestamp>`` for the user, and
+the conversation starts fresh. A failing save is reported once per reason (again after a save
+has succeeded in between), and the conversation goes on in memory.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from collections.abc import Iterable
+from typing import Any
+
+log = logging.getLogger("mmdagent_llm")
+
+FORMAT = "mmdagent-llm-history"
+VERSION = 1
+APP_DIR = "mmdagent-llm"
+#: ``[llm] history_file`` value that keeps the history in memory only
+MEMORY_ONLY = "none"
+
+Pair = tuple[dict, dict]
+
+
+class CorruptHistory(ValueError):
+    """The file's content cannot be used; the message is the reason."""
+
+
+def canonical(pairs: Iterable[Pair]) -> bytes:
+    """The bytes the checksum covers: the pairs as compact, key-sorted UTF-8 JSON."""
+    data = [[user, assistant] for user, assistant in pairs]
+    return json.dumps(data, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def checksum(pairs: Iterable[Pair]) -> str:
+    return hashlib.sha256(canonical(pairs)).hexdigest()
+
+
+def state_dir() -> Path:
+    """The user's state folder for this application (not created here).
+
+    Windows: ``%LOCALAPPDATA%\\mmdagent-llm``; elsewhere ``$XDG_STATE_HOME/mmdagent-llm``
+    (an unset or relative ``XDG_STATE_HOME`` is ignored, as the XDG spec says) or
+    ``~/.local/state/mmdagent-llm``."""
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA")
+        return (Path(base) if base else Path.home() / "AppData" / "Local") / APP_DIR
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    base_path = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "state"
+    return base_path / APP_DIR
+
+
+def safe_name(session: str) -> str:
+    """``session`` as a portable file name part: ``[A-Za-z0-9._-]`` only, at most 64 characters.
+
+    A name that had to be changed gets a short hash of the original, so ``a/b`` and ``a_b``
+    do not share a file."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", session)[:64] or "_"
+    if cleaned == session:
+        return cleaned
+    return f"{cleaned}-{hashlib.sha256(session.encode('utf-8')).hexdigest()[:8]}"
+
+
+def default_path(session: str) -> Path:
+    """The per-session history file in the user's state folder."""
+    return state_dir() / f"history-{safe_name(session)}.json"
+
+
+def store_for(cfg: dict[str, dict[str, Any]]) -> HistoryStore | None:
+    """The store ``[llm] history_file`` asks for: ``"none"`` = memory only (None); ``""`` = the
+    default file of ``[bus] session`` (:func:`default_path`); anything else = that path."""
+    value = str(cfg["llm"].get("history_file", "")).strip()
+    session = cfg["bus"]["session"]
+    if value.lower() == MEMORY_ONLY:
+        return None
+    path = Path(value).expanduser() if value else default_path(session)
+    return HistoryStore(path, session=session)
+
+
+class HistoryStore:
+    """Load and save the user/assistant pairs of one session in ``path``."""
+
+    def __init__(self, path: Path | str, *, session: str | None = None) -> None:
+        self.path = Path(path)
+        self.session = session
+        self._reported: set[str] = set()  # save failures already logged (cleared by a success)
+
+    def __repr__(self) -> str:
+        return f"HistoryStore({str(self.path)!r})"
+
+    # -- loading -------------------------------------------------------------------------
+
+    def load(self) -> list[Pair] | None:
+        """The saved pairs; None if there is no file; ``[]`` (after one error line) if the file
+        is corrupt, which is then kept renamed to ``<name>.corrupt-<timestamp>``, or cannot be
+        read."""
+        self._remove_stale_temps()
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.error("history file %s cannot be read (%s): starting a fresh conversation",
+                      self.path, exc.strerror or exc)
+            return []
+        try:
+            return decode(raw)
+        except CorruptHistory as exc:
+            kept = self._keep_corrupt()
+            where = f"kept as {kept.name}" if kept else "could not be renamed"
+            log.error("history file %s is corrupt (%s); %s; starting a fresh conversation",
+                      self.path, exc, where)
+            return []
+
+    def _keep_corrupt(self) -> Path | None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for n in range(100):
+            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}" + (f"-{n}" if n else ""))
+            if target.exists():
+                continue
+            try:
+                os.rename(self.path, target)  # not replace: never overwrite an older corrupt copy
+                return target
+            except FileExistsError:
+                continue
+            except OSError:
+                return None
+        return None
+
+    def _remove_stale_temps(self) -> None:
+        """Temporary files a crash in the middle of :meth:`save` left behind."""
+        try:
+            for stale in self.path.parent.glob(f".{glob.escape(self.path.name)}.*.tmp"):
+                stale.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    # -- saving --------------------------------------------------------------------------
+
+    def save(self, pairs: Iterable[Pair]) -> None:
+        """Replace the file's content with ``pairs``, atomically. Never raises."""
+        tmp: str | None = None
+        try:
+            data = encode(pairs, self.session)
+            folder = self.path.parent
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{self.path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            tmp = None
+            _fsync_dir(folder)
+        except (OSError, TypeError, ValueError) as exc:
+            reason = (f"{type(exc).__name__} errno {exc.errno}" if isinstance(exc, OSError) and exc.errno
+                      else type(exc).__name__)
+            if reason not in self._reported:
+                self._reported.add(reason)
+                detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                log.error("history file %s cannot be saved (%s): the conversation goes on in "
+                          "memory only until a save succeeds", self.path, detail)
+            return
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+        if self._reported:
+            log.info("history file %s saved again", self.path)
+            self._reported.clear()
+
+
+def encode(pairs: Iterable[Pair], session: str | None = None) -> bytes:
+    """The file's bytes for ``pairs``."""
+    pairs = [(user, assistant) for user, assistant in pairs]
+    doc: dict[str, Any] = {"format": FORMAT, "version": VERSION}
+    if session is not None:
+        doc["session"] = session
+    doc["pairs"] = [[user, assistant] for user, assistant in pairs]
+    doc["sha256"] = checksum(pairs)
+    return (json.dumps(doc, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+
+
+def decode(raw: bytes) -> list[Pair]:
+    """The pairs in the file's bytes; :class:`CorruptHistory` says why they cannot be used."""
+    if not raw.strip():
+        raise CorruptHistory("empty file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptHistory(f"not valid UTF-8 at byte {exc.start}") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.pos >= len(text.rstrip()):
+            raise CorruptHistory("truncated JSON (the file ends too early)") from None
+        raise CorruptHistory(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise CorruptHistory("not an mmdagent-llm history file")
+    if doc.get("version") != VERSION:
+        raise CorruptHistory(f"format version {doc.get('version')!r}, this program reads version {VERSION}")
+    items = doc.get("pairs")
+    if not isinstance(items, list):
+        raise CorruptHistory("wrong structure: 'pairs' is not a list")
+    pairs: list[Pair] = []
+    for i, item in enumerate(items):
+        if not (isinstance(item, list) and len(item) == 2
+                and _is_message(item[0], "user") and _is_message(item[1], "assistant")):
+            raise CorruptHistory(f"wrong structure: pair {i} is not a user and an assistant message")
+        pairs.append((item[0], item[1]))
+    if doc.get("sha256") != checksum(pairs):
+        raise CorruptHistory("checksum mismatch: the content was changed or damaged")
+    return pairs
+
+
+def _is_message(m: Any, role: str) -> bool:
+    return isinstance(m, dict) and m.get("role") == role and isinstance(m.get("content"), str)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
