@@ -29,7 +29,7 @@ import zmq
 from broker import wire
 from stages import config as config_mod
 from stages import curve
-from stages.runtime import install_signal_handlers, setup_logging, stop_requested
+from stages.runtime import install_signal_handlers, setup_logging, stop_requested, watch_owner
 
 QUEUES = ("tokens", "segments", "commands")
 log = logging.getLogger("mmdagent_llm")
@@ -67,6 +67,7 @@ def run(cfg: config_mod.Config) -> int:
     pending: dict[str, list[bytes] | None] = {q: None for q in QUEUES}
     sender = wire.Sender("broker", cfg["bus"]["session"])
     install_signal_handlers()
+    watch_owner()
     log.info("listening: %s", ", ".join(config_mod.endpoint(cfg, n) for n in config_mod.ENDPOINTS))
 
     next_beat = 0.0

@@ -93,7 +93,8 @@ KINDS: dict[str, str] = {
     the turn as over.""",
     "token": """A piece of the answer as the LLM streamed it (work queue ``tokens``: llm -> segmenter).
 
-    body: ``text`` (str). ``origin`` is when the llm process received it.""",
+    body: ``text`` (str), ``index`` (int, 0-based within the turn: a gap means tokens were
+    lost). ``origin`` is when the llm process received it.""",
     "segment": """A speakable piece of the answer (work queue ``segments``: segmenter -> sequencer).
 
     body: ``text`` (str, clean speech), ``index`` (int, 0-based within the turn).
@@ -101,7 +102,8 @@ KINDS: dict[str, str] = {
     "turn_end": """No more work items of this turn will follow (work queues ``tokens`` then ``segments``).
 
     body: ``reason`` (``done``, ``error``, or a cancel reason), ``segments`` (int, how many segments
-    the turn had; 0 on the ``tokens`` queue, filled in by the segmenter).""",
+    the turn had; 0 on the ``tokens`` queue, filled in by the segmenter), ``tokens`` (int, how
+    many tokens the llm sent for the turn).""",
     "turn_result": """The llm stage closed a turn (bus, llm).
 
     body: ``reason`` (as turn_end), ``answer`` (str, the text the LLM produced), ``error``
@@ -120,6 +122,11 @@ KINDS: dict[str, str] = {
     e.g. llm's ``backend``; the bridge's ``bad_input``: stdin problems by reason),
     ``bad_frames`` (map: :attr:`WireError.reason` -> count of refused messages received since
     start; empty when none; not in the broker's, which decodes nothing). topic: ``heartbeat.<stage>``.""",
+    "broken": """A stage could not do its whole part of a turn (bus, any stage).
+
+    body: ``stage`` (str), ``reason`` (str). E.g. a segmenter restarted in the middle of a turn
+    sees its tokens from the middle on. The bridge then ends or asks again the turn (see
+    :mod:`stages.turns`); the stage drops the rest of that turn.""",
     "notice": """Something a person should read (bus, any stage).
 
     body: ``level`` (``info``, ``warning``, ``error``), ``text`` (str).""",
@@ -238,7 +245,8 @@ def decode(frames: list[bytes]) -> Envelope:
         raise WireError("wrong version", f"envelope version {_short(version)}, expected {VERSION}")
     for key, typ in _FIELD_TYPES.items():
         if not isinstance(raw.get(key), typ) or isinstance(raw.get(key), bool):
-            raise WireError(f"bad field {key}", f"field {key!r} missing or not {typ}")
+            names = " or ".join(t.__name__ for t in (typ if isinstance(typ, tuple) else (typ,)))
+            raise WireError(f"bad field {key}", f"field {key!r} missing or not {names}")
     if raw["kind"] not in KINDS:
         raise WireError("unknown kind", f"unknown kind {_short(raw['kind'])}")
     if frames[0] != topic_of(raw["kind"], raw["body"]).encode("utf-8", errors="replace"):

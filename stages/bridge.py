@@ -48,7 +48,7 @@ BAD_INPUT = ("invalid UTF-8", "NUL bytes", "line too long", "empty line", "empty
 
 class Bridge(Stage):
     name = "bridge"
-    topics = ("spoken", "turn_result", "turn_end", "token", "segment", "speech")  # turn progress
+    topics = ("spoken", "broken", "turn_result", "turn_end", "token", "segment", "speech")  # turn progress
     input_queue = "commands"
 
     def __init__(self, cfg, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> None:
@@ -165,8 +165,17 @@ class Bridge(Stage):
     def on_event(self, env: wire.Envelope) -> None:
         if env.kind == "spoken":
             self.turns.on_spoken(env.turn)
+        elif env.kind == "broken":
+            if env.turn == self.turns.turn:
+                self._carry_out(self.turns.on_stage_lost(str(env.body.get("stage")), force=True), time.time())
         else:
             self.turns.on_progress(env.kind, env.sender, env.turn)
+
+    def on_heartbeat(self, env: wire.Envelope) -> None:
+        if env.body.get("stage") == "llm":
+            info = env.body.get("info") or {}
+            if isinstance(info.get("turn"), int):
+                self._carry_out(self.turns.on_llm_turn(info["turn"]), time.time())
 
     def on_peer(self, name: str, change: str) -> None:
         if name not in PIPELINE:

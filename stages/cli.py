@@ -1,7 +1,7 @@
 """``mmdagent-llm``: one subcommand per process, plus the console and the configuration reference.
 
-MMDAgent-EX starts ``mmdagent-llm bridge`` (no shell, the .mdf folder as working directory);
-supervisord (``deploy/``) and honcho (``Procfile``) start the others.
+MMDAgent-EX starts ``mmdagent-llm plugin`` or ``mmdagent-llm bridge`` (no shell, the .mdf folder
+as working directory); supervisord (``deploy/``) and honcho (``Procfile``) start the others.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ PROCESSES = {
     "segmenter": "stages.segmenter:main",
     "sequencer": "stages.sequencer:main",
     "console": "stages.console:main",
+    "plugin": "stages.plugin:main",
 }
 
 
@@ -28,9 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="configuration file (default: see `mmdagent-llm config`)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in PROCESSES:
-        sub.add_parser(name, help=f"run the {name}" if name != "console" else
-                       "talk to the pipeline in this terminal, without MMDAgent-EX")
+        sub.add_parser(name, help={"console": "talk to the pipeline in this terminal, without MMDAgent-EX",
+                                   "plugin": "the bridge, plus the pipeline under supervisord if none is running"
+                                   }.get(name, f"run the {name}"))
     sub.add_parser("config", help="print every configuration key with its default and meaning")
+    watchdog = sub.add_parser("watchdog", help="(inside the plugin's supervisord) stop it when a pid is gone")
+    watchdog.add_argument("pid", type=int)
     keys = sub.add_parser("keys", help="write new CURVE keys into a folder, for a bus that spans machines")
     keys.add_argument("folder", type=Path, help="where to write them (created; existing keys are never overwritten)")
     args = parser.parse_args(argv)
@@ -39,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "keys":  # needs no configuration: it is what makes a non-loopback one valid
         return _keys(args.folder)
+    if args.command == "watchdog":
+        from stages.plugin import watchdog as watch
+        return watch(args.pid)
     try:
         cfg = config_mod.load(args.config)
     except config_mod.ConfigError as exc:

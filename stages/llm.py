@@ -181,6 +181,7 @@ class LlmStage(Stage):
         self.turn = env.turn
         self.user_text = text
         self.answer = []
+        self.tokens_sent = 0
         self.recorded = False
         self.turn_started = time.monotonic()
         self.machine.move(TurnState.REQUESTING, f"turn {self.turn}")
@@ -210,11 +211,15 @@ class LlmStage(Stage):
                 if self.machine == TurnState.REQUESTING:
                     self.machine.move(TurnState.STREAMING, "first token")
                 self.answer.append(text)
-                self.push("token", {"text": text}, turn=turn, origin=arrived)
+                self._push_token(text, arrived)
             elif what == "done":
                 self._end_turn("done", "", used_tokens=data)
             else:
                 self._end_turn("error", data)
+
+    def _push_token(self, text: str, arrived: float) -> None:
+        self.push("token", {"text": text, "index": self.tokens_sent}, turn=self.turn, origin=arrived)
+        self.tokens_sent += 1
 
     def next_deadline(self) -> float | None:
         if self.machine == TurnState.IDLE:
@@ -241,14 +246,14 @@ class LlmStage(Stage):
         if reason == "error":
             log.error("turn %d failed: %s", self.turn, error)
             if not answer and self.cfg["llm"]["apology"]:
-                self.push("token", {"text": self.cfg["llm"]["apology"]}, turn=self.turn)
+                self._push_token(self.cfg["llm"]["apology"], time.time())
         if spoken is not None:
             self.history.add(self.user_text, spoken, interrupted=True)
         elif answer:
             self.history.add(self.user_text, answer, interrupted=reason != "done", used_tokens=used_tokens)
             self.recorded = True
         if spoken is None:  # a cancelled turn's items are dropped downstream anyway
-            self.push("turn_end", {"reason": reason, "segments": 0}, turn=self.turn)
+            self.push("turn_end", {"reason": reason, "segments": 0, "tokens": self.tokens_sent}, turn=self.turn)
         self.publish("turn_result", {"reason": reason, "answer": answer, "error": error}, turn=self.turn)
         log.info("turn %d %s after %.2f s, %d characters", self.turn, reason,
                  time.monotonic() - self.turn_started, len(answer))

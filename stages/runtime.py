@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -59,6 +60,28 @@ def install_signal_handlers() -> None:
         _stop = True
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def watch_owner() -> None:
+    """If started for a plugin (``MMDAGENT_LLM_OWNER_PID``), stop when that process is gone:
+    nothing we start may outlive the MMDAgent-EX session that started it."""
+    owner = int(os.environ.get("MMDAGENT_LLM_OWNER_PID", "0") or 0)
+    if owner <= 0:
+        return
+
+    def watch() -> None:
+        while not _stop:
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                logging.getLogger("mmdagent_llm").info("pid %d that started us is gone: stopping", owner)
+                request_stop()
+                return
+            except PermissionError:
+                pass
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="owner", daemon=True).start()
 
 
 def request_stop() -> None:
@@ -120,6 +143,9 @@ class Stage:
         """Monotonic time by which on_tick must run, or None."""
         return None
 
+    def on_heartbeat(self, env: wire.Envelope) -> None:
+        """Another process's heartbeat (after :meth:`on_peer`, if it changed something)."""
+
     def on_peer(self, name: str, change: str) -> None:
         """Another process is ``up``, ``back``, ``restarted`` or ``gone`` (already logged)."""
 
@@ -160,6 +186,7 @@ class Stage:
 
     def run(self) -> int:
         install_signal_handlers()
+        watch_owner()
         log.info("started, pid %d, broker at %s", os.getpid(), config_mod.endpoint(self.cfg, "events_in"))
         next_beat = time.monotonic()
         try:
@@ -213,10 +240,12 @@ class Stage:
 
     def _dispatch_event(self, env: wire.Envelope) -> None:
         if env.kind == "heartbeat" and env.body.get("stage") != self.name:
-            change = self.liveness.beat(str(env.body.get("stage")), int(env.body.get("pid") or 0),
+            pid = env.body.get("pid")  # a rogue's heartbeat may carry anything: never raise on it
+            change = self.liveness.beat(str(env.body.get("stage")), pid if type(pid) is int else 0,
                                         bool(env.body.get("ready")), time.monotonic())
             if change:
                 self.on_peer(str(env.body.get("stage")), change)
+            self.on_heartbeat(env)
             return
         if env.kind == "heartbeat" and env.body.get("stage") == self.name:
             if env.body.get("pid") == os.getpid() and not self.ready:

@@ -6,6 +6,8 @@ pauses for ``pause_release`` seconds, a finished sentence that only waits for th
 after its end mark is released (see :meth:`stages.sentences.SentenceCutter.ripe`). Items of a turn
 older than the newest one seen, or of a cancelled turn (``cancel`` on the bus, read before
 the queue), are dropped: a late token of a superseded answer must never become speech.
+Tokens are numbered per turn; a gap (we or the broker restarted in the middle of a turn) makes
+the turn *broken*: nothing more of it is cut, and ``broken`` on the bus tells the bridge.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class SegmenterStage(Stage):
         self.turn = 0
         self.cutter = self._new_cutter()
         self.count = 0
+        self.tokens = 0       # tokens of the current turn received, in order
+        self.broken = False   # the current turn lost tokens before they reached us
         self.cancelled = 0
         self.last_token: wire.Envelope | None = None  # of the current turn, while text is held
         self.last_token_at = 0.0
@@ -52,17 +56,31 @@ class SegmenterStage(Stage):
             log.debug("dropped a %s of old or cancelled turn %d", env.kind, env.turn)
             return
         if env.turn > self.turn:
-            self.turn, self.cutter, self.count = env.turn, self._new_cutter(), 0
+            self.turn, self.cutter, self.count, self.tokens, self.broken = env.turn, self._new_cutter(), 0, 0, False
+        if self.broken:
+            return
         if env.kind == "token":
+            if env.body.get("index", self.tokens) != self.tokens:
+                return self._break(f"token {env.body.get('index')} came where {self.tokens} was due")
+            self.tokens += 1
             self._emit(self.cutter.feed(str(env.body.get("text", ""))), env)
             self.last_token = env if self.cutter.has_pending() else None
             self.last_token_at = time.monotonic()
         elif env.kind == "turn_end":
             self.last_token = None
+            if env.body.get("tokens", self.tokens) != self.tokens:
+                return self._break(f"the turn had {env.body.get('tokens')} tokens, {self.tokens} came")
             self._emit(self.cutter.flush(), env)
             self.push("turn_end", {**env.body, "segments": self.count}, turn=env.turn, origin=env.origin)
         else:
             log.warning("ignored a %s on the tokens queue", env.kind)
+
+    def _break(self, reason: str) -> None:
+        """Part of this turn's text never reached us (we were restarted, or the broker was): what
+        we would say would be garbled. Say nothing more of it; the bridge decides what to do."""
+        self.broken, self.last_token = True, None
+        log.warning("turn %d is broken: %s", self.turn, reason)
+        self.publish("broken", {"stage": self.name, "reason": reason}, turn=self.turn)
 
     def next_deadline(self) -> float | None:
         if self.last_token is None:

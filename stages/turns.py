@@ -50,6 +50,7 @@ from stages.states import CONVERSATION_TRANSITIONS, ConversationState as C, Mach
 log = logging.getLogger("mmdagent_llm")
 
 POLICIES = ("interrupt", "ignore")
+RESEND_AFTER = 1.5  # seconds; a heartbeat may be older than the turn_start it crossed
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class TurnController:
         self.asked_at = 0.0           # monotonic time it was said: its age decides replay or notice
         self.asked_origin = 0.0
         self.progress_at = 0.0        # last sign of life of the current turn in the pipeline
+        self.sent_at = 0.0            # when its turn_start was (last) published
         self.written = False          # a SYNTH_START of the current turn was written
         self.done_by: set[str] = set()  # stages whose part of the current turn is complete
 
@@ -195,14 +197,26 @@ class TurnController:
             actions += self._release_held(now)
         return actions
 
-    def on_stage_lost(self, name: str, now: float | None = None) -> list[Action]:
+    def on_llm_turn(self, llm_turn: int, now: float | None = None) -> list[Action]:
+        """The llm's heartbeat names the turn it is on. Still behind ours a while after we sent
+        it: our ``turn_start`` was lost (the broker or the llm restarted in between); send it again."""
+        now = time.monotonic() if now is None else now
+        if (self.machine != C.ANSWERING or llm_turn >= self.turn or "llm" in self.done_by or self.written
+                or now - self.sent_at < RESEND_AFTER):
+            return []
+        self.sent_at = now
+        log.info("turn %d: the llm has not received it (it is on turn %d): sending it again", self.turn, llm_turn)
+        return [Publish("turn_start", {"text": self.user_text}, self.turn, self.asked_origin)]
+
+    def on_stage_lost(self, name: str, now: float | None = None, force: bool = False) -> list[Action]:
         """Stage ``name`` died (gone, or restarted): what it held of the current turn is lost.
 
         Nothing of the turn said yet: it is asked again as a new turn (so no stale piece of it
         can be spoken). Something said: it ends with the failure notice, never half-spoken twice.
+        ``force``: the stage itself reported the turn broken, even if its part looked done.
         """
         now = time.monotonic() if now is None else now
-        if self.machine != C.ANSWERING or name in self.done_by:
+        if self.machine != C.ANSWERING or (name in self.done_by and not force):
             return []
         if self.written or self.voice.spoken:
             return self._fail(f"{name} was lost in the middle of the answer", time.time())
@@ -268,7 +282,7 @@ class TurnController:
         if now - self.asked_at > self.cfg["max_age"]:
             return self._fail(f"the utterance is older than [turn] max_age = {self.cfg['max_age']} s",
                               self.asked_origin)
-        self.progress_at = now
+        self.progress_at = self.sent_at = now
         self.machine.move(C.ANSWERING, f"turn {self.turn} sent")
         return [Publish("turn_start", {"text": self.user_text}, self.turn, self.asked_origin)]
 

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import msgpack
-import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -308,16 +307,17 @@ def test_stage_survives_a_rogue_process_on_the_bus(tmp_path: Path):
 
         rng = random.Random(SEED)
         sent: collections.Counter[str] = collections.Counter()
+        stuck = [False]  # a blocking send timed out once: the stage is not reading, fail fast
 
         def send(sock: zmq.Socket, frames: list[bytes], block: bool) -> None:
             reason = _refused(frames)
             if reason is None:
                 return  # a mutation that happens to be valid: not a rogue frame, never sent
             try:
-                sock.send_multipart(frames, 0 if block else zmq.NOBLOCK)
+                sock.send_multipart(frames, 0 if block and not stuck[0] else zmq.NOBLOCK)
                 sent[reason] += 1
-            except zmq.Again:
-                pass  # the broker is backed up or has just dropped us: a rogue's problem
+            except zmq.Again:  # the broker is backed up or has just dropped us
+                stuck[0] = stuck[0] or block
 
         def craft(block: bool) -> None:
             for frames in _crafted_frames(b"cancel"):
@@ -328,6 +328,10 @@ def test_stage_survives_a_rogue_process_on_the_bus(tmp_path: Path):
                 send(rogue_push, frames, block)
 
         craft(block=True)
+        # valid envelopes, but heartbeats no stage makes: every stage reads every heartbeat
+        for body in ({"stage": "rogue", "pid": "abc", "ready": True}, {"stage": "rogue", "pid": [1], "ready": "yes",
+                     "info": 5}, {"stage": ["x"], "pid": None}, {"stage": "rogue", "pid": 2**64 - 1}, {}):
+            rogue_pub.send_multipart(_good("heartbeat", body))
         huge = [b"token", b"\x00" * (5 * MiB)]  # over MAXMSGSIZE: the broker drops the connection
         send(rogue_push, huge, block=True)
         send(rogue_pub, [b"cancel", b"\x00" * (5 * MiB)], block=True)
@@ -338,18 +342,21 @@ def test_stage_survives_a_rogue_process_on_the_bus(tmp_path: Path):
         assert monitor.poll(10_000), "the broker did not disconnect the peer that sent 5 MiB"
         assert recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
         craft(block=True)  # once more, after the reconnection: every reason reaches the stage
+        assert segmenter.procs["segmenter"].poll() is None, "the segmenter died"
 
         # a valid work item still goes through, behind the backlog of garbage
         producer = socket(zmq.PUSH, "tokens_in")
         producer.sndtimeo = 10_000
         llm = wire.Sender("llm")
         turn = int(time.time() * 1000)
-        producer.send_multipart(wire.encode(llm.make("token", {"text": "テストです。"}, turn=turn)))
-        producer.send_multipart(wire.encode(llm.make("turn_end", {"reason": "done", "segments": 0}, turn=turn)))
+        producer.send_multipart(wire.encode(llm.make("token", {"text": "テストです。", "index": 0}, turn=turn)))
+        producer.send_multipart(wire.encode(llm.make("turn_end", {"reason": "done", "segments": 0, "tokens": 1},
+                                                     turn=turn)))
         items = []
         deadline = time.monotonic() + 60
         while len(items) < 2:
             assert time.monotonic() < deadline, f"the segmenter did not answer; got {items}"
+            assert segmenter.procs["segmenter"].poll() is None, "the segmenter died"
             if consumer.poll(500):
                 items.append(wire.decode(consumer.recv_multipart()))
         assert [(e.kind, e.turn) for e in items] == [("segment", turn), ("turn_end", turn)]

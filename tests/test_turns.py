@@ -179,3 +179,13 @@ def test_a_turn_without_progress_ends_with_the_notice():
     assert tc.next_deadline() == 5.0 + tc.cfg["stall_timeout"]
     assert kinds(tc.on_tick(6.0)) == []
     assert kinds(tc.on_tick(5.0 + tc.cfg["stall_timeout"])) == ["cancel", "SYNTH_START"]
+
+
+def test_a_lost_turn_start_is_sent_again_when_the_llm_shows_it_missed_it():
+    tc = controller()
+    say(tc, "質問", now=0.0)
+    tc.sent_at = 0.0
+    assert tc.on_llm_turn(0, now=0.5) == []                 # a heartbeat that crossed it
+    again = tc.on_llm_turn(0, now=2.0)
+    assert kinds(again) == ["turn_start"] and again[0].turn == tc.turn
+    assert tc.on_llm_turn(tc.turn, now=5.0) == []

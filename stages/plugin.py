@@ -1,0 +1,127 @@
+"""``mmdagent-llm plugin``: the one-line MMDAgent-EX plugin (bridge + the pipeline, if needed).
+
+``Plugin_AnyScript_Command=mmdagent-llm plugin`` in the ``.mdf``:
+
+- If a pipeline already answers on the configured endpoints (a broker heartbeat within
+  ``JOIN_WAIT`` seconds), the plugin joins it: it is just the bridge.
+- Otherwise it starts the pipeline under supervisord, with a configuration generated in
+  ``<state folder>/run-<session>/`` (logs there too), then runs the bridge. Utterances that
+  come before the stages are up wait for them (see :mod:`stages.turns`).
+- Everything it started ends with it, within a few seconds, however it ends. MMDAgent-EX kills
+  its plugin with SIGKILL, which no cleanup code survives, so: on Linux supervisord gets
+  SIGTERM from the kernel when the bridge dies (parent death signal); everywhere, a
+  ``watchdog`` program inside supervisord sends supervisord SIGTERM once the bridge's pid is
+  gone, and every stage started this way exits by itself when the bridge is gone
+  (``MMDAGENT_LLM_OWNER_PID``, see :func:`stages.runtime.watch_owner`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from stages import config as config_mod
+from stages.history_store import safe_name, state_dir
+from stages.launcher import wait_ready
+from stages.liveness import PIPELINE
+from stages.runtime import setup_logging
+
+log = logging.getLogger("mmdagent_llm")
+
+JOIN_WAIT = 1.5  # seconds: the broker publishes a heartbeat every second
+OWNER_ENV = "MMDAGENT_LLM_OWNER_PID"
+
+_PROGRAM = """
+[program:{name}]
+command={python} -m stages.cli {args}
+priority={priority}
+autorestart=true
+startsecs=1
+startretries=1000
+stopwaitsecs=3
+stopasgroup=true
+killasgroup=true
+redirect_stderr=true
+stdout_logfile={run}/{name}.log
+stdout_logfile_maxbytes=10MB
+"""
+
+
+def supervisord_conf(run: Path, owner: int) -> str:
+    """The supervisord configuration of a plugin-started pipeline, watched by ``watchdog``."""
+    text = (f"[supervisord]\nnodaemon=true\nlogfile={run}/supervisord.log\nlogfile_maxbytes=10MB\n"
+            f"pidfile={run}/supervisord.pid\nchildlogdir={run}\n")
+    for name in (*PIPELINE, "watchdog"):
+        args = f"watchdog {owner}" if name == "watchdog" else name
+        text += _PROGRAM.format(name=name, python=sys.executable, args=args, run=run,
+                                priority=10 if name == "broker" else 20)
+    return text
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)
+
+
+def start_pipeline(cfg: config_mod.Config) -> subprocess.Popen:
+    run = state_dir() / f"run-{safe_name(cfg['bus']['session'])}"
+    run.mkdir(parents=True, exist_ok=True)
+    conf = run / "supervisord.conf"
+    conf.write_text(supervisord_conf(run, os.getpid()), encoding="utf-8")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env[OWNER_ENV] = str(os.getpid())
+    found = config_mod.user_config_path()
+    if found is not None:  # the stages run elsewhere: they must not lose the .mdf folder's file
+        env[config_mod.ENV_CONFIG] = str(Path(found).resolve())
+    log.info("no pipeline running: starting one under supervisord (logs in %s)", run)
+    return subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-c", str(conf)], cwd=run, env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+
+
+def main(cfg: config_mod.Config) -> int:
+    setup_logging("bridge")
+    try:
+        wait_ready(cfg, ["broker"], JOIN_WAIT)
+        supervisor = None
+        log.info("a pipeline is running: joining it")
+    except TimeoutError:
+        supervisor = start_pipeline(cfg)
+    from stages.bridge import Bridge
+    try:
+        return Bridge(cfg).run()
+    finally:
+        if supervisor is not None:
+            supervisor.terminate()
+            try:
+                supervisor.wait(8)
+            except subprocess.TimeoutExpired:
+                supervisor.kill()
+
+
+def watchdog(owner: int) -> int:
+    """Inside the plugin's supervisord: when ``owner`` (the bridge) is gone, stop supervisord."""
+    setup_logging("watchdog")
+    log.info("watching pid %d", owner)
+    while _alive(owner):
+        time.sleep(0.5)
+    log.info("pid %d is gone: stopping the pipeline", owner)
+    os.kill(os.getppid(), signal.SIGTERM)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
