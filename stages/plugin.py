@@ -12,7 +12,7 @@
   SIGTERM from the kernel when the bridge dies (parent death signal); everywhere, a
   ``watchdog`` program inside supervisord sends supervisord SIGTERM once the bridge's pid is
   gone, and every stage started this way exits by itself when the bridge is gone
-  (``MMDAGENT_LLM_OWNER_PID``, see :func:`stages.runtime.watch_owner`).
+  (``MMDAGENTLLM_OWNER_PID``, see :func:`stages.runtime.watch_owner`).
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ from stages import config as config_mod
 from stages.history_store import safe_name, state_dir
 from stages.launcher import wait_ready
 from stages.liveness import PIPELINE
-from stages.runtime import setup_logging
+from stages.runtime import OWNER_ENV, setup_logging
 
 log = logging.getLogger("mmdagent_llm")
 
 JOIN_WAIT = 1.5  # seconds: the broker publishes a heartbeat every second
-OWNER_ENV = "MMDAGENT_LLM_OWNER_PID"
 
 _PROGRAM = """
 [program:{name}]

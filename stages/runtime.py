@@ -62,10 +62,14 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+# not MMDAGENT_LLM_*: that prefix is for configuration overrides
+OWNER_ENV = "MMDAGENTLLM_OWNER_PID"
+
+
 def watch_owner() -> None:
-    """If started for a plugin (``MMDAGENT_LLM_OWNER_PID``), stop when that process is gone:
+    """If started for a plugin (``MMDAGENTLLM_OWNER_PID``), stop when that process is gone:
     nothing we start may outlive the MMDAgent-EX session that started it."""
-    owner = int(os.environ.get("MMDAGENT_LLM_OWNER_PID", "0") or 0)
+    owner = int(os.environ.get(OWNER_ENV, "0") or 0)
     if owner <= 0:
         return
 

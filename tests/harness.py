@@ -201,3 +201,16 @@ class BusWatcher:
 
 def wait_pipeline(cfg: config_mod.Config, timeout: float = 30.0) -> dict[str, dict]:
     return wait_ready(cfg, PIPELINE, timeout)
+
+
+def processes_with(marker: str) -> list[int]:
+    """Pids whose environment holds ``marker`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from stages.offline_responder import OFFLINE_NOTICE, offline_text
 from stages.sentences import SentenceCutter
-from tests.harness import BIN, pipeline_env, write_config
+from tests.harness import BIN, pipeline_env, processes_with, write_config
 
 
 class Output:
@@ -37,19 +37,6 @@ class Output:
                     return False
                 self._cond.wait(left)
             return True
-
-
-def processes_with(marker: str) -> list[int]:
-    """Pids whose environment holds ``marker`` (Linux /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker.encode() in (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 def test_console_conversation_on_the_offline_default(tmp_path: Path):
