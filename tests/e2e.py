@@ -86,13 +86,15 @@ class World:
         def started(envs: list[wire.Envelope]) -> int:
             return next((e.turn for e in envs[first_env:] if e.kind == "turn_start" and e.body["text"] == text), 0)
 
-        turn = self.bus.wait_for(started, timeout)
-        assert turn, f"no turn started for {text!r}"
+        assert self.bus.wait_for(started, timeout), f"no turn started for {text!r}"
 
-        def finished(envs: list[wire.Envelope]) -> bool:
-            return any(e.kind == "spoken" and e.turn == turn for e in envs)
+        def finished(envs: list[wire.Envelope]) -> int:
+            # the turn, or the one that asked the same again after a stage was lost (see stages.turns)
+            mine = {e.turn for e in envs[first_env:] if e.kind == "turn_start" and e.body["text"] == text}
+            return next((e.turn for e in envs[first_env:] if e.kind == "spoken" and e.turn in mine), 0)
 
-        assert self.bus.wait_for(finished, timeout), f"turn {turn} was not spoken within {timeout} s"
+        turn = self.bus.wait_for(finished, timeout)
+        assert turn, f"the turn for {text!r} was not spoken within {timeout} s"
         results = self.bus.of("turn_result", turn)
         assert results, f"turn {turn} has no turn_result"
         lines = [r.line for r in self.avatar.received[first_line:]]
