@@ -69,8 +69,10 @@ KINDS: dict[str, str] = {
     and types nobody here knows. Lines that were not valid UTF-8 arrive with U+FFFD.""",
     "command": """A message for MMDAgent-EX (work queue ``commands``: sequencer -> bridge).
 
-    body: ``type`` (str), ``args`` (list[str]). The bridge cleans every field (no ``|``, CR,
-    LF or control characters) and caps the line at 2000 bytes before writing it.""",
+    body: ``type`` (str), ``args`` (list[str]), for speech ``segment`` (int, the segment's index
+    in its turn: the bridge writes them only in order, a gap means one was lost). The bridge
+    cleans every field (no ``|``, CR, LF or control characters) and caps the line at 2000
+    bytes before writing it.""",
     "written": """The bridge wrote a line to MMDAgent-EX (bus, bridge).
 
     body: ``type``, ``args`` (as written, after cleaning), ``bytes`` (int, line length).

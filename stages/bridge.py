@@ -145,6 +145,12 @@ class Bridge(Stage):
         if not self.turns.accepts(msg_type, env.turn):
             log.info("dropped a %s of turn %d: not the current turn (%d)", msg_type, env.turn, self.turns.turn)
             return
+        segment = env.body.get("segment")
+        if type(segment) is int and self.turns.segment_gap(env.turn, segment):
+            log.warning("turn %d: segment %d came where %d was due: one was lost", env.turn, segment,
+                        self.turns.next_segment)
+            self._carry_out(self.turns.on_stage_lost("broker", force=True), time.time())
+            return
         self._write(msg_type, [str(a) for a in args], env.turn, env.origin)
 
     def _write(self, msg_type: str, args: list[str], turn: int, origin: float) -> None:

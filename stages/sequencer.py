@@ -92,7 +92,7 @@ class SequencerStage(Stage):
         seg = self.queue.popleft()
         self.current = seg
         origin = seg.origin if cause is None else max(seg.origin, cause)
-        self.push("command", {"type": "SYNTH_START", "args": [self.model, self.voice, seg.text]},
+        self.push("command", {"type": "SYNTH_START", "args": [self.model, self.voice, seg.text], "segment": seg.index},
                   turn=seg.turn, origin=origin)
         self.machine.move(SpeechState.SENT, f"segment {seg.index} of turn {seg.turn}")
         self._speech("sent", seg)

@@ -108,6 +108,7 @@ class TurnController:
         self.progress_at = 0.0        # last sign of life of the current turn in the pipeline
         self.sent_at = 0.0            # when its turn_start was (last) published
         self.written = False          # a SYNTH_START of the current turn was written
+        self.next_segment = 0         # index of the current turn's next segment to write
         self.done_by: set[str] = set()  # stages whose part of the current turn is complete
 
     # -- input ---------------------------------------------------------------------------
@@ -137,6 +138,7 @@ class TurnController:
             self.voice.outstanding = args[2]
             if turn == self.turn:
                 self.written = True
+                self.next_segment += 1
 
     def on_progress(self, kind: str, sender: str, turn: int, now: float | None = None) -> None:
         """A pipeline event of some turn: the current one shows it is moving."""
@@ -208,6 +210,11 @@ class TurnController:
         log.info("turn %d: the llm has not received it (it is on turn %d): sending it again", self.turn, llm_turn)
         return [Publish("turn_start", {"text": self.user_text}, self.turn, self.asked_origin)]
 
+    def segment_gap(self, turn: int, segment: int) -> bool:
+        """A speech command of the current turn whose segment index is not the next one due:
+        an earlier segment was lost on the way (the broker died holding it)."""
+        return turn == self.turn and segment != self.next_segment
+
     def on_stage_lost(self, name: str, now: float | None = None, force: bool = False) -> list[Action]:
         """Stage ``name`` died (gone, or restarted): what it held of the current turn is lost.
 
@@ -275,6 +282,7 @@ class TurnController:
         self.user_text, self.asked_at, self.asked_origin = text, asked_at, origin
         self.voice.spoken = []
         self.written = False
+        self.next_segment = 0
         self.done_by = set()
         self.machine.move(C.HOLDING, f"turn {self.turn}")
 

@@ -189,3 +189,12 @@ def test_a_lost_turn_start_is_sent_again_when_the_llm_shows_it_missed_it():
     again = tc.on_llm_turn(0, now=2.0)
     assert kinds(again) == ["turn_start"] and again[0].turn == tc.turn
     assert tc.on_llm_turn(tc.turn, now=5.0) == []
+
+
+def test_a_segment_that_skips_one_is_a_gap():
+    tc = controller()
+    say(tc, "質問")
+    assert not tc.segment_gap(tc.turn, 0)
+    tc.on_written("SYNTH_START", ["0", "mei_voice_normal", "一。"], tc.turn)
+    assert not tc.segment_gap(tc.turn, 1) and tc.segment_gap(tc.turn, 2)
+    assert not tc.segment_gap(tc.turn - 1, 5)  # not the current turn: accepts() decides
