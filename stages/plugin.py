@@ -92,7 +92,11 @@ def main(cfg: config_mod.Config) -> int:
         supervisor = None
         log.info("a pipeline is running: joining it")
     except TimeoutError:
-        supervisor = start_pipeline(cfg)
+        if sys.platform == "win32":  # supervisord does not run on Windows
+            log.error("no pipeline running: start it first (honcho start, in the repository folder)")
+            supervisor = None
+        else:
+            supervisor = start_pipeline(cfg)
     from stages.bridge import Bridge
     try:
         return Bridge(cfg).run()

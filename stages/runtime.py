@@ -70,7 +70,7 @@ def watch_owner() -> None:
     """If started for a plugin (``MMDAGENTLLM_OWNER_PID``), stop when that process is gone:
     nothing we start may outlive the MMDAgent-EX session that started it."""
     owner = int(os.environ.get(OWNER_ENV, "0") or 0)
-    if owner <= 0:
+    if owner <= 0 or sys.platform == "win32":  # Windows: os.kill(pid, 0) would terminate it
         return
 
     def watch() -> None:
