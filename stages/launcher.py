@@ -6,7 +6,6 @@ restarts a stage that dies; honcho (``Procfile``) stops everything when one proc
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time

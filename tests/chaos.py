@@ -33,15 +33,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages import config as config_mod
 from stages.liveness import PIPELINE
-from stages.offline_responder import ChatCompletionServer
-from tests.e2e import start_avatar, tokens_of
-from tests.harness import BusWatcher, pipeline_env, supervised, wait_pipeline, write_config
+from tests.e2e import managed, tokens_of
+from tests.harness import BusWatcher
 
 VOICE = "SYNTH_START|0|mei_voice_normal|"
 MOMENTS = ("before", "turn_start", "token", "segment", "speaking")
 TURN_DEADLINE = 60.0
+FAST_AVATAR = {"seconds_per_char": 0.01, "min_speech": 0.05, "stop_delay": 0.1, "cut_delay": 0.1}
 
 
 def answer_for(i: int) -> list[str]:
@@ -104,66 +103,49 @@ def _milestone(bus: BusWatcher, since: int, moment: str) -> bool:
 
 def run(folder: Path, turns: int, kill_every: int, seed: int) -> Report:
     rng = random.Random(seed)
-    server = ChatCompletionServer(reply).start()
-    mdf = folder / "content"
-    mdf.mkdir()
-    cfg_path = write_config(mdf, bus={"peer_timeout": 2.5},
-                            turn={"stall_timeout": 10.0, "max_age": 30.0, "notify_unreachable": False})
-    cfg = config_mod.load(cfg_path)
-    notice = cfg["turn"]["failure_notice"]
-    env = pipeline_env(cfg_path, server.base_url)
     report = Report(turns=turns)
-    bus = avatar = None
-    try:
-        with supervised(folder, env, "supervisord"):
-            wait_pipeline(cfg)
-            bus = BusWatcher(cfg)
-            avatar = start_avatar(cfg, mdf, {k: v for k, v in env.items() if k != "MMDAGENT_LLM_CONFIG"},
-                                  seconds_per_char=0.01, min_speech=0.05, stop_delay=0.1, cut_delay=0.1)
-            pending_kill: float | None = None
-            for i in range(turns):
-                start = len(avatar.received)
-                inbox_start = len(avatar.inbox)
-                since = len(bus.envelopes)
-                victim = moment = None
-                if kill_every and i % kill_every == kill_every - 1:
-                    victim, moment = rng.choice(PIPELINE), rng.choice(MOMENTS)
-                if moment == "before":
-                    pending_kill = _kill(bus, victim, report)
-                avatar.send("RECOG_EVENT_START")
-                avatar.send(f"RECOG_EVENT_STOP|質問{i}")
-                if victim and moment != "before":
-                    _milestone(bus, since, moment)
-                    pending_kill = _kill(bus, victim, report)
-                if victim:
-                    report.problems.append(f"kill {victim} at {moment} in turn {i}")
-                wanted = [VOICE + s for s in answer_for(i)]
+    with managed(folder, reply=reply, avatar_kwargs=FAST_AVATAR, bus={"peer_timeout": 2.5},
+                 turn={"stall_timeout": 10.0, "max_age": 30.0, "notify_unreachable": False}) as world:
+        avatar, bus = world.avatar, world.bus
+        notice = world.cfg["turn"]["failure_notice"]
+        pending_kill: float | None = None
+        for i in range(turns):
+            start = len(avatar.received)
+            inbox_start = len(avatar.inbox)
+            since = len(bus.envelopes)
+            victim = moment = None
+            if kill_every and i % kill_every == kill_every - 1:
+                victim, moment = rng.choice(PIPELINE), rng.choice(MOMENTS)
+            if moment == "before":
+                pending_kill = _kill(bus, victim, report)
+            avatar.send("RECOG_EVENT_START")
+            avatar.send(f"RECOG_EVENT_STOP|質問{i}")
+            if victim and moment != "before":
+                _milestone(bus, since, moment)
+                pending_kill = _kill(bus, victim, report)
+            if victim:
+                report.problems.append(f"kill {victim} at {moment} in turn {i}")
+            wanted = [VOICE + s for s in answer_for(i)]
 
-                def over(_lines) -> bool:
-                    got = [r.line for r in avatar.received[start:]]
-                    last = next((k for k in range(len(got) - 1, -1, -1)
-                                 if got[k] in (wanted[-1], VOICE + notice)), None)
-                    if last is None:
-                        return False
-                    # ...and the avatar has finished saying it
-                    stops = [r for r in avatar.inbox[inbox_start:] if r.line == "SYNTH_EVENT_STOP|0"]
-                    return bool(stops) and stops[-1].t >= avatar.received[start + last].t
+            def over(_lines) -> bool:
+                got = [r.line for r in avatar.received[start:]]
+                last = next((k for k in range(len(got) - 1, -1, -1)
+                             if got[k] in (wanted[-1], VOICE + notice)), None)
+                if last is None:
+                    return False
+                # ...and the avatar has finished saying it
+                stops = [r for r in avatar.inbox[inbox_start:] if r.line == "SYNTH_EVENT_STOP|0"]
+                return bool(stops) and stops[-1].t >= avatar.received[start + last].t
 
-                ended = avatar.wait_for(over, TURN_DEADLINE)
-                got = [r.line[len(VOICE):] for r in avatar.received[start:] if r.line.startswith(VOICE)]
-                if pending_kill is not None:
-                    first = next((r.t for r in avatar.received[start:] if r.line.startswith(VOICE)
-                                  and r.line[len(VOICE):] != notice), None)
-                    if first is not None:
-                        report.recoveries.append(max(0.0, first - pending_kill))
-                        pending_kill = None
-                _judge(report, i, got, notice, ended)
-    finally:
-        if avatar is not None:
-            avatar.kill()
-        if bus is not None:
-            bus.close()
-        server.stop()
+            ended = avatar.wait_for(over, TURN_DEADLINE)
+            got = [r.line[len(VOICE):] for r in avatar.received[start:] if r.line.startswith(VOICE)]
+            if pending_kill is not None:
+                first = next((r.t for r in avatar.received[start:] if r.line.startswith(VOICE)
+                              and r.line[len(VOICE):] != notice), None)
+                if first is not None:
+                    report.recoveries.append(max(0.0, first - pending_kill))
+                    pending_kill = None
+            _judge(report, i, got, notice, ended)
     return report
 
 

@@ -20,7 +20,7 @@ from stages.avatar_sim import SimulatedMMDAgent
 from stages import config as config_mod
 from stages.launcher import Pipeline, wait_ready
 from stages.offline_responder import ChatCompletionServer, Token
-from tests.harness import BusWatcher, pipeline_env, wait_pipeline, write_config
+from tests.harness import BusWatcher, pipeline_env, supervised, wait_pipeline, write_config
 
 PLUGIN_COMMAND = "mmdagent-llm bridge"
 
@@ -75,6 +75,7 @@ class World:
     server: ChatCompletionServer | None
     run_dir: Path
     pipeline: Pipeline | None = None
+    env: dict[str, str] = field(default_factory=dict)  # the pipeline's environment
 
     def talk(self, text: str, timeout: float = 30.0) -> Turn:
         """Say ``text`` as the recognizer would; wait until the turn is fully spoken (or ended)."""
@@ -160,3 +161,33 @@ def launched(tmp: Path, *, server: ChatCompletionServer | None = None, base_url:
                 avatar.kill()
             if bus is not None:
                 bus.close()
+
+
+@contextmanager
+def managed(tmp: Path, runner: str = "supervisord", *, reply=None, avatar_kwargs: dict | None = None,
+            **sections: dict) -> Iterator[World]:
+    """The real pipeline under ``runner`` (supervisord with deploy/supervisord.conf, or honcho with
+    the Procfile), a local streaming server answering with ``reply`` (default: a
+    :class:`ScriptedLLM`), the fake MMDAgent-EX and a bus watcher; everything ended on exit.
+    The configuration sits in the .mdf folder: the bridge (cwd = that folder) finds it by itself."""
+    llm = ScriptedLLM() if reply is None else None
+    server = ChatCompletionServer(reply or llm).start()
+    mdf = tmp / "content"
+    mdf.mkdir()
+    cfg_path = write_config(mdf, **sections)
+    cfg = config_mod.load(cfg_path)
+    env = pipeline_env(cfg_path, server.base_url)
+    bus = avatar = None
+    try:
+        with supervised(tmp, env, runner) as run_dir:
+            wait_pipeline(cfg)
+            bus = BusWatcher(cfg)
+            avatar = start_avatar(cfg, mdf, {k: v for k, v in env.items() if k != "MMDAGENT_LLM_CONFIG"},
+                                  **(avatar_kwargs or {}))
+            yield World(cfg, avatar, bus, llm, server, run_dir, env=env)
+    finally:
+        if avatar is not None:
+            avatar.kill()
+        if bus is not None:
+            bus.close()
+        server.stop()

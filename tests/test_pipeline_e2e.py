@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from stages import config as config_mod
-from stages.offline_responder import ChatCompletionServer, Cut, ErrorEvent, Stall, Status, Token
-from tests.e2e import ScriptedLLM, World, speech_pattern_ok, start_avatar, tokens_of
-from tests.harness import SECRET_KEY, BusWatcher, logs_text, pipeline_env, supervised, wait_pipeline, write_config
+from stages.offline_responder import Cut, ErrorEvent, Stall, Status
+from tests.e2e import World, managed, speech_pattern_ok, tokens_of
+from tests.harness import SECRET_KEY, logs_text
 
 APOLOGY = "ごめんなさい、今はうまく答えられません。"
 
@@ -18,29 +17,8 @@ EXPECTED = ["こんにちは！", "今日はいい天気ですね。", "Let's ta
 
 @pytest.fixture(scope="module", params=["supervisord", "honcho"])
 def world(request, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp(request.param)
-    llm = ScriptedLLM()
-    server = ChatCompletionServer(llm).start()
-    mdf = tmp / "content"
-    mdf.mkdir()
-    # The config sits in the .mdf folder: the bridge (cwd = that folder) finds it by itself.
-    cfg_path = write_config(mdf)
-    cfg = config_mod.load(cfg_path)
-    env = pipeline_env(cfg_path, server.base_url)
-    bridge_env = {k: v for k, v in env.items() if k != "MMDAGENT_LLM_CONFIG"}
-    bus = avatar = None
-    try:
-        with supervised(tmp, env, request.param) as run_dir:
-            wait_pipeline(cfg)
-            bus = BusWatcher(cfg)
-            avatar = start_avatar(cfg, mdf, bridge_env)
-            yield World(cfg, avatar, bus, llm, server, run_dir)
-    finally:
-        if avatar is not None:
-            avatar.kill()
-        if bus is not None:
-            bus.close()
-        server.stop()
+    with managed(tmp_path_factory.mktemp(request.param), request.param) as w:
+        yield w
 
 
 def test_answer_is_spoken_once_in_order_one_sentence_at_a_time(world: World):

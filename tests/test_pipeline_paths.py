@@ -11,7 +11,7 @@ import pytest
 
 from stages.offline_responder import OFFLINE_NOTICE, ChatCompletionServer, offline_text
 from stages.sentences import SentenceCutter
-from tests.e2e import ScriptedLLM, launched, speech_pattern_ok, tokens_of
+from tests.e2e import ScriptedLLM, launched, speech_pattern_ok
 
 ANSWER = "こんにちは！今日はいい天気ですね。Let's take a walk, shall we? 円周率は3.14です。"
 EXPECTED = ["こんにちは！", "今日はいい天気ですね。", "Let's take a walk, shall we?", "円周率は3.14です。"]

@@ -1,17 +1,18 @@
 """Restarts under real supervisord: history survives the llm, a corrupt history file is reported
 and does not stop the conversation, an utterance that comes while the llm is down is answered
-once it is back."""
+once it is back (or gets the notice when it is too old)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
-from stages import config as config_mod
-from stages.offline_responder import ChatCompletionServer
-from tests.e2e import ScriptedLLM, World, start_avatar, tokens_of
-from tests.harness import BusWatcher, logs_text, pipeline_env, supervised, wait_pipeline, write_config
+from tests.e2e import World, managed, tokens_of
+from tests.harness import BIN, logs_text
+
+CORRUPT = b'{"format": "mmdagent-llm-history", "pairs": ['
 
 
 def pid_of(world: World, stage: str) -> int:
@@ -24,74 +25,9 @@ def restarted(world: World, stage: str, old: int, timeout: float = 20.0) -> bool
                                                     for e in envs), timeout))
 
 
-def run_world(tmp: Path, history_text: bytes | None = None):
-    server = ChatCompletionServer(ScriptedLLM()).start()
-    mdf = tmp / "content"
-    mdf.mkdir()
-    cfg_path = write_config(mdf)
-    cfg = config_mod.load(cfg_path)
-    if history_text is not None:
-        Path(cfg["llm"]["history_file"]).write_bytes(history_text)
-    env = pipeline_env(cfg_path, server.base_url)
-    return server, mdf, cfg, env
-
-
-def test_history_survives_an_llm_restart_and_a_held_utterance_is_answered(tmp_path: Path):
-    server, mdf, cfg, env = run_world(tmp_path)
-    avatar = bus = None
-    try:
-        with supervised(tmp_path, env, "supervisord") as run_dir:
-            wait_pipeline(cfg)
-            bus = BusWatcher(cfg)
-            avatar = start_avatar(cfg, mdf, {k: v for k, v in env.items() if k != "MMDAGENT_LLM_CONFIG"})
-            world = World(cfg, avatar, bus, server.reply, server, run_dir)
-            world.llm.queue(tokens_of("覚えました。"))
-            world.talk("私の名前はハナです。")
-            old = pid_of(world, "llm")
-            os.kill(old, signal.SIGKILL)
-            # said while the llm is down (or just restarting): held by the bridge, answered after
-            world.llm.queue(tokens_of("ハナさんですね。"))
-            turn = world.talk("私の名前は？", timeout=40)
-            assert restarted(world, "llm", old)
-            assert turn.spoken == ["ハナさんですね。"]
-            messages = [(m["role"], m["content"]) for m in server.requests[-1]["messages"][1:]]
-            assert messages == [("user", "私の名前はハナです。"), ("assistant", "覚えました。"), ("user", "私の名前は？")]
-    finally:
-        if avatar is not None:
-            avatar.kill()
-        if bus is not None:
-            bus.close()
-        server.stop()
-
-
-def test_a_corrupt_history_file_is_reported_and_the_conversation_starts_fresh(tmp_path: Path):
-    server, mdf, cfg, env = run_world(tmp_path, history_text=b'{"format": "mmdagent-llm-history", "pairs": [')
-    avatar = bus = None
-    try:
-        with supervised(tmp_path, env, "supervisord") as run_dir:
-            wait_pipeline(cfg)
-            bus = BusWatcher(cfg)
-            avatar = start_avatar(cfg, mdf, {k: v for k, v in env.items() if k != "MMDAGENT_LLM_CONFIG"})
-            world = World(cfg, avatar, bus, server.reply, server, run_dir)
-            world.llm.queue(tokens_of("はじめまして。"))
-            assert world.talk("こんにちは").spoken == ["はじめまして。"]
-            assert [m["role"] for m in server.requests[-1]["messages"]] == ["system", "user"]
-            log = logs_text(run_dir)
-            assert "history" in log and "corrupt" in log.lower()
-            assert list(Path(cfg["llm"]["history_file"]).parent.glob("*.corrupt-*"))
-    finally:
-        if avatar is not None:
-            avatar.kill()
-        if bus is not None:
-            bus.close()
-        server.stop()
-
-
-def supervisorctl(run_dir: Path, env: dict[str, str], *args: str) -> str:
-    import subprocess
-    from tests.harness import BIN
-    out = subprocess.run([str(BIN / "supervisorctl"), "-c", str(run_dir / "supervisord.conf"), *args],
-                         env=env, capture_output=True, text=True, timeout=30)
+def supervisorctl(world: World, *args: str) -> str:
+    out = subprocess.run([str(BIN / "supervisorctl"), "-c", str(world.run_dir / "supervisord.conf"), *args],
+                         env=world.env, capture_output=True, text=True, timeout=30)
     return out.stdout + out.stderr
 
 
@@ -102,62 +38,57 @@ def bridge_reports(world: World, pipeline: bool, timeout: float = 20.0) -> bool:
                                                     for e in envs[since:]), timeout))
 
 
-def test_an_utterance_while_the_llm_is_down_waits_for_it_or_gets_the_notice(tmp_path: Path):
-    server, mdf, cfg, env = run_world(tmp_path)
-    avatar = bus = None
-    try:
-        with supervised(tmp_path, env, "supervisord") as run_dir:
-            wait_pipeline(cfg)
-            bus = BusWatcher(cfg)
-            avatar = start_avatar(cfg, mdf, {k: v for k, v in env.items() if k != "MMDAGENT_LLM_CONFIG"})
-            world = World(cfg, avatar, bus, server.reply, server, run_dir)
-            assert "stopped" in supervisorctl(run_dir, env, "stop", "pipeline:llm")
-            assert bridge_reports(world, pipeline=False)
-            mark = len(avatar.received)
-            avatar.send("RECOG_EVENT_START")
-            avatar.send("RECOG_EVENT_STOP|待っててね")
-            assert avatar.wait_line("NOTIFY_SHOW|", 10, after=mark), "the user was not told"
-            world.llm.queue(tokens_of("お待たせしました。"))
-            assert "started" in supervisorctl(run_dir, env, "start", "pipeline:llm")
-            assert avatar.wait_line("SYNTH_START|0|mei_voice_normal|お待たせしました。", 30, after=mark)
-            assert server.requests[-1]["messages"][-1]["content"] == "待っててね"
-    finally:
-        if avatar is not None:
-            avatar.kill()
-        if bus is not None:
-            bus.close()
-        server.stop()
+def test_history_survives_an_llm_restart_and_a_held_utterance_is_answered(tmp_path: Path):
+    with managed(tmp_path) as world:
+        world.llm.queue(tokens_of("覚えました。"))
+        world.talk("私の名前はハナです。")
+        old = pid_of(world, "llm")
+        os.kill(old, signal.SIGKILL)
+        # said while the llm is down or just restarting: held or asked again by the bridge
+        world.llm.queue(tokens_of("ハナさんですね。"))
+        turn = world.talk("私の名前は？", timeout=40)
+        assert restarted(world, "llm", old)
+        assert turn.spoken == ["ハナさんですね。"]
+        messages = [(m["role"], m["content"]) for m in world.server.requests[-1]["messages"][1:]]
+        assert messages == [("user", "私の名前はハナです。"), ("assistant", "覚えました。"), ("user", "私の名前は？")]
+
+
+def test_a_corrupt_history_file_is_reported_and_the_conversation_starts_fresh(tmp_path: Path):
+    history = tmp_path / "history.json"
+    history.write_bytes(CORRUPT)  # there before the llm starts
+    with managed(tmp_path, llm={"history_file": str(history)}) as world:
+        world.llm.queue(tokens_of("はじめまして。"))
+        assert world.talk("こんにちは").spoken == ["はじめまして。"]
+        assert [m["role"] for m in world.server.requests[-1]["messages"]] == ["system", "user"]
+        log = logs_text(world.run_dir)
+        assert "history" in log and "corrupt" in log.lower()
+        assert list(tmp_path.glob("history.json.corrupt-*"))
+
+
+def test_an_utterance_while_the_llm_is_down_waits_for_it(tmp_path: Path):
+    with managed(tmp_path) as world:
+        assert "stopped" in supervisorctl(world, "stop", "pipeline:llm")
+        assert bridge_reports(world, pipeline=False)
+        mark = len(world.avatar.received)
+        world.avatar.send("RECOG_EVENT_START")
+        world.avatar.send("RECOG_EVENT_STOP|待っててね")
+        assert world.avatar.wait_line("NOTIFY_SHOW|", 10, after=mark), "the user was not told"
+        world.llm.queue(tokens_of("お待たせしました。"))
+        assert "started" in supervisorctl(world, "start", "pipeline:llm")
+        assert world.avatar.wait_line("SYNTH_START|0|mei_voice_normal|お待たせしました。", 30, after=mark)
+        assert world.server.requests[-1]["messages"][-1]["content"] == "待っててね"
 
 
 def test_an_utterance_older_than_max_age_gets_the_notice(tmp_path: Path):
-    server = ChatCompletionServer(ScriptedLLM()).start()
-    mdf = tmp_path / "content"
-    mdf.mkdir()
-    cfg_path = write_config(mdf, turn={"max_age": 2.0})
-    cfg = config_mod.load(cfg_path)
-    env = pipeline_env(cfg_path, server.base_url)
-    avatar = bus = None
-    try:
-        with supervised(tmp_path, env, "supervisord") as run_dir:
-            wait_pipeline(cfg)
-            bus = BusWatcher(cfg)
-            avatar = start_avatar(cfg, mdf, {k: v for k, v in env.items() if k != "MMDAGENT_LLM_CONFIG"})
-            world = World(cfg, avatar, bus, server.reply, server, run_dir)
-            supervisorctl(run_dir, env, "stop", "pipeline:llm")
-            assert bridge_reports(world, pipeline=False)
-            mark = len(avatar.received)
-            requests = len(server.requests)
-            avatar.send("RECOG_EVENT_STOP|遅すぎる質問")
-            notice = avatar.wait_line(f"SYNTH_START|0|mei_voice_normal|{cfg['turn']['failure_notice']}", 15, after=mark)
-            assert notice is not None
-            supervisorctl(run_dir, env, "start", "pipeline:llm")
-            assert bridge_reports(world, pipeline=True)
-            assert len(server.requests) == requests  # the stale question is not asked late
-            world.llm.queue(tokens_of("はい。"))
-            assert world.talk("次の質問").spoken == ["はい。"]
-    finally:
-        if avatar is not None:
-            avatar.kill()
-        if bus is not None:
-            bus.close()
-        server.stop()
+    with managed(tmp_path, turn={"max_age": 2.0}) as world:
+        supervisorctl(world, "stop", "pipeline:llm")
+        assert bridge_reports(world, pipeline=False)
+        mark, requests = len(world.avatar.received), len(world.server.requests)
+        world.avatar.send("RECOG_EVENT_STOP|遅すぎる質問")
+        notice = f"SYNTH_START|0|mei_voice_normal|{world.cfg['turn']['failure_notice']}"
+        assert world.avatar.wait_line(notice, 15, after=mark) is not None
+        supervisorctl(world, "start", "pipeline:llm")
+        assert bridge_reports(world, pipeline=True)
+        assert len(world.server.requests) == requests  # the stale question is not asked late
+        world.llm.queue(tokens_of("はい。"))
+        assert world.talk("次の質問").spoken == ["はい。"]
