@@ -175,7 +175,9 @@ class Bridge(Stage):
             if env.turn == self.turns.turn:
                 self._carry_out(self.turns.on_stage_lost(str(env.body.get("stage")), force=True), time.time())
         else:
-            self.turns.on_progress(env.kind, env.sender, env.turn)
+            segments = env.body.get("segments") if env.kind == "turn_end" else None
+            self.turns.on_progress(env.kind, env.sender, env.turn,
+                                   segments=segments if type(segments) is int else None)
 
     def on_heartbeat(self, env: wire.Envelope) -> None:
         if env.body.get("stage") == "llm":

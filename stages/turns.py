@@ -109,6 +109,7 @@ class TurnController:
         self.sent_at = 0.0            # when its turn_start was (last) published
         self.written = False          # a SYNTH_START of the current turn was written
         self.next_segment = 0         # index of the current turn's next segment to write
+        self.total_segments: int | None = None  # how many it has, once the segmenter knows
         self.done_by: set[str] = set()  # stages whose part of the current turn is complete
 
     # -- input ---------------------------------------------------------------------------
@@ -140,8 +141,10 @@ class TurnController:
                 self.written = True
                 self.next_segment += 1
 
-    def on_progress(self, kind: str, sender: str, turn: int, now: float | None = None) -> None:
-        """A pipeline event of some turn: the current one shows it is moving."""
+    def on_progress(self, kind: str, sender: str, turn: int, now: float | None = None,
+                    segments: int | None = None) -> None:
+        """A pipeline event of some turn: the current one shows it is moving. ``segments``: the
+        count the segmenter's ``turn_end`` carries."""
         if turn != self.turn:
             return
         self.progress_at = time.monotonic() if now is None else now
@@ -149,6 +152,14 @@ class TurnController:
             self.done_by.add("llm")
         elif kind == "turn_end" and sender == "segmenter":
             self.done_by.add("segmenter")
+            self.total_segments = segments
+
+    def _all_said(self) -> bool:
+        """Every segment of the current turn was written and the avatar has finished the last
+        one, though the sequencer's ``spoken`` may still be on its way: the turn is over, and a
+        user who speaks now interrupts nothing."""
+        return (self.machine == C.ANSWERING and self.total_segments is not None
+                and self.next_segment >= self.total_segments and not self.voice.audible)
 
     def on_spoken(self, turn: int, now: float | None = None) -> None:
         """The sequencer reports every segment of ``turn`` spoken (or given up)."""
@@ -236,6 +247,8 @@ class TurnController:
 
     # -- transitions ---------------------------------------------------------------------
     def _recog_start(self, origin: float) -> list[Action]:
+        if self._all_said():
+            self.machine.move(C.IDLE, f"turn {self.turn} all said")
         state = self.machine.state
         if state in (C.AWAY, C.HOLDING):
             return []
@@ -253,6 +266,8 @@ class TurnController:
         return []
 
     def _recog_stop(self, text: str, origin: float, now: float) -> list[Action]:
+        if self._all_said():
+            self.machine.move(C.IDLE, f"turn {self.turn} all said")
         state = self.machine.state
         if state == C.AWAY:
             log.info("recognition result discarded: away (RECOG_EVENT_AWAY|ON)")
@@ -283,6 +298,7 @@ class TurnController:
         self.voice.spoken = []
         self.written = False
         self.next_segment = 0
+        self.total_segments = None
         self.done_by = set()
         self.machine.move(C.HOLDING, f"turn {self.turn}")
 

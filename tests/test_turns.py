@@ -198,3 +198,17 @@ def test_a_segment_that_skips_one_is_a_gap():
     tc.on_written("SYNTH_START", ["0", "mei_voice_normal", "一。"], tc.turn)
     assert not tc.segment_gap(tc.turn, 1) and tc.segment_gap(tc.turn, 2)
     assert not tc.segment_gap(tc.turn - 1, 5)  # not the current turn: accepts() decides
+
+
+def test_speaking_right_after_the_last_sentence_ended_interrupts_nothing():
+    tc = controller()
+    say(tc, "質問")
+    tc.on_progress("turn_end", "segmenter", tc.turn, segments=1)
+    speak(tc, "答え。")
+    assert kinds(tc.on_line("RECOG_EVENT_START", [], 0.0)) == ["SYNTH_STOP", "cancel"]  # still speaking
+    tc = controller()
+    say(tc, "質問")
+    tc.on_progress("turn_end", "segmenter", tc.turn, segments=1)
+    speak(tc, "答え。")
+    tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0)  # the sequencer's "spoken" has not come yet
+    assert tc.on_line("RECOG_EVENT_START", [], 0.0) == [] and tc.machine == C.LISTENING
