@@ -28,7 +28,7 @@ def say(tc: TurnController, text: str, now: float = 0.0):
 
 
 def speak(tc: TurnController, text: str, now: float = 0.0) -> None:
-    tc.on_written("SYNTH_START", ["0", "mei_voice_normal", text])
+    tc.on_written("SYNTH_START", ["0", "mei_voice_normal", text], tc.turn)
     tc.on_line("SYNTH_EVENT_START", ["0"], 0.0, now)
 
 
