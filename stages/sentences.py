@@ -62,13 +62,17 @@ def _is_emoji(ch: str) -> bool:
 
 def _filter_complete(text: str, line_start: bool) -> str:
     """Filter text in which no marker is cut off (see :class:`SpeechFilter`)."""
-    parts = text.split(_FENCE)
-    text = "".join(parts[0::2])  # odd parts are inside fences; an unclosed fence drops the rest
+    # Line markers first, on the lines as written: a fence removed later must not turn what
+    # followed it into the start of a line (the streaming filter decides on raw lines too).
     lines = text.split("\n")
     for i, line in enumerate(lines):
         if i or line_start:
             lines[i] = _LINE_MARKER.sub(lambda m: (m.group(1) + " ") if m.group(1) else "", line, count=1)
     text = "\n".join(lines)
+    parts = text.split(_FENCE)
+    # Odd parts are inside fences (an unclosed fence drops the rest). A block leaves a space, so
+    # what stood before and after it never runs together into one word or URL.
+    text = " ".join(parts[0::2])
     text = _URL.sub("", text)
     text = _INLINE.sub("", text)
     text = _EMPTY_PARENS.sub("", text)
@@ -113,10 +117,11 @@ class SpeechFilter:
         held = _HELD_RUN.search(tail)
         if held:  # may be the start of a marker, URL or number
             end = held.start()
-        # The last line may still turn out to start with a marker: hold it, from its newline.
+        # What would be released of the last line may still turn out to be a marker (or its
+        # leading blanks): hold the line, from its newline, until its start is decided.
         line = tail.rfind("\n") + 1
-        if (line or self._line_start) and _LINE_UNDECIDED.fullmatch(tail, line):
-            end = min(end, max(line - 1, 0))
+        if (line or self._line_start) and line <= end and _LINE_UNDECIDED.fullmatch(tail, line, end):
+            end = max(line - 1, 0)
         # Never release half a code block: hold from its opening fence until it closes.
         if tail.count(_FENCE, 0, end) % 2:
             end = tail.rfind(_FENCE, 0, end)

@@ -132,3 +132,15 @@ def test_a_pause_releases_a_finished_sentence_but_not_an_unfinished_one():
     assert cutter.feed(" it is done.") == [] and cutter.ripe() == ["それで it is done."]
     assert not cutter.has_pending()
     assert cutter.feed("「それは」") == [] and cutter.ripe() == ["「それは」"]
+
+
+@pytest.mark.parametrize("text", [
+    " ``````#こんにちは",                                   # a fence must not make "#" start a line
+    "https://example.com/x?y=1```こんにちは```Hello",       # a URL must not run on across a code block
+    " #Helloこんにちは",                                    # blanks before a heading marker
+])
+def test_found_by_hypothesis(text: str) -> None:
+    whole = cut(text)
+    for size in (1, 2, 3):
+        assert cut(text, [size]) == whole
+    assert words("".join(whole)) == words(speakable(text))
