@@ -235,7 +235,18 @@ class Stage:
             except zmq.Again:
                 return
             if env is not None:
-                handler(env)
+                self._handle(handler, env)
+
+    def _handle(self, handler: Callable[[wire.Envelope], None], env: wire.Envelope) -> None:
+        """Run a handler; a message it cannot take (a body of the wrong shape from a rogue or
+        buggy peer) is logged once per kind and error, counted, and the stage goes on."""
+        try:
+            handler(env)
+        except Exception as exc:
+            reason = f"unusable {env.kind} body ({type(exc).__name__})"
+            self.bad_frames[reason] = self.bad_frames.get(reason, 0) + 1
+            if self.bad_frames[reason] == 1:
+                log.exception("could not handle a %s from %s (further ones are only counted)", env.kind, env.sender)
 
     def _receive_nowait(self, sock: zmq.Socket) -> wire.Envelope | None:
         if not sock.poll(0, zmq.POLLIN):

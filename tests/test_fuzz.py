@@ -402,3 +402,47 @@ def test_stage_survives_a_rogue_process_on_the_bus(tmp_path: Path):
         broker.stop()
         seg_log.close()
         broker_log.close()
+
+
+def test_valid_envelopes_with_unusable_bodies_do_not_stop_the_llm(tmp_path: Path):
+    """A rogue (or buggy) peer sends well-formed envelopes whose bodies have the wrong shape."""
+    cfg_path = write_config(tmp_path)
+    cfg = config_mod.load(cfg_path)
+    env = pipeline_env(cfg_path, None)  # the embedded offline responder answers
+    log_path = tmp_path / "stages.log"
+    ctx = zmq.Context.instance()
+    rogue = ctx.socket(zmq.PUB)
+    rogue.linger = 0
+    bus = None
+    with open(log_path, "wb") as log, Pipeline(env=env, stderr=log, names=["broker", "llm"]):
+        try:
+            wait_ready(cfg, ["broker", "llm"], 20)
+            bus = BusWatcher(cfg)
+            rogue.connect(config_mod.endpoint(cfg, "events_in"))
+            sender = wire.Sender("rogue")
+            bad = [("cancel", {"spoken": 5, "reason": []}, 1), ("turn_start", {"text": {"a": 1}}, 2),
+                   ("cancel", {"spoken": 7}, 2), ("cancel", {"spoken": None}, 2)]
+            good = sender.make("turn_start", {"text": "こんにちは"}, turn=10)
+
+            def answered(envs: list[wire.Envelope]) -> bool:
+                return any(e.kind == "turn_result" and e.turn == good.turn for e in envs)
+
+            # PUB drops what it sends before the broker's subscription reaches it: send until the
+            # good turn is answered (the llm ignores a turn_start it already has)
+            deadline = time.monotonic() + 20
+            while not answered(bus.envelopes):
+                assert time.monotonic() < deadline, "the llm never answered after the bad bodies"
+                for kind, body, turn in bad:
+                    rogue.send_multipart(wire.encode(sender.make(kind, body, turn=turn)))
+                rogue.send_multipart(wire.encode(good))
+                bus.wait_for(answered, 0.5)
+            beat = bus.wait_for(lambda envs: next((e for e in reversed(envs) if e.kind == "heartbeat"
+                                                   and e.body.get("stage") == "llm" and e.body.get("bad_frames")),
+                                                  None), 5)
+            assert beat and any(r.startswith("unusable cancel body") for r in beat.body["bad_frames"])
+        finally:
+            rogue.close()
+            if bus is not None:
+                bus.close()
+    text = log_path.read_text(errors="replace")
+    assert text.count("could not handle a cancel") == 1
