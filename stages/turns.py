@@ -107,7 +107,6 @@ class TurnController:
         self.asked_origin = 0.0
         self.progress_at = 0.0        # last sign of life of the current turn in the pipeline
         self.sent_at = 0.0            # when its turn_start was (last) published
-        self.written = False          # a SYNTH_START of the current turn was written
         self.next_segment = 0         # index of the current turn's next segment to write
         self.total_segments: int | None = None  # how many it has, once the segmenter knows
         self.done_by: set[str] = set()  # stages whose part of the current turn is complete
@@ -138,7 +137,6 @@ class TurnController:
         if msg_type == "SYNTH_START" and args[:1] == [self.model] and len(args) >= 3:
             self.voice.outstanding = args[2]
             if turn == self.turn:
-                self.written = True
                 self.next_segment += 1
 
     def on_progress(self, kind: str, sender: str, turn: int, now: float | None = None,
@@ -214,7 +212,7 @@ class TurnController:
         """The llm's heartbeat names the turn it is on. Still behind ours a while after we sent
         it: our ``turn_start`` was lost (the broker or the llm restarted in between); send it again."""
         now = time.monotonic() if now is None else now
-        if (self.machine != C.ANSWERING or llm_turn >= self.turn or "llm" in self.done_by or self.written
+        if (self.machine != C.ANSWERING or llm_turn >= self.turn or "llm" in self.done_by or self.next_segment
                 or now - self.sent_at < RESEND_AFTER):
             return []
         self.sent_at = now
@@ -236,7 +234,7 @@ class TurnController:
         now = time.monotonic() if now is None else now
         if self.machine != C.ANSWERING or (name in self.done_by and not force):
             return []
-        if self.written or self.voice.spoken:
+        if self.next_segment or self.voice.spoken:  # a SYNTH_START of this turn was written
             return self._fail(f"{name} was lost in the middle of the answer", time.time())
         log.info("turn %d: %s was lost before anything was said: asking again", self.turn, name)
         actions = self._cancel("restarted", time.time())
@@ -296,7 +294,6 @@ class TurnController:
         self.turn = max(self.turn + 1, int(time.time() * 1000))
         self.user_text, self.asked_at, self.asked_origin = text, asked_at, origin
         self.voice.spoken = []
-        self.written = False
         self.next_segment = 0
         self.total_segments = None
         self.done_by = set()
