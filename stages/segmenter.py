@@ -43,8 +43,8 @@ class SegmenterStage(Stage):
     def on_event(self, env: wire.Envelope) -> None:
         if env.kind == "cancel" and env.turn > self.cancelled:
             self.cancelled = env.turn
-            if self.turn <= env.turn:
-                self.cutter, self.count = self._new_cutter(), 0
+            if self.turn <= env.turn:  # nothing held of it may be released by a pause either
+                self.cutter, self.count, self.last_token = self._new_cutter(), 0, None
 
     def _new_cutter(self) -> SentenceCutter:
         c = self.cfg["segmenter"]
