@@ -8,8 +8,10 @@
   queued instead of being dropped, and the producer feels the back-pressure. Each forwarded
   item is also published on the bus (observers see the whole pipeline from one socket).
 - Once a second the broker publishes its own ``heartbeat.broker``.
-- With ``[bus] curve_dir`` set, every endpoint is a CURVE server and a ZAP authenticator
-  admits only the client keys of that folder (:mod:`stages.curve`).
+- Every endpoint is a CURVE server, and a ZAP authenticator admits only the client keys of
+  the session's key folder (``[bus] curve_dir``, or the session's own: :mod:`stages.curve`).
+- Once every endpoint is bound it records itself in the session's ``broker.json``; if an
+  endpoint is taken, it exits saying what holds it (:mod:`stages.sessions`).
 - The broker never decodes what it forwards, but a peer that sends a frame over
   :data:`broker.wire.MAX_FRAME_BYTES` is disconnected by ZeroMQ (``ZMQ_MAXMSGSIZE``), so a
   rogue's huge frame reaches no stage.
@@ -28,7 +30,7 @@ import zmq
 
 from broker import wire
 from stages import config as config_mod
-from stages import curve
+from stages import curve, sessions
 from stages.runtime import install_signal_handlers, setup_logging, stop_requested, watch_owner
 
 QUEUES = ("tokens", "segments", "commands")
@@ -39,7 +41,7 @@ def run(cfg: config_mod.Config) -> int:
     setup_logging("broker")
     ctx = zmq.Context.instance()
     sockets: list[zmq.Socket] = []
-    try:  # [bus] curve_dir set: every socket a CURVE server, only known client keys admitted
+    try:  # every socket a CURVE server, only the session's client keys admitted
         secure = curve.server_options(cfg)
         auth = curve.start_authenticator(ctx, cfg)  # before any bind: no window without checks
     except config_mod.ConfigError as exc:
@@ -54,7 +56,8 @@ def run(cfg: config_mod.Config) -> int:
         try:
             sock.bind(addr)
         except zmq.ZMQError as exc:
-            raise SystemExit(f"broker: cannot bind {name} at {addr}: {exc} (another broker running?)")
+            why = sessions.conflict(cfg, "the broker", held=[addr]) or f"cannot bind {name} at {addr}: {exc}"
+            raise SystemExit(f"mmdagent-llm broker: {why}")
         sockets.append(sock)
         return sock
 
@@ -68,7 +71,9 @@ def run(cfg: config_mod.Config) -> int:
     sender = wire.Sender("broker", cfg["bus"]["session"])
     install_signal_handlers()
     watch_owner()
-    log.info("listening: %s", ", ".join(config_mod.endpoint(cfg, n) for n in config_mod.ENDPOINTS))
+    sessions.record_broker(cfg)
+    log.info("session %r listening: %s", cfg["bus"]["session"],
+             ", ".join(config_mod.endpoint(cfg, n) for n in config_mod.ENDPOINTS))
 
     next_beat = 0.0
     try:
@@ -99,8 +104,7 @@ def run(cfg: config_mod.Config) -> int:
     finally:
         for sock in sockets:
             sock.close(linger=0)
-        if auth is not None:
-            auth.stop()
+        auth.stop()
     log.info("stopped")
     return 0
 

@@ -40,7 +40,8 @@ Refusal
 -------
 :func:`decode` refuses anything that is not exactly such a message with a :class:`WireError`
 whose ``reason`` is one of a few fixed phrases. Receivers drop the message, log the first of
-each reason and count the rest (a stage's heartbeat ``bad_frames``). Every socket that
+each reason and count the rest (a stage's heartbeat ``bad_frames``); a stage also drops, as
+``wrong session``, a valid envelope whose ``session`` is not its own. Every socket that
 receives from a peer has ``ZMQ_MAXMSGSIZE`` :data:`MAX_FRAME_BYTES`: a peer sending a larger
 frame is disconnected by ZeroMQ before the frame is allocated. The broker's own receiving
 sockets have it too, so a rogue publisher's or producer's huge frame never travels further.
@@ -71,8 +72,10 @@ KINDS: dict[str, str] = {
 
     body: ``type`` (str), ``args`` (list[str]), for speech ``segment`` (int, the segment's index
     in its turn: the bridge writes them only in order, a gap means one was lost). The bridge
-    cleans every field (no ``|``, CR, LF or control characters) and caps the line at 2000
-    bytes before writing it.""",
+    writes only a ``type`` in ``[bridge] allow_types`` from a ``sender`` in ``[bridge]
+    allow_senders`` (others are refused, logged once per type and counted in its heartbeat's
+    ``refused``), cleans every field (no ``|``, CR, LF or control characters) and caps the line
+    at 2000 bytes before writing it.""",
     "written": """The bridge wrote a line to MMDAgent-EX (bus, bridge).
 
     body: ``type``, ``args`` (as written, after cleaning), ``bytes`` (int, line length).
@@ -121,9 +124,12 @@ KINDS: dict[str, str] = {
 
     body: ``stage`` (str), ``pid`` (int), ``ready`` (bool: its subscriptions are in place, it
     has seen its own heartbeat come back through the broker), ``info`` (map, stage-specific,
-    e.g. llm's ``backend``; the bridge's ``bad_input``: stdin problems by reason),
+    e.g. llm's ``backend``; the bridge's ``bad_input``: stdin problems by reason, and
+    ``refused``: commands it would not write, by ``type X`` or ``sender X``),
     ``bad_frames`` (map: :attr:`WireError.reason` -> count of refused messages received since
-    start; empty when none; not in the broker's, which decodes nothing). topic: ``heartbeat.<stage>``.""",
+    start; empty when none; not in the broker's, which decodes nothing), ``duplicates`` (map:
+    stage name -> the pids of two or more live processes of that name on the bus; empty when
+    none; not in the broker's). topic: ``heartbeat.<stage>``.""",
     "broken": """A stage could not do its whole part of a turn (bus, any stage).
 
     body: ``stage`` (str), ``reason`` (str). E.g. a segmenter restarted in the middle of a turn

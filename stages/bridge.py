@@ -11,7 +11,12 @@ Started by MMDAgent-EX as ``Plugin_AnyScript_Command=mmdagent-llm bridge``:
   :data:`MAX_IN_BYTES` is cut, the rest of it skipped, and reading goes on.
 - bad input never stops the bridge: each problem (:data:`BAD_INPUT` reasons) is logged the
   first time only, then counted; the heartbeat's ``info`` carries the counts as ``bad_input``.
-- each ``command`` from the ``commands`` queue is written as one line and flushed, through
+- a ``command`` is written only if its type is in ``[bridge] allow_types`` and its sender in
+  ``[bridge] allow_senders`` (by default what the pipeline itself sends: speech and notices
+  from the sequencer). Anything else, ``EXECUTE`` (which starts programs on Windows),
+  ``KEY_POST``, ``PLUGIN_*``, ``MODEL_*``, ``KEYVALUE_SET``..., is refused: logged the first
+  time per type or sender, counted in the heartbeat's ``refused``.
+- each other ``command`` from the ``commands`` queue is written as one line and flushed, through
   :func:`stages.mmd_line.format_line`, which removes ``|``, CR, LF and control characters
   from every field and caps the line at 2000 bytes. Nothing else is ever written to stdout;
   logs go to stderr.
@@ -44,6 +49,7 @@ log = logging.getLogger("mmdagent_llm")
 MAX_IN_BYTES = 64 * 1024  # longer stdin lines are cut; MMDAgent-EX itself never sends > 2 KiB
 #: what is counted in the heartbeat's ``bad_input`` (and logged once)
 BAD_INPUT = ("invalid UTF-8", "NUL bytes", "line too long", "empty line", "empty type")
+MAX_REFUSAL_KINDS = 50  # distinct refused types/senders counted one by one; the rest as "other"
 
 
 class Bridge(Stage):
@@ -58,6 +64,9 @@ class Bridge(Stage):
         self.lines_in = 0
         self.lines_out = 0
         self.bad_input: dict[str, int] = {}
+        self.refused: dict[str, int] = {}
+        self.allow_types = frozenset(cfg["bridge"]["allow_types"])
+        self.allow_senders = frozenset(cfg["bridge"]["allow_senders"])
         self._bad_lock = threading.Lock()  # the stdin thread counts cut lines
         self.turns = TurnController(cfg["turn"], cfg["speech"]["model"], cfg["speech"]["voice"],
                                     startup_grace=cfg["bus"]["peer_timeout"])
@@ -142,6 +151,13 @@ class Bridge(Stage):
         if not isinstance(msg_type, str) or not isinstance(args, list):
             log.warning("ignored a command without type/args")
             return
+        if env.sender not in self.allow_senders:
+            self._refuse(f"sender {env.sender[:40]}", f"a {msg_type[:40]!r} from {env.sender[:40]!r}, which is not in "
+                         f"[bridge] allow_senders")
+            return
+        if msg_type not in self.allow_types:
+            self._refuse(f"type {msg_type[:40]}", f"a {msg_type[:40]!r} from {env.sender!r}: not in [bridge] allow_types")
+            return
         if not self.turns.accepts(msg_type, env.turn):
             log.info("dropped a %s of turn %d: not the current turn (%d)", msg_type, env.turn, self.turns.turn)
             return
@@ -214,11 +230,20 @@ class Bridge(Stage):
             log.warning("stdin: %s: %s (further ones are only counted, see the heartbeat's bad_input)",
                         reason, detail)
 
+    def _refuse(self, key: str, detail: str) -> None:
+        """Count a refused command; log only the first of each type or sender."""
+        if key not in self.refused and len(self.refused) >= MAX_REFUSAL_KINDS:
+            key = "other"
+        self.refused[key] = self.refused.get(key, 0) + 1
+        if self.refused[key] == 1:
+            log.warning("refused %s (further ones are only counted, see the heartbeat's refused)", detail)
+
     def info(self) -> dict:
         with self._bad_lock:
             bad_input = dict(self.bad_input)
         return {"lines_in": self.lines_in, "lines_out": self.lines_out, "turn": self.turns.turn,
-                "state": self.turns.machine.state.value, "pipeline": self.turns.pipeline_up, "bad_input": bad_input}
+                "state": self.turns.machine.state.value, "pipeline": self.turns.pipeline_up, "bad_input": bad_input,
+                "refused": dict(self.refused)}
 
     def close(self) -> None:
         self._inbox.close(linger=0)

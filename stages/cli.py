@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -27,12 +28,15 @@ PROCESSES = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmdagent-llm", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help="configuration file (default: see `mmdagent-llm config`)")
+    parser.add_argument("--session", help="the session (one avatar's private bus); inherited by what the command "
+                                          "starts (default: [bus] session)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in PROCESSES:
         sub.add_parser(name, help={"console": "talk to the pipeline in this terminal, without MMDAgent-EX",
                                    "plugin": "the bridge, plus the pipeline under supervisord if none is running"
                                    }.get(name, f"run the {name}"))
     sub.add_parser("config", help="print every configuration key with its default and meaning")
+    sub.add_parser("bus", help="where the session's bus is and how an observer of yours gets onto it")
     watchdog = sub.add_parser("watchdog", help="(inside the plugin's supervisord) stop it when a pid is gone")
     watchdog.add_argument("pid", type=int)
     keys = sub.add_parser("keys", help="write new CURVE keys into a folder, for a bus that spans machines")
@@ -46,11 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "watchdog":
         from stages.plugin import watchdog as watch
         return watch(args.pid)
+    if args.session is not None:  # through the environment, so every process it starts has it too
+        os.environ[f"{config_mod.ENV_PREFIX}BUS_SESSION"] = args.session
     try:
         cfg = config_mod.load(args.config)
     except config_mod.ConfigError as exc:
         print(f"mmdagent-llm: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "bus":
+        return _bus(cfg)
     module, _, func = PROCESSES[args.command].partition(":")
     return getattr(importlib.import_module(module), func)(cfg)
 
@@ -78,6 +86,33 @@ def _keys(folder: Path) -> int:
     print(f"  curve_dir = {value}")
     print(f"Copy the folder to the other machines; those without the broker do not need {curve.SERVER_SECRET}.")
     print(f"Whoever holds {curve.CLIENT_SECRET} can talk on the bus: keep the folder private.")
+    return 0
+
+
+def _bus(cfg: config_mod.Config) -> int:
+    """``mmdagent-llm bus``: the session's endpoints and key files, and whether it runs.
+
+    Prints paths and public facts only: an observer of yours loads the secret key from its file.
+    """
+    from stages import curve, sessions
+
+    try:
+        keys = curve.folder_of(cfg)
+    except (config_mod.ConfigError, OSError) as exc:
+        print(f"mmdagent-llm bus: {exc}", file=sys.stderr)
+        return 1
+    session = cfg["bus"]["session"]
+    holder = sessions.holder_of([config_mod.endpoint(cfg, "events_out")])
+    state = (f"running (broker pid {holder['pid']})" if holder and holder["session"] == session
+             else "not running on this machine")
+    print(f"session {session!r}: {state}")
+    for name in config_mod.ENDPOINTS:
+        print(f"  {name:<13} {config_mod.endpoint(cfg, name)}")
+    print(f"keys (ZeroMQ CURVE certificates) in {keys}:")
+    print(f"  {curve.SERVER_PUBLIC:<18} the broker's public key: your socket's CURVE_SERVERKEY")
+    print(f"  {curve.CLIENT_SECRET:<18} public-key and secret-key: your CURVE_PUBLICKEY and CURVE_SECRETKEY "
+          f"(secret: never copy it elsewhere)")
+    print("An observer subscribes (SUB) to events_out; see the README, \"Watching the bus\".")
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import tomllib
+import zlib
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,7 @@ def _check_bus_access(cfg: Config) -> None:
     from stages import curve  # imports this module: import here, not at the top
 
     bus = cfg["bus"]
-    folder = curve.folder_of(cfg)
+    folder = curve.explicit_folder(cfg)
     if bus["transport"] == "tcp" and not curve.is_loopback(bus["host"]) and folder is None:
         raise ConfigError(
             f"[bus] host = {bus['host']!r} is not a loopback address, so other machines could reach the "
@@ -97,6 +98,8 @@ def _coerce(default: Any, value: Any, where: str) -> Any:
     elif isinstance(default, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+    elif isinstance(default, list):  # every list in defaults.toml is a list of words
+        ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
     else:
         ok = isinstance(value, type(default)) and not isinstance(value, bool)
     if not ok:
@@ -126,6 +129,8 @@ def _overlay_env(cfg: Config, environ: os._Environ[str] | dict[str, str]) -> Non
             if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                 raise ConfigError(f"environment {name}: expected true/false, got {text!r}")
             value: Any = text.lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, list):
+            value = [item.strip() for item in text.split(",") if item.strip()]
         elif isinstance(default, (int, float)):
             try:
                 value = type(default)(text)
@@ -136,11 +141,22 @@ def _overlay_env(cfg: Config, environ: os._Environ[str] | dict[str, str]) -> Non
         cfg[section][key] = value
 
 
+FIRST_PORT = 47110  # the derived base ports are FIRST_PORT + 8 * block
+PORT_BLOCKS = 256   # blocks 47110 .. 49157
+
+
+def derived_base_port(session: str) -> int:
+    """The first of the eight tcp ports of ``session`` when ``[bus] base_port = 0``: two
+    sessions get two buses with nothing to set (a clash is refused, see :mod:`stages.sessions`)."""
+    return FIRST_PORT + 8 * (zlib.crc32(session.encode("utf-8")) % PORT_BLOCKS)
+
+
 def endpoint(cfg: Config, name: str) -> str:
     """The ZeroMQ address of broker endpoint ``name`` (one of :data:`ENDPOINTS`)."""
     bus = cfg["bus"]
     if bus["transport"] == "tcp":
-        return f"tcp://{bus['host']}:{bus['base_port'] + ENDPOINTS.index(name)}"
+        base = bus["base_port"] or derived_base_port(bus["session"])
+        return f"tcp://{bus['host']}:{base + ENDPOINTS.index(name)}"
     if bus["transport"] == "ipc":
         return f"ipc://{bus['ipc_prefix']}{bus['session']}-{name}"
     raise ConfigError(f"[bus] transport must be 'tcp' or 'ipc', not {bus['transport']!r}")

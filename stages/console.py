@@ -6,16 +6,23 @@ launches ``mmdagent-llm bridge`` as the plugin, sends ``RECOG_EVENT_START`` and
 ``RECOG_EVENT_STOP|<what you typed>``, shows each sentence when the avatar would start
 saying it, holds it for a speaking time derived from its length, and answers with the same
 ``SYNTH_EVENT_*`` events MMDAgent-EX sends. An empty line or Ctrl-D quits.
+
+A session has one bridge, and the console brings its own: if the session is running already
+(a plugin's pipeline, say), or its ports are held, the console refuses at once, starts
+nothing, and says how to run beside it (``mmdagent-llm --session <name> console``).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 from stages import config as config_mod
+from stages import sessions
 from stages.avatar_sim import SimulatedMMDAgent
 from stages.launcher import PIPELINE, Pipeline, wait_ready
+from stages.plugin import JOIN_WAIT
 
 LOG_NAME = "mmdagent-llm-console.log"
 
@@ -25,11 +32,27 @@ def _say(text: str) -> None:
     sys.stdout.flush()
 
 
+def _refusal(cfg: config_mod.Config) -> str | None:
+    """Why the console must not start its pipeline here, or None."""
+    session = cfg["bus"]["session"]
+    on_bus = sessions.present(cfg, JOIN_WAIT)
+    if "broker" not in on_bus:
+        return sessions.conflict(cfg, "the console's pipeline")
+    other = "console" if session != "console" else "console-2"
+    return (f"session {session!r} is running already (broker pid {on_bus['broker'].get('pid')}, "
+            f"{sessions.describe(cfg)}), and the console brings a pipeline and a bridge of its own, which would "
+            f"cross it. To try the console beside it, on a bus of its own: mmdagent-llm --session {other} console")
+
+
 def main(cfg: config_mod.Config) -> int:
     for stream in (sys.stdin, sys.stdout):
         stream.reconfigure(encoding="utf-8")  # type: ignore[union-attr]
+    refusal = _refusal(cfg)
+    if refusal:
+        print(f"mmdagent-llm console: {refusal}", file=sys.stderr)
+        return 1
     log_path = Path.cwd() / LOG_NAME
-    log = open(log_path, "ab")
+    log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")  # ours only
     print(f"mmdagent-llm console: starting the pipeline (logs: {log_path})", flush=True)
     pipeline = Pipeline(stderr=log).start()
     avatar = None

@@ -1,11 +1,15 @@
-"""Who may talk on the bus: ZeroMQ CURVE keys (encryption plus client authentication).
+"""Who may talk on the bus: ZeroMQ CURVE keys (encryption plus client authentication), always.
 
-By default the broker binds to loopback (or ipc), where only this machine can connect, and
-nothing here is used. To bind to any other address, ``[bus] curve_dir`` must name a folder
-made by ``mmdagent-llm keys <folder>`` (:func:`generate`); then every broker socket is a
-CURVE server, every stage and observer a CURVE client, and the broker's ZAP authenticator
-(:func:`start_authenticator`) admits only the client public keys in ``<folder>/clients/``.
-A client without CURVE, or with any other key pair, gets no connection at all.
+Every broker socket is a CURVE server, every stage and observer a CURVE client, and the
+broker's ZAP authenticator (:func:`start_authenticator`) admits only the client public keys in
+``<folder>/clients/``. A client without CURVE, or with any other key pair, gets no connection
+at all. The folder (:func:`folder_of`) is:
+
+- ``[bus] curve_dir``, made by ``mmdagent-llm keys <folder>`` (:func:`generate`) and copied to
+  every machine, when the bus spans machines (required for a non-loopback host);
+- otherwise the session's own ``<state>/bus-<session>/keys/``, made on first use
+  (:func:`session_keys`), mode 0700 inside 0700 folders: a private bus per session with
+  nothing to set up (see :mod:`stages.sessions`).
 
 The folder (files in the ZeroMQ/pyzmq certificate format, so ``zmq.auth.load_certificate``
 reads them)::
@@ -16,8 +20,8 @@ reads them)::
     client.key_secret     the clients' secret key (every stage and observer)
     clients/client.key    public keys the broker admits: one ``*.key`` file per client key
 
-Secret files are written with mode 0600. Secret keys are never logged and never put in an
-error message: errors name files and folders only.
+Secret files are written with mode 0600. Secret keys are never logged, never put on a
+command line and never put in an error message: errors name files and folders only.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ import datetime
 import ipaddress
 import logging
 import os
+import shutil
 import stat
+import tempfile
 import threading
 from pathlib import Path
 from typing import Callable
@@ -36,6 +42,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from stages import config as config_mod
+from stages.history_store import safe_name, state_dir
 
 log = logging.getLogger("mmdagent_llm")
 
@@ -48,9 +55,12 @@ CLIENTS_DIR = "clients"
 CLIENT_FILES = (SERVER_PUBLIC, CLIENT_PUBLIC, CLIENT_SECRET)
 #: what the broker needs besides its folder of admitted client keys
 SERVER_FILES = (SERVER_PUBLIC, SERVER_SECRET)
+#: a complete folder
+ALL_FILES = (SERVER_PUBLIC, SERVER_SECRET, CLIENT_PUBLIC, CLIENT_SECRET, f"{CLIENTS_DIR}/{CLIENT_PUBLIC}")
 
 SocketOptions = Callable[[zmq.Socket], None]
 _warned: set[Path] = set()  # secret files already reported as readable by others
+_tightened: set[Path] = set()  # folders whose mode was made 0700 (reported once)
 
 _PUBLIC_BANNER = """#   ****  Generated on {0} by mmdagent-llm keys  ****
 #   ZeroMQ CURVE Public Certificate
@@ -72,10 +82,72 @@ def is_loopback(host: str) -> bool:
         return False  # a host name, an interface name or "*": assume it is reachable from outside
 
 
-def folder_of(cfg: config_mod.Config) -> Path | None:
-    """The key folder from ``[bus] curve_dir`` (``~`` expanded), or None when CURVE is off."""
+def explicit_folder(cfg: config_mod.Config) -> Path | None:
+    """The key folder from ``[bus] curve_dir`` (``~`` expanded), or None when it is not set."""
     value = cfg["bus"]["curve_dir"]
     return Path(value).expanduser() if value else None
+
+
+def folder_of(cfg: config_mod.Config) -> Path:
+    """The key folder in force: ``[bus] curve_dir``, else the session's own (made if needed)."""
+    return explicit_folder(cfg) or session_keys(cfg)
+
+
+def session_folder(cfg: config_mod.Config) -> Path:
+    """``<state>/bus-<session>``: the session's ``keys/`` and ``broker.json`` (not created here)."""
+    return state_dir() / f"bus-{safe_name(cfg['bus']['session'])}"
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` created if needed, mode 0700, owned by us; ConfigError if another user owns it.
+
+    A folder of ours that others could enter is tightened (reported once): the state folder
+    may have been made by an older version, or by hand.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if os.name != "posix":
+        return path
+    st = os.stat(path)
+    if st.st_uid != os.getuid():
+        raise config_mod.ConfigError(
+            f"{path} belongs to another user (uid {st.st_uid}), who could read or replace the keys "
+            f"there: remove it, or set XDG_STATE_HOME to a folder of your own")
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        os.chmod(path, 0o700)
+        if path not in _tightened:
+            _tightened.add(path)
+            log.warning("%s was open to other users: now mode 0700", path)
+    return path
+
+
+def session_keys(cfg: config_mod.Config) -> Path:
+    """The session's key folder, the keys made now if it has none yet.
+
+    The processes of a session start at once: the keys are written into a temporary folder
+    that is renamed into place, so exactly one set wins and nobody reads a half-written one.
+    """
+    folder = session_folder(cfg) / "keys"
+    private_dir(folder.parent.parent)
+    private_dir(folder.parent)
+    if folder.is_dir():
+        private_dir(folder)
+        if not missing_files(folder, ALL_FILES):
+            return folder
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))  # mode 0700
+    try:
+        generate(tmp)
+        os.rename(tmp, folder)
+        log.info("made the keys of session %r in %s", cfg["bus"]["session"], folder)
+    except OSError:
+        pass  # another process of the session was first, or the folder is damaged (below)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    missing = missing_files(folder, ALL_FILES)
+    if missing:
+        raise config_mod.ConfigError(
+            f"{folder} lacks {', '.join(missing)}: remove the folder to get new keys at the next start "
+            f"(every process of the session must then be restarted)")
+    return folder
 
 
 def missing_files(folder: Path, names: tuple[str, ...]) -> list[str]:
@@ -159,11 +231,9 @@ def _load(path: Path, *, secret: bool) -> tuple[bytes, bytes | None]:
 def server_options(cfg: config_mod.Config) -> SocketOptions:
     """What to apply to each broker socket before ``bind``: CURVE server with the secret key.
 
-    Without ``curve_dir`` a function that changes nothing. Raises ConfigError when files are missing.
+    Raises ConfigError when files are missing.
     """
     folder = folder_of(cfg)
-    if folder is None:
-        return lambda sock: None
     check_folder(folder, SERVER_FILES)
     public, secret = _load(folder / SERVER_SECRET, secret=True)
 
@@ -178,11 +248,9 @@ def server_options(cfg: config_mod.Config) -> SocketOptions:
 def client_options(cfg: config_mod.Config) -> SocketOptions:
     """What to apply to each socket before ``connect``: the broker's public key and ours.
 
-    Without ``curve_dir`` a function that changes nothing. Raises ConfigError when files are missing.
+    Raises ConfigError when files are missing.
     """
     folder = folder_of(cfg)
-    if folder is None:
-        return lambda sock: None
     check_folder(folder, CLIENT_FILES)
     server_public, _ = _load(folder / SERVER_PUBLIC, secret=False)
     public, secret = _load(folder / CLIENT_SECRET, secret=True)
@@ -219,14 +287,12 @@ class _KnownClients:
         return False
 
 
-def start_authenticator(ctx: zmq.Context, cfg: config_mod.Config) -> ThreadAuthenticator | None:
-    """Start the broker's ZAP handler (before any bind) admitting only ``<curve_dir>/clients/*.key``.
+def start_authenticator(ctx: zmq.Context, cfg: config_mod.Config) -> ThreadAuthenticator:
+    """Start the broker's ZAP handler (before any bind) admitting only ``<folder>/clients/*.key``.
 
-    None when CURVE is off. Stop the returned authenticator when the broker ends.
+    Stop the returned authenticator when the broker ends.
     """
     folder = folder_of(cfg)
-    if folder is None:
-        return None
     clients = folder / CLIENTS_DIR
     if not clients.is_dir():
         raise config_mod.ConfigError(f"[bus] curve_dir = {str(folder)!r}: missing the folder {CLIENTS_DIR}/ "

@@ -15,8 +15,8 @@ import zmq
 
 from broker import wire
 from stages import config as config_mod
-from stages import curve
 from stages.liveness import PIPELINE
+from stages.runtime import connect
 
 
 
@@ -65,12 +65,7 @@ def wait_ready(cfg: config_mod.Config, stages: Iterable[str], timeout: float) ->
     """
     want = set(stages)
     seen: dict[str, dict] = {}
-    ctx = zmq.Context.instance()
-    sub = ctx.socket(zmq.SUB)
-    sub.linger = 0
-    sub.setsockopt(zmq.SUBSCRIBE, b"heartbeat.")
-    curve.client_options(cfg)(sub)
-    sub.connect(config_mod.endpoint(cfg, "events_out"))
+    sub = connect(cfg, zmq.SUB, "events_out", ("heartbeat.",))
     deadline = time.monotonic() + timeout
     try:
         while not want <= {name for name, body in seen.items() if body.get("ready")}:
@@ -85,5 +80,5 @@ def wait_ready(cfg: config_mod.Config, stages: Iterable[str], timeout: float) ->
                     continue
                 seen[env.body.get("stage", "")] = env.body
     finally:
-        sub.close()
+        sub.close(linger=0)
     return seen

@@ -2,8 +2,13 @@
 
 ``Plugin_AnyScript_Command=mmdagent-llm plugin`` in the ``.mdf``:
 
-- If a pipeline already answers on the configured endpoints (a broker heartbeat within
-  ``JOIN_WAIT`` seconds), the plugin joins it: it is just the bridge.
+- If the session's pipeline already answers (a broker heartbeat, on the session's private
+  bus, within ``JOIN_WAIT`` seconds), the plugin joins it: it is just the bridge. If that
+  pipeline has a bridge already (another avatar with the same session), it refuses: a
+  session has one bridge.
+- If the session's endpoints are held by something else (another session that met it on the
+  same ports, another program), it refuses at once: the reason and the way out go to stderr
+  and, shortly, onto the avatar's screen (``NOTIFY_SHOW``), and it exits with status 1.
 - Otherwise it starts the pipeline under supervisord, with a configuration generated in
   ``<state folder>/run-<session>/`` (logs there too), then runs the bridge. Utterances that
   come before the stages are up wait for them (see :mod:`stages.turns`).
@@ -27,8 +32,8 @@ import time
 from pathlib import Path
 
 from stages import config as config_mod
+from stages import curve, mmd_line, sessions
 from stages.history_store import safe_name, state_dir
-from stages.launcher import wait_ready
 from stages.liveness import PIPELINE
 from stages.runtime import OWNER_ENV, setup_logging
 
@@ -70,8 +75,7 @@ def _die_with_parent() -> None:
 
 
 def start_pipeline(cfg: config_mod.Config) -> subprocess.Popen:
-    run = state_dir() / f"run-{safe_name(cfg['bus']['session'])}"
-    run.mkdir(parents=True, exist_ok=True)
+    run = curve.private_dir(state_dir() / f"run-{safe_name(cfg['bus']['session'])}")  # logs: ours only
     conf = run / "supervisord.conf"
     conf.write_text(supervisord_conf(run, os.getpid()), encoding="utf-8")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -87,14 +91,25 @@ def start_pipeline(cfg: config_mod.Config) -> subprocess.Popen:
 
 def main(cfg: config_mod.Config) -> int:
     setup_logging("bridge")
-    try:
-        wait_ready(cfg, ["broker"], JOIN_WAIT)
-        supervisor = None
+    session = cfg["bus"]["session"]
+    on_bus = sessions.present(cfg, JOIN_WAIT)
+    supervisor = None
+    if "bridge" in on_bus:  # a session has one bridge: a second would take half of its commands
+        log.error("session %r has a bridge already (pid %s): each avatar needs a session of its own. Set "
+                  "[bus] session = \"<name>\" in this content's mmdagent-llm.toml to run beside it",
+                  session, on_bus["bridge"].get("pid"))
+        _notify(f"mmdagent-llm: session {session!r} is in use by another avatar (see the log)")
+        return 1
+    if "broker" in on_bus:
         log.info("a pipeline is running: joining it")
-    except TimeoutError:
+    else:
+        clash = sessions.conflict(cfg, "the plugin's pipeline")
+        if clash is not None:
+            log.error("%s", clash)
+            _notify(f"mmdagent-llm: session {session!r} cannot start: its ports are taken (see the log)")
+            return 1
         if sys.platform == "win32":  # supervisord does not run on Windows
             log.error("no pipeline running: start it first (honcho start, in the repository folder)")
-            supervisor = None
         else:
             supervisor = start_pipeline(cfg)
     from stages.bridge import Bridge
@@ -107,6 +122,15 @@ def main(cfg: config_mod.Config) -> int:
                 supervisor.wait(8)
             except subprocess.TimeoutExpired:
                 supervisor.kill()
+
+
+def _notify(text: str) -> None:
+    """One ``NOTIFY_SHOW`` on stdout (MMDAgent-EX shows it for a few seconds)."""
+    try:
+        sys.stdout.buffer.write(mmd_line.format_line("NOTIFY_SHOW", [text]))
+        sys.stdout.buffer.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def watchdog(owner: int) -> int:

@@ -11,6 +11,12 @@ proves the broker is up and has its subscriptions (ZeroMQ sends all of a socket'
 subscriptions on connect, before anything else), so from then on it misses no bus event.
 Heartbeats go out each second with ``ready`` set accordingly; tests and the console wait for
 every stage to report ready instead of sleeping.
+
+Every socket on the bus comes from :func:`connect`: a CURVE client holding the session's keys
+(:mod:`stages.curve`), so only the owner's processes get in. A stage that cannot get in (the
+broker at its address refuses its keys: another session's, or made anew) says so once. A
+message of another session (possible only where sessions share a ``curve_dir``) is dropped
+and counted as ``wrong session``. Another process under the stage's own name is reported once.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import time
 from typing import Any, Callable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from broker import wire
 from stages import config as config_mod
@@ -98,6 +105,32 @@ def stop_requested() -> bool:
     return _stop
 
 
+def connect(cfg: config_mod.Config, kind: int, name: str, subscribe: tuple[str, ...] = (),
+            ctx: zmq.Context | None = None) -> zmq.Socket:
+    """A socket of type ``kind`` connected to the broker's endpoint ``name`` of the session's bus.
+
+    It is a CURVE client with the session's keys; a receiving socket drops a peer that sends a
+    frame over :data:`broker.wire.MAX_FRAME_BYTES`; a SUB gets the ``subscribe`` prefixes.
+    Observers use it as stages do: ``connect(config.load(), zmq.SUB, "events_out", ("",))``.
+    """
+    sock = (ctx or zmq.Context.instance()).socket(kind)
+    sock.linger = 500
+    if kind in (zmq.SUB, zmq.PULL):  # a peer sending a larger frame is disconnected, not read
+        sock.maxmsgsize = wire.MAX_FRAME_BYTES
+    for topic in subscribe:
+        sock.setsockopt(zmq.SUBSCRIBE, topic.encode("utf-8"))
+    curve.client_options(cfg)(sock)
+    sock.connect(config_mod.endpoint(cfg, name))
+    return sock
+
+
+_HANDSHAKE_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the broker there refused this session's client key",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "it does not hold this session's server key",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "it does not speak CURVE with this session's keys",
+}
+
+
 class Stage:
     """Base of every stage process. Subclasses set the class attributes and override the hooks."""
 
@@ -121,17 +154,27 @@ class Stage:
         if self.push_sock is not None:
             self.push_sock.sndtimeo = 2000
         self.extra: dict[zmq.Socket, Callable[[], None]] = {}
+        self._twins: set[int] = set()  # other pids beating under our name (reported)
+        self._handshake = self.sub.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(_HANDSHAKE_FAILURES))
+        self._handshake_failed: set[int] = set()
+        self.extra[self._handshake] = self._on_handshake
 
     def _socket(self, kind: int, endpoint: str, subscribe: tuple[str, ...] = ()) -> zmq.Socket:
-        sock = self.ctx.socket(kind)
-        sock.linger = 500
-        if kind in (zmq.SUB, zmq.PULL):  # a peer sending a larger frame is disconnected, not read
-            sock.maxmsgsize = wire.MAX_FRAME_BYTES
-        for topic in subscribe:
-            sock.setsockopt(zmq.SUBSCRIBE, topic.encode("utf-8"))
-        curve.client_options(self.cfg)(sock)  # [bus] curve_dir set: encrypted, with our client key
-        sock.connect(config_mod.endpoint(self.cfg, endpoint))
-        return sock
+        return connect(self.cfg, kind, endpoint, subscribe, self.ctx)
+
+    def _on_handshake(self) -> None:
+        """Say once, plainly, why we cannot get onto the bus (not every 100 ms retry)."""
+        while self._handshake.poll(0):
+            event = recv_monitor_message(self._handshake)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshake_failed.clear()
+            elif event not in self._handshake_failed:
+                self._handshake_failed.add(event)
+                log.error("cannot get onto the bus at %s: %s. It is another session's broker, or the keys in "
+                          "%s were made anew after it started (then restart every process of session %r)",
+                          config_mod.endpoint(self.cfg, "events_out"), _HANDSHAKE_FAILURES[event],
+                          curve.folder_of(self.cfg), self.cfg["bus"]["session"])
 
     # -- hooks ---------------------------------------------------------------------------
     def on_event(self, env: wire.Envelope) -> None:
@@ -176,7 +219,10 @@ class Stage:
     def _receive(self, sock: zmq.Socket) -> wire.Envelope | None:
         frames = sock.recv_multipart()
         try:
-            return wire.decode(frames)
+            env = wire.decode(frames)
+            if env.session != self.sender.session:
+                raise wire.WireError("wrong session", f"session {env.session[:40]!r}, not {self.sender.session!r}")
+            return env
         except wire.WireError as exc:
             reason = exc.reason  # one of a few fixed phrases: the counts stay small
             self.bad_frames[reason] = self.bad_frames.get(reason, 0) + 1
@@ -186,7 +232,7 @@ class Stage:
 
     def _heartbeat(self) -> None:
         self.publish("heartbeat", {"stage": self.name, "pid": os.getpid(), "ready": self.ready, "info": self.info(),
-                                   "bad_frames": dict(self.bad_frames)})
+                                   "bad_frames": dict(self.bad_frames), "duplicates": self.liveness.duplicates()})
 
     def run(self) -> int:
         install_signal_handlers()
@@ -222,6 +268,8 @@ class Stage:
                 self.on_tick(now)
         finally:
             self.close()
+            self.sub.disable_monitor()
+            self._handshake.close(linger=0)
             for sock in (self.pub, self.sub, self.pull, self.push_sock):
                 if sock is not None:
                     sock.close(linger=500)
@@ -263,7 +311,12 @@ class Stage:
             self.on_heartbeat(env)
             return
         if env.kind == "heartbeat" and env.body.get("stage") == self.name:
-            if env.body.get("pid") == os.getpid() and not self.ready:
+            pid = env.body.get("pid")
+            if pid != os.getpid() and type(pid) is int and pid not in self._twins:
+                self._twins.add(pid)
+                log.error("another %s process (pid %s) is on this bus besides this one (pid %d): they split or "
+                          "double its work. Stop one of them", self.name, pid, os.getpid())
+            if pid == os.getpid() and not self.ready:
                 self.ready = True
                 log.info("ready: connected to the broker, subscriptions in place")
                 self._heartbeat()

@@ -25,8 +25,8 @@ import zmq
 
 from broker import wire
 from stages import config as config_mod
-from stages import curve
 from stages.launcher import PIPELINE, wait_ready
+from stages.runtime import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -149,9 +149,7 @@ class BusWatcher:
         self.envelopes: list[wire.Envelope] = []
         self._cond = threading.Condition()
         self._stop = threading.Event()
-        self._ctx = zmq.Context.instance()
-        self._addr = config_mod.endpoint(cfg, "events_out")
-        self._secure = curve.client_options(cfg)
+        self._cfg = cfg
         self._topic = topic
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -159,11 +157,7 @@ class BusWatcher:
         self._ready.wait(5)
 
     def _run(self) -> None:
-        sub = self._ctx.socket(zmq.SUB)
-        sub.linger = 0
-        sub.setsockopt(zmq.SUBSCRIBE, self._topic)
-        self._secure(sub)
-        sub.connect(self._addr)
+        sub = connect(self._cfg, zmq.SUB, "events_out", (self._topic.decode(),))
         self._ready.set()
         try:
             while not self._stop.is_set():
@@ -176,7 +170,7 @@ class BusWatcher:
                         self.envelopes.append(env)
                         self._cond.notify_all()
         finally:
-            sub.close()
+            sub.close(linger=0)
 
     def wait_for(self, predicate: Callable[[list[wire.Envelope]], object], timeout: float) -> object:
         deadline = time.monotonic() + timeout

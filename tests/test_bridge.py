@@ -13,12 +13,13 @@ import zmq
 from broker import wire
 from stages import config as config_mod
 from stages.launcher import Pipeline, wait_ready
+from stages.runtime import connect
 from tests.harness import BIN, BusWatcher, pipeline_env, write_config
 
 
 @pytest.fixture
-def bridge(tmp_path: Path):
-    cfg_path = write_config(tmp_path)
+def bridge(tmp_path: Path, request):
+    cfg_path = write_config(tmp_path, **getattr(request, "param", {}))
     cfg = config_mod.load(cfg_path)
     env = pipeline_env(cfg_path, None)
     log = open(tmp_path / "broker.log", "wb")
@@ -64,11 +65,8 @@ def test_bad_input_is_published_and_reading_goes_on(bridge):
 
 def test_commands_become_clean_lines_and_end_of_input_exits(bridge):
     cfg, proc, bus = bridge
-    ctx = zmq.Context.instance()
-    push = ctx.socket(zmq.PUSH)
-    push.linger = 1000
-    push.connect(config_mod.endpoint(cfg, "commands_in"))
-    sender = wire.Sender("test")
+    push = connect(cfg, zmq.PUSH, "commands_in")
+    sender = wire.Sender("sequencer")
     commands = [
         ["0", "mei_voice_normal", "一行目\nEXECUTE|rm -rf /\r\x07\x1b[31m"],
         ["0", "mei_voice_normal", "長" * 3000],
@@ -96,3 +94,62 @@ def test_commands_become_clean_lines_and_end_of_input_exits(bridge):
 def test_bridge_does_not_import_the_llm_client():
     code = "import sys, stages.cli, stages.bridge; sys.exit('openai' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent).returncode == 0
+
+
+REFUSED_BY_DEFAULT = ["EXECUTE", "KEY_POST", "PLUGIN_ENABLE", "PLUGIN_DISABLE", "MODEL_ADD", "MODEL_DELETE",
+                      "KEYVALUE_SET", "MOTION_ADD", "OPEN_CONTENT", "CAMERA", "SYNTH_STARTX", "synth_start"]
+
+
+def _push_commands(cfg, commands: list[tuple[str, str, list[str]]]) -> None:
+    """(sender, type, args) as turn-0 commands, the way a stage holding the session's keys would."""
+    push = connect(cfg, zmq.PUSH, "commands_in")
+    try:
+        for sender, msg_type, args in commands:
+            push.send_multipart(wire.encode(wire.Sender(sender).make("command", {"type": msg_type, "args": args})))
+    finally:
+        push.close(linger=2000)
+
+
+def _bridge_refused(bus: BusWatcher, want: dict[str, int]) -> dict[str, int]:
+    """The bridge's heartbeat ``refused`` counts, once they reach ``want``."""
+    def got(envs):
+        beats = [e for e in envs if e.kind == "heartbeat" and e.sender == "bridge"]
+        refused = beats[-1].body["info"].get("refused", {}) if beats else {}
+        return refused if all(refused.get(k, 0) >= n for k, n in want.items()) else None
+    return bus.wait_for(got, 10) or {}
+
+
+def test_only_allowed_types_from_allowed_senders_are_written(bridge):
+    """Every type but SYNTH_START/SYNTH_STOP/NOTIFY_SHOW is refused, twice each; so is speech from a
+    stage that may not speak. Each refusal is logged once per type or sender and counted."""
+    cfg, proc, bus = bridge
+    commands = [("sequencer", t, ["x"]) for t in REFUSED_BY_DEFAULT for _ in range(2)]
+    commands += [("llm", "SYNTH_START", ["0", "mei_voice_normal", "from the llm"])] * 2
+    commands += [("observer", "NOTIFY_SHOW", ["from an observer"])]
+    commands += [("sequencer", "NOTIFY_SHOW", ["allowed"])]  # last: once written, everything before was read
+    _push_commands(cfg, commands)
+    assert bus.wait_for(lambda envs: any(e.kind == "written" for e in envs), 10)
+    want = {f"type {t}": 2 for t in REFUSED_BY_DEFAULT} | {"sender llm": 2, "sender observer": 1}
+    assert _bridge_refused(bus, want) == want
+    out, err = proc.communicate(timeout=10)
+    assert out == b"NOTIFY_SHOW|allowed\n"
+    log = err.decode("utf-8")
+    for msg_type in REFUSED_BY_DEFAULT:
+        assert log.count(f"refused a {msg_type!r}") == 1, msg_type
+    assert log.count("not in [bridge] allow_senders") == 2
+
+
+@pytest.mark.parametrize("bridge", [{"bridge": {"allow_types": ["SYNTH_START", "MOTION_ADD"],
+                                                "allow_senders": ["sequencer", "gestures"]}}], indirect=True)
+def test_the_configuration_can_allow_one_more_type_and_sender(bridge):
+    cfg, proc, bus = bridge
+    _push_commands(cfg, [("gestures", "MOTION_ADD", ["0", "nod", "motions/nod.vmd", "PART", "ONCE"]),
+                         ("gestures", "EXECUTE", ["calc.exe"]),
+                         ("sequencer", "NOTIFY_SHOW", ["no longer allowed"]),
+                         ("sequencer", "SYNTH_START", ["0", "mei_voice_normal", "はい。"])])
+    assert bus.wait_for(lambda envs: len([e for e in envs if e.kind == "written"]) == 2, 10)
+    assert _bridge_refused(bus, {"type EXECUTE": 1, "type NOTIFY_SHOW": 1}) == {"type EXECUTE": 1,
+                                                                               "type NOTIFY_SHOW": 1}
+    out, _ = proc.communicate(timeout=10)
+    assert out.decode("utf-8").splitlines() == ["MOTION_ADD|0|nod|motions/nod.vmd|PART|ONCE",
+                                                "SYNTH_START|0|mei_voice_normal|はい。"]

@@ -111,16 +111,46 @@ def test_the_broker_needs_its_secret_and_a_client_key(tmp_path, keys):
         curve.server_options(cfg)
 
 
-def test_without_keys_sockets_stay_as_they_were(tmp_path):
+def test_without_curve_dir_the_session_has_keys_of_its_own(tmp_path):
+    """Made on first use, private (0700 folders, 0600 secrets), different per session, used by every socket."""
     cfg = config.load(write(tmp_path, "[bus]\n"))
+    folder = curve.folder_of(cfg)
+    state = tmp_path / "state" / "mmdagent-llm"
+    assert folder == state / "bus-default" / "keys"
+    assert not curve.missing_files(folder, curve.ALL_FILES)
+    for path in (state, folder.parent, folder, folder / curve.CLIENTS_DIR):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+    for name in (curve.SERVER_SECRET, curve.CLIENT_SECRET):
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o600
+    assert curve.folder_of(cfg) == folder and secrets_of(folder) == secrets_of(curve.folder_of(cfg))  # kept
+    other = curve.folder_of({**cfg, "bus": {**cfg["bus"], "session": "avatar2"}})
+    assert other != folder and set(secrets_of(other)).isdisjoint(secrets_of(folder))
     sock = zmq.Context.instance().socket(zmq.SUB)
     try:
         curve.client_options(cfg)(sock)
-        curve.server_options(cfg)(sock)
-        assert sock.mechanism == zmq.NULL
-        assert curve.start_authenticator(zmq.Context.instance(), cfg) is None
+        assert sock.mechanism == zmq.CURVE
     finally:
         sock.close(0)
+
+
+def test_a_state_folder_open_to_others_is_closed(tmp_path):
+    state = tmp_path / "state" / "mmdagent-llm"
+    state.mkdir(parents=True, mode=0o755)
+    os.chmod(state, 0o755)
+    curve.folder_of(config.load(write(tmp_path, "[bus]\n")))
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+
+
+def test_many_processes_starting_at_once_agree_on_one_key_set(tmp_path):
+    config_path = write(tmp_path, "[bus]\n")
+    code = ("import sys; from stages import config, curve; "
+            "print(curve.folder_of(config.load()).joinpath('client.key').read_text())")
+    env = dict(os.environ, MMDAGENT_LLM_CONFIG=str(config_path), PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE) for _ in range(6)]
+    outs = {proc.communicate(timeout=60)[0] for proc in procs}
+    assert all(proc.returncode == 0 for proc in procs)
+    assert len(outs) == 1 and b"public-key" in outs.pop()
+    assert not [p for p in (tmp_path / "state" / "mmdagent-llm").iterdir() if p.name.startswith(".")]
 
 
 # -- the keys subcommand --------------------------------------------------------------------

@@ -22,6 +22,7 @@ from zmq.utils.monitor import recv_monitor_message
 from broker import wire
 from stages import bridge as bridge_mod
 from stages import config as config_mod
+from stages import curve
 from stages.launcher import Pipeline, wait_ready
 from tests.harness import BIN, BusWatcher, pipeline_env, write_config
 
@@ -273,10 +274,13 @@ def test_stage_survives_a_rogue_process_on_the_bus(tmp_path: Path):
     sockets: list[zmq.Socket] = []
     bus = None
 
+    keys = curve.client_options(cfg)  # a rogue that holds the session's keys: the worst case
+
     def socket(kind: int, endpoint: str) -> zmq.Socket:
         sock = ctx.socket(kind)
         sock.linger = 0
         sockets.append(sock)
+        keys(sock)
         sock.connect(config_mod.endpoint(cfg, endpoint))
         return sock
 
@@ -290,6 +294,7 @@ def test_stage_survives_a_rogue_process_on_the_bus(tmp_path: Path):
         rogue_pub = ctx.socket(zmq.XPUB)
         rogue_pub.linger = 0
         sockets.append(rogue_pub)
+        keys(rogue_pub)
         rogue_pub.connect(config_mod.endpoint(cfg, "events_in"))
         rogue_push = ctx.socket(zmq.PUSH)
         rogue_push.linger = 0
@@ -297,6 +302,7 @@ def test_stage_survives_a_rogue_process_on_the_bus(tmp_path: Path):
         rogue_push.sndtimeo = 5000
         sockets.append(rogue_push)
         monitor = rogue_push.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        keys(rogue_push)
         rogue_push.connect(config_mod.endpoint(cfg, "tokens_in"))
         subscriptions: set[bytes] = set()
         deadline = time.monotonic() + 20
