@@ -1,6 +1,6 @@
 """Latency benchmark of the streaming pipeline on the embedded default (no LLM key).
 
-    python -m tests.bench_latency [--turns 200]
+    python -m tests.bench_latency [--turns 200] [--compare REV [--rounds 4]]
 
 Runs the real stage processes and the simulated MMDAgent-EX (fast speech), talks ``--turns``
 times, alternating Japanese and English, and prints:
@@ -13,13 +13,23 @@ times, alternating Japanese and English, and prints:
   segment sent as soon as it was cut (the first of each turn; later ones wait for the avatar).
 - first token: ``RECOG_EVENT_STOP`` -> first token in ``llm`` (the LLM's share of the response).
 
+``--compare REV`` measures the code of git revision ``REV`` (e.g. the commit before a change)
+and the working tree in the same run: ``--rounds`` rounds, each ``--turns`` turns of REV then
+of this tree, alternating so that the machine's drift falls on both. This very file measures
+both (it is copied into REV's tree), each tree's processes run its own code (``PYTHONPATH``),
+and each run has a state folder of its own.
+
 Timing goals are reported here, never asserted in the test suite.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -61,17 +71,63 @@ def run(turns: int) -> dict[str, list[float]]:
     return {"response": response, "overhead": overhead, "first_token": first_token}
 
 
+NAMES = {"response": "RECOG_EVENT_STOP -> first SYNTH_START",
+         "overhead": "token arrival in llm -> SYNTH_START on bridge stdout",
+         "first_token": "RECOG_EVENT_STOP -> first token in llm"}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_tree(tree: Path, turns: int, state: Path) -> dict[str, list[float]]:
+    """One run of this benchmark in ``tree``'s code, as a child process; its raw samples."""
+    env = dict(os.environ, PYTHONPATH=str(tree), XDG_STATE_HOME=str(state))
+    done = subprocess.run([sys.executable, "-m", "tests.bench_latency", "--turns", str(turns), "--json"], cwd=tree,
+                          env=env, stdout=subprocess.PIPE, check=True, timeout=60 + turns * 10)
+    return json.loads(done.stdout.decode().strip().splitlines()[-1])
+
+
+def compare(rev: str, turns: int, rounds: int) -> dict[str, dict[str, list[float]]]:
+    results: dict[str, dict[str, list[float]]] = {rev: {k: [] for k in NAMES}, "this tree": {k: [] for k in NAMES}}
+    with tempfile.TemporaryDirectory(prefix="mmdagent-llm-compare-") as tmp:
+        old = Path(tmp) / "before"
+        old.mkdir()
+        archive = subprocess.run(["git", "archive", rev], cwd=ROOT, stdout=subprocess.PIPE, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+        shutil.copy(Path(__file__), old / "tests" / "bench_latency.py")
+        for i in range(rounds):
+            for name, tree in ((rev, old), ("this tree", ROOT)):
+                samples = run_tree(tree, turns, Path(tmp) / f"state-{i}-{tree.name}")
+                for key, values in samples.items():
+                    results[name][key] += values
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--turns", type=int, default=200)
+    parser.add_argument("--json", action="store_true", help="print the raw samples as one JSON line")
+    parser.add_argument("--compare", metavar="REV", help="also measure git revision REV, alternating with this tree")
+    parser.add_argument("--rounds", type=int, default=4, help="with --compare: rounds of --turns turns each")
     args = parser.parse_args(argv)
     began = time.monotonic()
+    if args.json:
+        print(json.dumps(run(args.turns)))
+        return 0
+    if args.compare:
+        both = compare(args.compare, args.turns, args.rounds)
+        print(f"mmdagent-llm latency benchmark, embedded offline responder, {args.rounds} x {args.turns} turns "
+              f"each of {args.compare} and this tree, alternating, {time.monotonic() - began:.0f} s")
+        for name, results in both.items():
+            print(f"{name}:")
+            for key, label in NAMES.items():
+                print("  " + summary(label, results[key]))
+        old, new = (statistics.median(r["overhead"]) * 1000 for r in both.values())
+        print(f"token arrival -> SYNTH_START, median: {old:.3f} ms -> {new:.3f} ms ({new - old:+.3f} ms)")
+        return 0
     results = run(args.turns)
     print(f"mmdagent-llm latency benchmark, embedded offline responder, {args.turns} turns, "
           f"{time.monotonic() - began:.0f} s")
-    print(summary("RECOG_EVENT_STOP -> first SYNTH_START", results["response"]))
-    print(summary("token arrival in llm -> SYNTH_START on bridge stdout", results["overhead"]))
-    print(summary("RECOG_EVENT_STOP -> first token in llm", results["first_token"]))
+    for key, label in NAMES.items():
+        print(summary(label, results[key]))
     return 0
 
 

@@ -13,6 +13,7 @@ import random
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import msgpack
@@ -23,6 +24,7 @@ from broker import wire
 from stages import bridge as bridge_mod
 from stages import config as config_mod
 from stages import curve
+from stages.runtime import connect
 from stages.launcher import Pipeline, wait_ready
 from tests.harness import BIN, BusWatcher, pipeline_env, write_config
 
@@ -349,6 +351,13 @@ def test_stage_survives_a_rogue_process_on_the_bus(tmp_path: Path):
         assert recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
         craft(block=True)  # once more, after the reconnection: every reason reaches the stage
         assert segmenter.procs["segmenter"].poll() is None, "the segmenter died"
+        # The flood filled our watcher's queue at the broker, which drops at its high-water mark
+        # (by design, for observers): let it drain, up to a marker, before what it must see.
+        marker = {"level": "info", "text": f"drained {uuid.uuid4().hex}"}
+        deadline = time.monotonic() + 30
+        while not bus.wait_for(lambda envs: any(e.kind == "notice" and e.body == marker for e in envs), 0.5):
+            assert time.monotonic() < deadline, "the bus watcher never caught up with the flood"
+            rogue_pub.send_multipart(_good("notice", marker))
 
         # a valid work item still goes through, behind the backlog of garbage
         producer = socket(zmq.PUSH, "tokens_in")
@@ -370,7 +379,8 @@ def test_stage_survives_a_rogue_process_on_the_bus(tmp_path: Path):
         assert items[1].body["segments"] == 1
         done = time.time()  # every garbage frame sent before is behind us: the next beat counts all
         assert bus.wait_for(lambda envs: [e.kind for e in envs if e.turn == turn] == ["token", "turn_end",
-                                                                                      "segment", "turn_end"], 10)
+                                                                                      "segment", "turn_end"], 10), \
+            [(e.kind, e.sender) for e in bus.envelopes if e.turn == turn]
 
         core = {"wrong frame count", "not msgpack", "not a map", "wrong version", "bad field turn",
                 "bad field body", "unknown kind", "topic mismatch", "payload too large"}
@@ -417,14 +427,13 @@ def test_valid_envelopes_with_unusable_bodies_do_not_stop_the_llm(tmp_path: Path
     env = pipeline_env(cfg_path, None)  # the embedded offline responder answers
     log_path = tmp_path / "stages.log"
     ctx = zmq.Context.instance()
-    rogue = ctx.socket(zmq.PUB)
-    rogue.linger = 0
+    rogue = None
     bus = None
     with open(log_path, "wb") as log, Pipeline(env=env, stderr=log, names=["broker", "llm"]):
         try:
             wait_ready(cfg, ["broker", "llm"], 20)
             bus = BusWatcher(cfg)
-            rogue.connect(config_mod.endpoint(cfg, "events_in"))
+            rogue = connect(cfg, zmq.PUB, "events_in")  # a rogue that holds the session's keys
             sender = wire.Sender("rogue")
             bad = [("cancel", {"spoken": 5, "reason": []}, 1), ("turn_start", {"text": {"a": 1}}, 2),
                    ("cancel", {"spoken": 7}, 2), ("cancel", {"spoken": None}, 2)]
@@ -447,7 +456,8 @@ def test_valid_envelopes_with_unusable_bodies_do_not_stop_the_llm(tmp_path: Path
                                                   None), 5)
             assert beat and any(r.startswith("unusable cancel body") for r in beat.body["bad_frames"])
         finally:
-            rogue.close()
+            if rogue is not None:
+                rogue.close(linger=0)
             if bus is not None:
                 bus.close()
     text = log_path.read_text(errors="replace")

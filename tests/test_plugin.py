@@ -15,6 +15,7 @@ import pytest
 
 from stages import config as config_mod
 from stages.avatar_sim import SimulatedMMDAgent
+from stages.launcher import PIPELINE, Pipeline, wait_ready
 from tests.e2e import bridge_sees_pipeline
 from tests.harness import pipeline_env, processes_with, write_config
 
@@ -76,7 +77,28 @@ def test_plugin_starts_the_pipeline_answers_and_dies_with_its_bridge(tmp_path: P
             os.kill(pid, signal.SIGKILL)
 
 
-def test_a_second_plugin_joins_the_running_pipeline(tmp_path: Path):
+def test_a_plugin_joins_a_pipeline_that_has_no_bridge(tmp_path: Path):
+    """A pipeline the user runs (here without a manager): the plugin is just its bridge."""
+    mark = f"mark-{uuid.uuid4().hex}"
+    env, cfg = plugin_env(tmp_path, mark)
+    stages_env = {**env, config_mod.ENV_CONFIG: str(tmp_path / "content" / "mmdagent-llm.toml")}
+    with open(tmp_path / "stages.log", "wb") as log, Pipeline(env=stages_env, stderr=log) as pipeline:
+        wait_ready(cfg, PIPELINE, 30)
+        avatar = start(tmp_path / "content", env, tmp_path / "plugin.log")
+        try:
+            bridge_sees_pipeline(cfg, 20)
+            assert "joining it" in (tmp_path / "plugin.log").read_text(errors="replace")
+            assert not [p for p in processes_with(mark) if "supervisor.supervisord" in cmdline(p)]
+            avatar.send("RECOG_EVENT_START")
+            avatar.send("RECOG_EVENT_STOP|こんにちは")
+            assert avatar.wait_line("SYNTH_START|0|mei_voice_normal|", 20)
+        finally:
+            avatar.kill()
+        assert all(proc.poll() is None for proc in pipeline.procs.values())  # not its pipeline: left running
+
+
+def test_a_second_plugin_of_the_same_session_refuses(tmp_path: Path):
+    """Two avatars on one session would split its commands: the second says so, on screen too."""
     mark = f"mark-{uuid.uuid4().hex}"
     env, cfg = plugin_env(tmp_path, mark)
     first = start(tmp_path / "content", env, tmp_path / "first.log")
@@ -87,16 +109,50 @@ def test_a_second_plugin_joins_the_running_pipeline(tmp_path: Path):
         other.mkdir()
         (other / "mmdagent-llm.toml").write_text((tmp_path / "content" / "mmdagent-llm.toml").read_text())
         second = start(other, env, tmp_path / "second.log")
-        deadline = time.monotonic() + 20
-        while "joining it" not in (tmp_path / "second.log").read_text(errors="replace"):
-            assert time.monotonic() < deadline, "the second plugin did not join"
-            assert second.returncode is None, "the second plugin exited"
-            time.sleep(0.1)  # polling its log file: no event to wait on
+        assert second.wait_exit(20) == 1
+        text = (tmp_path / "second.log").read_text(errors="replace")
+        assert "session 'default' has a bridge already" in text and "[bus] session" in text
+        assert [r.line for r in second.received] == [
+            "NOTIFY_SHOW|mmdagent-llm: session 'default' is in use by another avatar (see the log)"]
         ours = processes_with(mark)
         assert sum("supervisor.supervisord" in cmdline(p) for p in ours) == 1
         assert sum("stages.cli broker" in cmdline(p) for p in ours) == 1
-        second.kill()
+        first.send("RECOG_EVENT_START")
+        first.send("RECOG_EVENT_STOP|こんにちは")
+        assert first.wait_line("SYNTH_START|0|mei_voice_normal|", 20), "the first avatar stopped answering"
         first.kill()
+        assert not wait_gone(mark, 5.0)
+    finally:
+        for avatar in (first, second):
+            if avatar is not None:
+                avatar.kill()
+        for pid in processes_with(mark):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_plugin_of_another_session_runs_beside(tmp_path: Path):
+    """Two avatars, two sessions: two pipelines, each with its own bus, each answering its own."""
+    mark = f"mark-{uuid.uuid4().hex}"
+    env, cfg = plugin_env(tmp_path, mark)
+    first = start(tmp_path / "content", env, tmp_path / "first.log")
+    second = None
+    try:
+        bridge_sees_pipeline(cfg, 40)
+        other = tmp_path / "other-content"
+        other.mkdir()
+        other_cfg = write_config(other, bus={"session": "gene"})
+        second = start(other, env, tmp_path / "second.log")
+        bridge_sees_pipeline(config_mod.load(other_cfg), 40)
+        ours = processes_with(mark)
+        assert sum("supervisor.supervisord" in cmdline(p) for p in ours) == 2
+        assert sum("stages.cli broker" in cmdline(p) for p in ours) == 2
+        for avatar, text in ((first, "メイさん"), (second, "ジェネさん")):
+            avatar.send("RECOG_EVENT_START")
+            avatar.send(f"RECOG_EVENT_STOP|{text}")
+            assert avatar.wait_line("SYNTH_START|0|mei_voice_normal|", 20), text
+        assert (tmp_path / "state" / "mmdagent-llm" / "run-gene" / "llm.log").exists()
+        first.kill()
+        second.kill()
         assert not wait_gone(mark, 5.0)
     finally:
         for avatar in (first, second):
