@@ -59,7 +59,7 @@ stdout_logfile_maxbytes=10MB
 
 def supervisord_conf(run: Path, owner: int) -> str:
     """The supervisord configuration of a plugin-started pipeline, watched by ``watchdog``."""
-    text = (f"[supervisord]\nnodaemon=true\nlogfile={run}/supervisord.log\nlogfile_maxbytes=10MB\n"
+    text = (f"[supervisord]\nnodaemon=true\numask=077\nlogfile={run}/supervisord.log\nlogfile_maxbytes=10MB\n"
             f"pidfile={run}/supervisord.pid\nchildlogdir={run}\n")
     for name in (*PIPELINE, "watchdog"):
         args = f"watchdog {owner}" if name == "watchdog" else name
@@ -137,18 +137,8 @@ def watchdog(owner: int) -> int:
     """Inside the plugin's supervisord: when ``owner`` (the bridge) is gone, stop supervisord."""
     setup_logging("watchdog")
     log.info("watching pid %d", owner)
-    while _alive(owner):
+    while sessions.alive(owner):
         time.sleep(0.5)
     log.info("pid %d is gone: stopping the pipeline", owner)
     os.kill(os.getppid(), signal.SIGTERM)
     return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

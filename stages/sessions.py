@@ -127,7 +127,7 @@ def running_brokers() -> list[dict[str, Any]]:
     for path in state_dir().glob(f"bus-*/{REGISTRY}"):
         try:
             entry = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(entry, dict) or type(entry.get("pid")) is not int or not _alive(entry["pid"]):
+            if not isinstance(entry, dict) or type(entry.get("pid")) is not int or not alive(entry["pid"]):
                 continue
         except (OSError, ValueError):
             continue
@@ -135,7 +135,8 @@ def running_brokers() -> list[dict[str, Any]]:
     return sorted(found, key=lambda e: e.get("started", 0), reverse=True)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on Windows: assumed, as there is no harmless probe)."""
     if sys.platform == "win32":
         return True  # os.kill(pid, 0) would terminate it there; the entry may be stale
     try:

@@ -111,7 +111,7 @@ def test_the_broker_needs_its_secret_and_a_client_key(tmp_path, keys):
         curve.server_options(cfg)
 
 
-def test_without_curve_dir_the_session_has_keys_of_its_own(tmp_path):
+def test_without_curve_dir_the_session_has_keys_of_its_own(tmp_path, own_state):
     """Made on first use, private (0700 folders, 0600 secrets), different per session, used by every socket."""
     cfg = config.load(write(tmp_path, "[bus]\n"))
     folder = curve.folder_of(cfg)
@@ -133,7 +133,7 @@ def test_without_curve_dir_the_session_has_keys_of_its_own(tmp_path):
         sock.close(0)
 
 
-def test_a_state_folder_open_to_others_is_closed(tmp_path):
+def test_a_state_folder_open_to_others_is_closed(tmp_path, own_state):
     state = tmp_path / "state" / "mmdagent-llm"
     state.mkdir(parents=True, mode=0o755)
     os.chmod(state, 0o755)
@@ -141,7 +141,7 @@ def test_a_state_folder_open_to_others_is_closed(tmp_path):
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
 
 
-def test_many_processes_starting_at_once_agree_on_one_key_set(tmp_path):
+def test_many_processes_starting_at_once_agree_on_one_key_set(tmp_path, own_state):
     config_path = write(tmp_path, "[bus]\n")
     code = ("import sys; from stages import config, curve; "
             "print(curve.folder_of(config.load()).joinpath('client.key').read_text())")

@@ -9,7 +9,9 @@ import signal
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -22,6 +24,11 @@ from tests.harness import pipeline_env, processes_with, write_config
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
 PLUGIN = "mmdagent-llm plugin"
+
+
+@pytest.fixture(autouse=True)
+def _state(own_state):
+    """The plugin's run folder is looked into: each test has its own state folder."""
 
 
 def cmdline(pid: int) -> str:
@@ -97,18 +104,35 @@ def test_a_plugin_joins_a_pipeline_that_has_no_bridge(tmp_path: Path):
         assert all(proc.poll() is None for proc in pipeline.procs.values())  # not its pipeline: left running
 
 
+@contextmanager
+def two_avatars(tmp: Path, mark: str, env: dict[str, str], cfg: config_mod.Config,
+                **second_sections: dict) -> Iterator[tuple[SimulatedMMDAgent, SimulatedMMDAgent]]:
+    """A first avatar whose plugin brought its pipeline up, and a second started in another content
+    folder with a copy of the first's configuration, or (``second_sections``) one of its own with
+    other ports; both and all they started are ended afterwards."""
+    avatars = [start(tmp / "content", env, tmp / "first.log")]
+    try:
+        bridge_sees_pipeline(cfg, 40)
+        other = tmp / "other-content"
+        other.mkdir()
+        if second_sections:
+            write_config(other, **second_sections)
+        else:
+            (other / "mmdagent-llm.toml").write_text((tmp / "content" / "mmdagent-llm.toml").read_text())
+        avatars.append(start(other, env, tmp / "second.log"))
+        yield avatars[0], avatars[1]
+    finally:
+        for avatar in avatars:
+            avatar.kill()
+        for pid in processes_with(mark):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_a_second_plugin_of_the_same_session_refuses(tmp_path: Path):
     """Two avatars on one session would split its commands: the second says so, on screen too."""
     mark = f"mark-{uuid.uuid4().hex}"
     env, cfg = plugin_env(tmp_path, mark)
-    first = start(tmp_path / "content", env, tmp_path / "first.log")
-    second = None
-    try:
-        bridge_sees_pipeline(cfg, 40)
-        other = tmp_path / "other-content"
-        other.mkdir()
-        (other / "mmdagent-llm.toml").write_text((tmp_path / "content" / "mmdagent-llm.toml").read_text())
-        second = start(other, env, tmp_path / "second.log")
+    with two_avatars(tmp_path, mark, env, cfg) as (first, second):
         assert second.wait_exit(20) == 1
         text = (tmp_path / "second.log").read_text(errors="replace")
         assert "session 'default' has a bridge already" in text and "[bus] session" in text
@@ -122,27 +146,14 @@ def test_a_second_plugin_of_the_same_session_refuses(tmp_path: Path):
         assert first.wait_line("SYNTH_START|0|mei_voice_normal|", 20), "the first avatar stopped answering"
         first.kill()
         assert not wait_gone(mark, 5.0)
-    finally:
-        for avatar in (first, second):
-            if avatar is not None:
-                avatar.kill()
-        for pid in processes_with(mark):
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_plugin_of_another_session_runs_beside(tmp_path: Path):
     """Two avatars, two sessions: two pipelines, each with its own bus, each answering its own."""
     mark = f"mark-{uuid.uuid4().hex}"
     env, cfg = plugin_env(tmp_path, mark)
-    first = start(tmp_path / "content", env, tmp_path / "first.log")
-    second = None
-    try:
-        bridge_sees_pipeline(cfg, 40)
-        other = tmp_path / "other-content"
-        other.mkdir()
-        other_cfg = write_config(other, bus={"session": "gene"})
-        second = start(other, env, tmp_path / "second.log")
-        bridge_sees_pipeline(config_mod.load(other_cfg), 40)
+    with two_avatars(tmp_path, mark, env, cfg, bus={"session": "gene"}) as (first, second):
+        bridge_sees_pipeline(config_mod.load(tmp_path / "other-content" / "mmdagent-llm.toml"), 40)
         ours = processes_with(mark)
         assert sum("supervisor.supervisord" in cmdline(p) for p in ours) == 2
         assert sum("stages.cli broker" in cmdline(p) for p in ours) == 2
@@ -154,9 +165,3 @@ def test_a_plugin_of_another_session_runs_beside(tmp_path: Path):
         first.kill()
         second.kill()
         assert not wait_gone(mark, 5.0)
-    finally:
-        for avatar in (first, second):
-            if avatar is not None:
-                avatar.kill()
-        for pid in processes_with(mark):
-            os.kill(pid, signal.SIGKILL)

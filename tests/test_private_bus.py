@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +26,7 @@ import pytest
 from stages import config as config_mod
 from stages import curve
 from stages.avatar_sim import SimulatedMMDAgent
+from stages.history_store import state_dir
 from stages.launcher import PIPELINE, wait_ready
 from tests.e2e import World, bridge_sees_pipeline, launched, managed
 from tests.harness import ROOT, SECRET_KEY, BusWatcher, pipeline_env, processes_with, write_config
@@ -93,6 +97,10 @@ def test_another_user_is_kept_out_of_the_plugins_pipeline(tmp_path: Path):
         assert result["keys_readable"] == []
         assert_kept_out(world, result)
         assert_no_secret_on_any_command_line(world.cfg)
+        run = state_dir() / "run-default"           # the plugin's supervisord: logs for the owner only
+        logs = list(run.glob("*.log"))
+        assert stat.S_IMODE(run.stat().st_mode) == 0o700 and len(logs) >= 5
+        assert not [log for log in logs if log.stat().st_mode & 0o077]
 
 
 @AS_ROOT
@@ -174,3 +182,33 @@ def test_the_owners_observer_gets_in_and_the_allow_list_still_holds(tmp_path: Pa
         lines = [r.line for r in world.avatar.received]
         assert not [line for line in lines if line.startswith("EXECUTE")]
         assert f"SYNTH_START|0|mei_voice_normal|{FORGED_TEXT}" in lines
+
+
+def readme_observer() -> str:
+    """The observer example of the README's "Watching the bus", as printed there."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Watching the bus"):]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_observer_gets_in_with_no_extra_steps(tmp_path: Path):
+    """Run as the same user with the same configuration, it hears every line written to the avatar."""
+    with launched(tmp_path) as world:
+        env = pipeline_env(tmp_path / "content" / "mmdagent-llm.toml", None)
+        proc = subprocess.Popen([sys.executable, "-u", "-c", readme_observer()], cwd=ROOT, env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            # it is connected once it hears anything: keep talking until it does, within a deadline
+            heard: list[str] = []
+            reader = threading.Thread(target=lambda: heard.extend(iter(proc.stdout.readline, "")), daemon=True)
+            reader.start()
+            deadline = time.monotonic() + 30
+            turns: list[int] = []
+            while not any("SYNTH_START" in line for line in heard):
+                assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else heard
+                turns.append(world.talk("聞こえていますか").turn)
+            line = next(line for line in heard if "SYNTH_START" in line)
+            assert int(line.split()[0]) in turns and " SYNTH_START ['0', 'mei_voice_normal', '" in line, line
+        finally:
+            proc.kill()
+            proc.wait(5)
