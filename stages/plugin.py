@@ -59,7 +59,7 @@ stdout_logfile_maxbytes=10MB
 
 def supervisord_conf(run: Path, owner: int) -> str:
     """The supervisord configuration of a plugin-started pipeline, watched by ``watchdog``."""
-    text = (f"[supervisord]\nnodaemon=true\numask=077\nlogfile={run}/supervisord.log\nlogfile_maxbytes=10MB\n"
+    text = (f"[supervisord]\nnodaemon=true\nlogfile={run}/supervisord.log\nlogfile_maxbytes=10MB\n"
             f"pidfile={run}/supervisord.pid\nchildlogdir={run}\n")
     for name in (*PIPELINE, "watchdog"):
         args = f"watchdog {owner}" if name == "watchdog" else name
@@ -86,6 +86,7 @@ def start_pipeline(cfg: config_mod.Config) -> subprocess.Popen:
     log.info("no pipeline running: starting one under supervisord (logs in %s)", run)
     return subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-c", str(conf)], cwd=run, env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            umask=0o077,  # its logs and files: the user's only
                             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 
 
