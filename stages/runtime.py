@@ -145,12 +145,12 @@ class Stage:
         self.sender = wire.Sender(self.name, cfg["bus"]["session"])
         self.bad_frames: dict[str, int] = {}
         self.ctx = zmq.Context.instance()
-        self.pub = self._socket(zmq.PUB, "events_in")
-        self.sub = self._socket(zmq.SUB, "events_out", subscribe=(*self.topics, "heartbeat."))
+        self.pub = connect(cfg, zmq.PUB, "events_in", ctx=self.ctx)
+        self.sub = connect(cfg, zmq.SUB, "events_out", (*self.topics, "heartbeat."), self.ctx)
         peers = tuple(n for n in (*PIPELINE, "bridge") if n != self.name)
         self.liveness = Liveness(peers, cfg["bus"]["peer_timeout"])
-        self.pull = self._socket(zmq.PULL, f"{self.input_queue}_out") if self.input_queue else None
-        self.push_sock = self._socket(zmq.PUSH, f"{self.output_queue}_in") if self.output_queue else None
+        self.pull = connect(cfg, zmq.PULL, f"{self.input_queue}_out", ctx=self.ctx) if self.input_queue else None
+        self.push_sock = connect(cfg, zmq.PUSH, f"{self.output_queue}_in", ctx=self.ctx) if self.output_queue else None
         if self.push_sock is not None:
             self.push_sock.sndtimeo = 2000
         self.extra: dict[zmq.Socket, Callable[[], None]] = {}
@@ -159,9 +159,6 @@ class Stage:
             zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(_HANDSHAKE_FAILURES))
         self._handshake_failed: set[int] = set()
         self.extra[self._handshake] = self._on_handshake
-
-    def _socket(self, kind: int, endpoint: str, subscribe: tuple[str, ...] = ()) -> zmq.Socket:
-        return connect(self.cfg, kind, endpoint, subscribe, self.ctx)
 
     def _on_handshake(self) -> None:
         """Say once, plainly, why we cannot get onto the bus (not every 100 ms retry)."""

@@ -74,10 +74,13 @@ def assert_kept_out(world: World, result: dict) -> None:
     assert not any(e.body["info"].get("refused") for e in beats if e.sender == "bridge")
 
 
-def assert_no_secret_on_any_command_line(cfg: config_mod.Config) -> None:
+def session_secrets(cfg: config_mod.Config) -> list[str]:
     folder = curve.folder_of(cfg)
-    secrets = [curve._load(folder / name, secret=True)[1].decode()
-               for name in (curve.SERVER_SECRET, curve.CLIENT_SECRET)]
+    return [curve._load(folder / name, secret=True)[1].decode() for name in (curve.SERVER_SECRET, curve.CLIENT_SECRET)]
+
+
+def assert_no_secret_on_any_command_line(cfg: config_mod.Config) -> None:
+    secrets = session_secrets(cfg)
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -101,6 +104,9 @@ def test_another_user_is_kept_out_of_the_plugins_pipeline(tmp_path: Path):
         logs = list(run.glob("*.log"))
         assert stat.S_IMODE(run.stat().st_mode) == 0o700 and len(logs) >= 5
         assert not [log for log in logs if log.stat().st_mode & 0o077]
+        for log in [*logs, tmp_path / "plugin.log"]:
+            text = log.read_text(encoding="utf-8", errors="replace")
+            assert not any(secret in text for secret in session_secrets(world.cfg)), log
 
 
 @AS_ROOT
