@@ -141,8 +141,12 @@ def _overlay_env(cfg: Config, environ: os._Environ[str] | dict[str, str]) -> Non
         cfg[section][key] = value
 
 
-FIRST_PORT = 47110  # the derived base ports are FIRST_PORT + 8 * block
-PORT_BLOCKS = 256   # blocks 47110 .. 49157
+# Derived base ports are FIRST_PORT + 8 * block: 27110 .. 29157, below the ephemeral ports
+# (Linux 32768-60999, Windows and macOS 49152-65535). A port in that range can be taken by a
+# stage's own outgoing connection while the broker is down (a TCP self-connect, which a CURVE
+# handshake then holds for its whole timeout), so a restarted broker could not bind.
+FIRST_PORT = 27110
+PORT_BLOCKS = 256
 
 
 def derived_base_port(session: str) -> int:

@@ -54,7 +54,7 @@ REGISTRY = "broker.json"
 
 # -- ports -------------------------------------------------------------------------------
 def describe(cfg: config_mod.Config) -> str:
-    """The session's endpoints in a few words: ``tcp://127.0.0.1:47110-47117``."""
+    """The session's endpoints in a few words: ``tcp://127.0.0.1:27110-27117``."""
     first, last = (config_mod.endpoint(cfg, name) for name in (config_mod.ENDPOINTS[0], config_mod.ENDPOINTS[-1]))
     if cfg["bus"]["transport"] == "tcp":
         return f"{first}-{last.rsplit(':', 1)[1]}"

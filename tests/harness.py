@@ -36,7 +36,7 @@ SECRET_KEY = "sk-test-DO-NOT-LOG-" + uuid.uuid4().hex
 def free_base_port(count: int = len(config_mod.ENDPOINTS)) -> int:
     """A base port with ``count`` consecutive free tcp ports on 127.0.0.1."""
     for _ in range(200):
-        base = random.randrange(20000, 60000 - count)
+        base = random.randrange(20000, 32768 - count)  # below the ephemeral ports (see config.FIRST_PORT)
         socks = []
         try:
             for port in range(base, base + count):
