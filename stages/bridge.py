@@ -196,7 +196,9 @@ class Bridge(Stage):
                                    segments=segments if type(segments) is int else None)
 
     def on_heartbeat(self, env: wire.Envelope) -> None:
-        if env.body.get("stage") == "llm":
+        # Only a ready llm: a restarted one beats before it is ready, and a turn resent to it then
+        # would race the "restarted" that its first ready beat brings (the turn asked twice).
+        if env.body.get("stage") == "llm" and env.body.get("ready") is True:
             info = env.body.get("info") or {}
             if isinstance(info.get("turn"), int):
                 self._carry_out(self.turns.on_llm_turn(info["turn"]), time.time())

@@ -157,8 +157,7 @@ class Stage:
         self._twins: set[int] = set()  # other pids beating under our name (reported)
         self._handshake = self.sub.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(_HANDSHAKE_FAILURES))
-        self._handshake_failed: set[int] = set()
-        self.extra[self._handshake] = self._on_handshake
+        self._handshake_failed: set[int] = set()  # read with each heartbeat, not in the hot poll
 
     def _on_handshake(self) -> None:
         """Say once, plainly, why we cannot get onto the bus (not every 100 ms retry)."""
@@ -240,6 +239,7 @@ class Stage:
             while not stop_requested():
                 now = time.monotonic()
                 if now >= next_beat:
+                    self._on_handshake()
                     self._heartbeat()
                     next_beat = now + (1.0 if self.ready else 0.1)
                 deadline = min(d for d in (next_beat, self.next_deadline(), self.liveness.next_deadline())
