@@ -112,7 +112,9 @@ KINDS: dict[str, str] = {
     "turn_result": """The llm stage closed a turn (bus, llm).
 
     body: ``reason`` (as turn_end), ``answer`` (str, the text the LLM produced), ``error``
-    (str, one line, empty if none; never contains secrets).""",
+    (str, one line, empty if none; never contains secrets), ``cause`` (str, empty unless
+    ``reason`` is ``error``: one of :data:`stages.llm.CAUSES`, e.g. ``authentication``,
+    ``unreachable``, ``model_not_found``, ``rate_limited``, ``timeout``).""",
     "speech": """The sequencer's view of one segment being spoken (bus, sequencer).
 
     body: ``model`` (alias), ``index``, ``text``, ``state``: ``sent`` (SYNTH_START written),

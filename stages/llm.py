@@ -10,7 +10,8 @@
   and ``turn_result`` on the bus.
 - Failures (authentication, rate limit after the client's bounded retries with backoff,
   5xx, timeouts, refused connection, a stream cut midway, an error event in the stream)
-  end the turn: one log line without secrets, the configured apology spoken if nothing was
+  end the turn: one log line without secrets, naming the cause a person can act on
+  (:data:`CAUSES`, also in ``turn_result``), the configured apology spoken if nothing was
   said yet, and history left consistent (see :mod:`stages.history`). Deadlines are enforced
   here, not left to the client: ``first_token_timeout`` and ``turn_timeout``.
 - Server: OpenAI, or any OpenAI-compatible server via ``OPENAI_BASE_URL``; with neither
@@ -50,6 +51,37 @@ def redact(text: str) -> str:
         text = text.replace(key, "***")
     text = _KEY_PATTERN.sub(lambda m: m.group(1) + "***", text)
     return " ".join(text.split())[:300]
+
+
+#: why a turn failed, in words a person can act on (``turn_result``'s ``cause``)
+CAUSES = {
+    "authentication": "the API key was refused (OPENAI_API_KEY)",
+    "permission": "the key may not use this model or endpoint",
+    "model_not_found": "the server does not know [llm] model",
+    "rate_limited": "rate limit or quota reached (after the retries)",
+    "server_error": "the LLM server failed (5xx, after the retries)",
+    "bad_request": "the server refused the request (400/422)",
+    "unreachable": "no connection to the LLM server (OPENAI_BASE_URL)",
+    "connection_lost": "the connection to the LLM server broke in the middle of the answer",
+    "timeout": "the LLM server did not answer in time",
+    "stream_error": "the server sent an error in the middle of the answer",
+    "other": "an unexpected failure (see the log)",
+}
+
+
+def cause_of(exc: BaseException) -> str:
+    """The :data:`CAUSES` key of a failure raised by the openai client."""
+    for kind, cause in ((openai.AuthenticationError, "authentication"), (openai.PermissionDeniedError, "permission"),
+                        (openai.NotFoundError, "model_not_found"), (openai.RateLimitError, "rate_limited"),
+                        (openai.APITimeoutError, "timeout"),  # before APIConnectionError: a subclass of it
+                        (openai.APIConnectionError, "unreachable")):
+        if isinstance(exc, kind):
+            return cause
+    if isinstance(exc, openai.APIStatusError):
+        return "server_error" if exc.status_code >= 500 else "bad_request"
+    if isinstance(exc, openai.APIError):
+        return "stream_error"
+    return "other"
 
 
 def describe(exc: BaseException) -> str:
@@ -98,7 +130,7 @@ class _Worker(threading.Thread):
             out.send_pyobj((self.turn, "done", used))
         except Exception as exc:
             if not self.cancelled.is_set():
-                out.send_pyobj((self.turn, "error", describe(exc)))
+                out.send_pyobj((self.turn, "error", (describe(exc), cause_of(exc))))
         finally:
             out.close()
 
@@ -215,7 +247,10 @@ class LlmStage(Stage):
             elif what == "done":
                 self._end_turn("done", "", used_tokens=data)
             else:
-                self._end_turn("error", data)
+                error, cause = data
+                if cause == "unreachable" and self.answer:  # it was reached: the stream broke
+                    cause = "connection_lost"
+                self._end_turn("error", error, cause=cause)
 
     def _push_token(self, text: str, arrived: float) -> None:
         self.push("token", {"text": text, "index": self.tokens_sent}, turn=self.turn, origin=arrived)
@@ -234,17 +269,19 @@ class LlmStage(Stage):
         deadline = self.next_deadline()
         if deadline is not None and now >= deadline:
             which = "first_token_timeout" if self.machine == TurnState.REQUESTING else "turn_timeout"
-            self._end_turn("error", f"no answer within [llm] {which} = {self.cfg['llm'][which]} s")
+            self._end_turn("error", f"no answer within [llm] {which} = {self.cfg['llm'][which]} s", cause="timeout")
 
-    def _end_turn(self, reason: str, error: str, used_tokens: int | None = None, spoken: str | None = None) -> None:
-        """End the running request. ``spoken``: the turn was cancelled after the user heard this."""
+    def _end_turn(self, reason: str, error: str, used_tokens: int | None = None, spoken: str | None = None,
+                  cause: str = "") -> None:
+        """End the running request. ``spoken``: the turn was cancelled after the user heard this;
+        ``cause``: for an error, its :data:`CAUSES` key."""
         if self.worker is not None:
             if reason != "done":  # a finished request keeps its connection for the next turn
                 self.worker.cancel()
             self.worker = None
         answer = "".join(self.answer)
         if reason == "error":
-            log.error("turn %d failed: %s", self.turn, error)
+            log.error("turn %d failed (%s: %s): %s", self.turn, cause, CAUSES.get(cause, ""), error)
             if not answer and self.cfg["llm"]["apology"]:
                 self._push_token(self.cfg["llm"]["apology"], time.time())
         if spoken is not None:
@@ -254,7 +291,8 @@ class LlmStage(Stage):
             self.recorded = True
         if spoken is None:  # a cancelled turn's items are dropped downstream anyway
             self.push("turn_end", {"reason": reason, "segments": 0, "tokens": self.tokens_sent}, turn=self.turn)
-        self.publish("turn_result", {"reason": reason, "answer": answer, "error": error}, turn=self.turn)
+        self.publish("turn_result", {"reason": reason, "answer": answer, "error": error, "cause": cause},
+                     turn=self.turn)
         log.info("turn %d %s after %.2f s, %d characters", self.turn, reason,
                  time.monotonic() - self.turn_started, len(answer))
         self.machine.move(TurnState.IDLE, reason)

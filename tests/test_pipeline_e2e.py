@@ -76,20 +76,22 @@ def test_long_answer_never_exceeds_the_line_limit(world: World):
     assert "".join(turn.spoken).replace(" ", "") == long_answer.replace(" ", "")
 
 
-@pytest.mark.parametrize("name, script, error_class", [
-    ("401", [Status(401, {"error": {"message": f"Incorrect API key provided: {SECRET_KEY}", "type": "invalid_request_error", "code": "invalid_api_key"}}, {})], "AuthenticationError"),
-    ("429", [Status(429, {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}, {"retry-after-ms": "20"})], "RateLimitError"),
-    ("500", [Status(500, {"error": {"message": "boom", "type": "server_error", "code": None}}, {})], "InternalServerError"),
-    ("error event", [ErrorEvent("overloaded")], "APIError"),
-    ("stall", [Stall(30)], "no answer within"),
+@pytest.mark.parametrize("name, script, error_class, cause", [
+    ("401", [Status(401, {"error": {"message": f"Incorrect API key provided: {SECRET_KEY}", "type": "invalid_request_error", "code": "invalid_api_key"}}, {})], "AuthenticationError", "authentication"),
+    ("404", [Status(404, {"error": {"message": "The model `gpt-x` does not exist", "type": "invalid_request_error", "code": "model_not_found"}}, {})], "NotFoundError", "model_not_found"),
+    ("429", [Status(429, {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}, {"retry-after-ms": "20"})], "RateLimitError", "rate_limited"),
+    ("500", [Status(500, {"error": {"message": "boom", "type": "server_error", "code": None}}, {})], "InternalServerError", "server_error"),
+    ("error event", [ErrorEvent("overloaded")], "APIError", "stream_error"),
+    ("stall", [Stall(30)], "no answer within", "timeout"),
 ])
-def test_failure_before_any_text_ends_the_turn_with_the_apology(world: World, name, script, error_class):
+def test_failure_before_any_text_ends_the_turn_with_the_apology(world: World, name, script, error_class, cause):
     retried = name in ("429", "500")
     world.llm.queue(*([script] * (3 if retried else 1)))  # max_retries = 2: three attempts
     before = len(world.server.requests)
     turn = world.talk(f"失敗テスト{name}", timeout=40)
     assert turn.result["reason"] == "error"
     assert error_class in turn.result["error"]
+    assert turn.result["cause"] == cause
     assert SECRET_KEY not in turn.result["error"]
     assert turn.spoken == [APOLOGY]
     assert len(world.server.requests) - before == (3 if retried else 1)
@@ -102,11 +104,13 @@ def test_failure_before_any_text_ends_the_turn_with_the_apology(world: World, na
     assert roles == ["user", "assistant"] * (len(roles) // 2) + ["user"]
 
 
-@pytest.mark.parametrize("tail", [[Cut()], [ErrorEvent("midway")], [Stall(30)]])
-def test_failure_midway_keeps_what_was_said(world: World, tail):
+@pytest.mark.parametrize("tail, cause", [([Cut()], "connection_lost"), ([ErrorEvent("midway")], "stream_error"),
+                                         ([Stall(30)], "timeout")])
+def test_failure_midway_keeps_what_was_said(world: World, tail, cause):
     world.llm.queue(tokens_of("前半です。後半は") + tail)
     turn = world.talk("途中で切れる", timeout=40)
     assert turn.result["reason"] == "error"
+    assert turn.result["cause"] == cause, turn.result
     assert turn.spoken[0] == "前半です。"
     assert APOLOGY not in turn.spoken
     world.llm.queue(tokens_of("はい。"))

@@ -82,7 +82,7 @@ def test_refused_connection_ends_the_turn_with_the_configured_apology(tmp_path: 
     with launched(tmp_path, base_url=f"http://127.0.0.1:{port}/v1", llm={"max_retries": 1, "apology": apology}) as world:
         turn = world.talk("聞こえますか", timeout=30)
     assert turn.result["reason"] == "error"
-    assert "APIConnectionError" in turn.result["error"]
+    assert "APIConnectionError" in turn.result["error"] and turn.result["cause"] == "unreachable"
     assert turn.spoken == ([apology] if apology else [])
     assert "APIConnectionError" in (tmp_path / "pipeline.log").read_text(encoding="utf-8")
 
