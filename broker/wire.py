@@ -113,7 +113,7 @@ KINDS: dict[str, str] = {
 
     body: ``reason`` (as turn_end), ``answer`` (str, the text the LLM produced), ``error``
     (str, one line, empty if none; never contains secrets), ``cause`` (str, empty unless
-    ``reason`` is ``error``: one of :data:`stages.llm.CAUSES`, e.g. ``authentication``,
+    ``reason`` is ``error``: one of :data:`CAUSES`, e.g. ``authentication``,
     ``unreachable``, ``model_not_found``, ``rate_limited``, ``timeout``).""",
     "speech": """The sequencer's view of one segment being spoken (bus, sequencer).
 
@@ -141,6 +141,22 @@ KINDS: dict[str, str] = {
 
     body: ``level`` (``info``, ``warning``, ``error``), ``text`` (str).""",
 }
+
+#: why a turn failed (``turn_result``'s ``cause``), with what a person can do about it
+CAUSES = {
+    "authentication": "the API key was refused (OPENAI_API_KEY)",
+    "permission": "the key may not use this model or endpoint",
+    "model_not_found": "the server does not know [llm] model",
+    "rate_limited": "rate limit or quota reached (after the retries)",
+    "server_error": "the LLM server failed (5xx, after the retries)",
+    "bad_request": "the server refused the request (400/422)",
+    "unreachable": "no connection to the LLM server (OPENAI_BASE_URL)",
+    "connection_lost": "the connection to the LLM server broke in the middle of the answer",
+    "timeout": "the LLM server did not answer in time",
+    "stream_error": "the server sent an error in the middle of the answer",
+    "other": "an unexpected failure (see the log)",
+}
+
 
 #: which kinds have a topic detail, and which body field supplies it
 _TOPIC_DETAIL = {"mmd": "type", "heartbeat": "stage"}

@@ -194,6 +194,9 @@ class Bridge(Stage):
             segments = env.body.get("segments") if env.kind == "turn_end" else None
             self.turns.on_progress(env.kind, env.sender, env.turn,
                                    segments=segments if type(segments) is int else None)
+            if env.kind == "turn_result":
+                self._carry_out(self.turns.on_result(env.turn, str(env.body.get("reason")),
+                                                     str(env.body.get("cause", ""))), env.origin)
 
     def on_heartbeat(self, env: wire.Envelope) -> None:
         # Only a ready llm: a restarted one beats before it is ready, and a turn resent to it then

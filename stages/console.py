@@ -5,7 +5,8 @@ folder), then plays MMDAgent-EX with :class:`stages.avatar_sim.SimulatedMMDAgent
 launches ``mmdagent-llm bridge`` as the plugin, sends ``RECOG_EVENT_START`` and
 ``RECOG_EVENT_STOP|<what you typed>``, shows each sentence when the avatar would start
 saying it, holds it for a speaking time derived from its length, and answers with the same
-``SYNTH_EVENT_*`` events MMDAgent-EX sends. An empty line or Ctrl-D quits.
+``SYNTH_EVENT_*`` events MMDAgent-EX sends. A turn that fails shows its cause and what to do
+about it (``turn_result``'s ``cause``). An empty line or Ctrl-D quits.
 
 A session has one bridge, and the console brings its own: if the session is running already
 (a plugin's pipeline, say), or its ports are held, the console refuses at once, starts
@@ -16,13 +17,18 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 
+import zmq
+
+from broker import wire
 from stages import config as config_mod
 from stages import sessions
 from stages.avatar_sim import SimulatedMMDAgent
 from stages.launcher import PIPELINE, Pipeline, wait_ready
 from stages.plugin import JOIN_WAIT
+from stages.runtime import connect
 
 LOG_NAME = "mmdagent-llm-console.log"
 
@@ -30,6 +36,20 @@ LOG_NAME = "mmdagent-llm-console.log"
 def _say(text: str) -> None:
     sys.stdout.write(f"\r  avatar> {text}\n")
     sys.stdout.flush()
+
+
+def _show_failures(cfg: config_mod.Config) -> None:
+    """On its own thread: print each failed turn's cause, from the bus, until the process ends."""
+    sub = connect(cfg, zmq.SUB, "events_out", ("turn_result",))
+    while True:
+        try:
+            env = wire.decode(sub.recv_multipart())
+        except wire.WireError:
+            continue
+        cause = env.body.get("cause")
+        if env.body.get("reason") == "error" and cause in wire.CAUSES:
+            sys.stdout.write(f"\r  (mmdagent-llm: {cause}: {wire.CAUSES[cause]})\n")
+            sys.stdout.flush()
 
 
 def _refusal(cfg: config_mod.Config) -> str | None:
@@ -67,6 +87,7 @@ def main(cfg: config_mod.Config) -> int:
             print(f"\n{OFFLINE_NOTICE}\n", flush=True)
         else:
             print(f"answering with {beats['llm']['info'].get('backend')}, model {cfg['llm']['model']}")
+        threading.Thread(target=_show_failures, args=(cfg,), name="failures", daemon=True).start()
         command = f'"{sys.executable}" -m stages.cli bridge'
         avatar = SimulatedMMDAgent(
             command, mdf_dir=Path.cwd(), stderr=log,

@@ -11,8 +11,8 @@
 - Failures (authentication, rate limit after the client's bounded retries with backoff,
   5xx, timeouts, refused connection, a stream cut midway, an error event in the stream)
   end the turn: one log line without secrets, naming the cause a person can act on
-  (:data:`CAUSES`, also in ``turn_result``), the configured apology spoken if nothing was
-  said yet, and history left consistent (see :mod:`stages.history`). Deadlines are enforced
+  (:data:`broker.wire.CAUSES`, also in ``turn_result``), the configured apology spoken if
+  nothing was said yet, and history left consistent (see :mod:`stages.history`). Deadlines are enforced
   here, not left to the client: ``first_token_timeout`` and ``turn_timeout``.
 - Server: OpenAI, or any OpenAI-compatible server via ``OPENAI_BASE_URL``; with neither
   ``OPENAI_API_KEY`` nor ``OPENAI_BASE_URL``, the embedded offline responder
@@ -53,24 +53,8 @@ def redact(text: str) -> str:
     return " ".join(text.split())[:300]
 
 
-#: why a turn failed, in words a person can act on (``turn_result``'s ``cause``)
-CAUSES = {
-    "authentication": "the API key was refused (OPENAI_API_KEY)",
-    "permission": "the key may not use this model or endpoint",
-    "model_not_found": "the server does not know [llm] model",
-    "rate_limited": "rate limit or quota reached (after the retries)",
-    "server_error": "the LLM server failed (5xx, after the retries)",
-    "bad_request": "the server refused the request (400/422)",
-    "unreachable": "no connection to the LLM server (OPENAI_BASE_URL)",
-    "connection_lost": "the connection to the LLM server broke in the middle of the answer",
-    "timeout": "the LLM server did not answer in time",
-    "stream_error": "the server sent an error in the middle of the answer",
-    "other": "an unexpected failure (see the log)",
-}
-
-
 def cause_of(exc: BaseException) -> str:
-    """The :data:`CAUSES` key of a failure raised by the openai client."""
+    """The :data:`broker.wire.CAUSES` key of a failure raised by the openai client."""
     for kind, cause in ((openai.AuthenticationError, "authentication"), (openai.PermissionDeniedError, "permission"),
                         (openai.NotFoundError, "model_not_found"), (openai.RateLimitError, "rate_limited"),
                         (openai.APITimeoutError, "timeout"),  # before APIConnectionError: a subclass of it
@@ -274,14 +258,14 @@ class LlmStage(Stage):
     def _end_turn(self, reason: str, error: str, used_tokens: int | None = None, spoken: str | None = None,
                   cause: str = "") -> None:
         """End the running request. ``spoken``: the turn was cancelled after the user heard this;
-        ``cause``: for an error, its :data:`CAUSES` key."""
+        ``cause``: for an error, its :data:`broker.wire.CAUSES` key."""
         if self.worker is not None:
             if reason != "done":  # a finished request keeps its connection for the next turn
                 self.worker.cancel()
             self.worker = None
         answer = "".join(self.answer)
         if reason == "error":
-            log.error("turn %d failed (%s: %s): %s", self.turn, cause, CAUSES.get(cause, ""), error)
+            log.error("turn %d failed (%s: %s): %s", self.turn, cause, wire.CAUSES.get(cause, ""), error)
             if not answer and self.cfg["llm"]["apology"]:
                 self._push_token(self.cfg["llm"]["apology"], time.time())
         if spoken is not None:

@@ -45,6 +45,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker.wire import CAUSES
 from stages.states import CONVERSATION_TRANSITIONS, ConversationState as C, Machine
 
 log = logging.getLogger("mmdagent_llm")
@@ -151,6 +152,13 @@ class TurnController:
         elif kind == "turn_end" and sender == "segmenter":
             self.done_by.add("segmenter")
             self.total_segments = segments
+
+    def on_result(self, turn: int, reason: str, cause: str) -> list[Action]:
+        """The llm closed ``turn``: a failure of the current turn is shown on screen with its
+        cause (``[turn] notify_errors``), so the person at the avatar learns what to fix."""
+        if turn != self.turn or reason != "error" or cause not in CAUSES or not self.cfg["notify_errors"]:
+            return []
+        return [Write("NOTIFY_SHOW", [f"mmdagent-llm: {CAUSES[cause]}"])]
 
     def _all_said(self) -> bool:
         """Every segment of the current turn was written and the avatar has finished the last

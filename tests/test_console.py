@@ -69,3 +69,31 @@ def test_console_conversation_on_the_offline_default(tmp_path: Path):
     for pid in left:
         os.kill(pid, 9)
     assert not left, "the console left processes behind"
+
+
+def test_console_shows_why_a_turn_failed(tmp_path: Path):
+    """An LLM server that is not there: the console says so, with what to check, not just the apology."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    cfg_path = write_config(tmp_path, llm={"max_retries": 0})
+    env = pipeline_env(cfg_path, f"http://127.0.0.1:{port}/v1")
+    proc = subprocess.Popen([str(BIN / "mmdagent-llm"), "console"], cwd=tmp_path, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out = Output(proc.stdout)
+        assert out.wait_for("you> ", 40), out.text
+        proc.stdin.write("聞こえますか\n".encode())
+        proc.stdin.flush()
+        assert out.wait_for("(mmdagent-llm: unreachable: no connection to the LLM server (OPENAI_BASE_URL))", 30), out.text
+        proc.stdin.write(b"\n")
+        proc.stdin.flush()
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        for pid in processes_with(str(cfg_path)):
+            os.kill(pid, 9)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from broker.wire import CAUSES
 from stages.offline_responder import Cut, ErrorEvent, Stall, Status
 from tests.e2e import World, managed, speech_pattern_ok, tokens_of
 from tests.harness import SECRET_KEY, logs_text
@@ -92,6 +93,7 @@ def test_failure_before_any_text_ends_the_turn_with_the_apology(world: World, na
     assert turn.result["reason"] == "error"
     assert error_class in turn.result["error"]
     assert turn.result["cause"] == cause
+    assert f"NOTIFY_SHOW|mmdagent-llm: {CAUSES[cause]}" in turn.lines   # on screen, for whoever can fix it
     assert SECRET_KEY not in turn.result["error"]
     assert turn.spoken == [APOLOGY]
     assert len(world.server.requests) - before == (3 if retried else 1)
