@@ -22,6 +22,7 @@ PROCESSES = {
     "sequencer": "stages.sequencer:main",
     "console": "stages.console:main",
     "plugin": "stages.plugin:main",
+    "doctor": "stages.doctor:main",
 }
 
 
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in PROCESSES:
         sub.add_parser(name, help={"console": "talk to the pipeline in this terminal, without MMDAgent-EX",
-                                   "plugin": "the bridge, plus the pipeline under supervisord if none is running"
+                                   "plugin": "the bridge, plus the pipeline under supervisord if none is running",
+                                   "doctor": "check the LLM server, the key and the model with one cheap request",
                                    }.get(name, f"run the {name}"))
     sub.add_parser("config", help="print every configuration key with its default and meaning")
     sub.add_parser("bus", help="where the session's bus is and how an observer of yours gets onto it")
