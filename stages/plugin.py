@@ -35,7 +35,7 @@ from stages import config as config_mod
 from stages import curve, mmd_line, sessions
 from stages.history_store import safe_name, state_dir
 from stages.liveness import PIPELINE
-from stages.runtime import OWNER_ENV, setup_logging
+from stages.runtime import OWNER_ENV, alive, setup_logging
 
 log = logging.getLogger("mmdagent_llm")
 
@@ -138,7 +138,7 @@ def watchdog(owner: int) -> int:
     """Inside the plugin's supervisord: when ``owner`` (the bridge) is gone, stop supervisord."""
     setup_logging("watchdog")
     log.info("watching pid %d", owner)
-    while sessions.alive(owner):
+    while alive(owner):
         time.sleep(0.5)
     log.info("pid %d is gone: stopping the pipeline", owner)
     os.kill(os.getppid(), signal.SIGTERM)

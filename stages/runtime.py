@@ -73,6 +73,19 @@ def install_signal_handlers() -> None:
 OWNER_ENV = "MMDAGENTLLM_OWNER_PID"
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on Windows: assumed, as there is no harmless probe)."""
+    if sys.platform == "win32":
+        return True  # os.kill(pid, 0) would terminate it there
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def watch_owner() -> None:
     """If started for a plugin (``MMDAGENTLLM_OWNER_PID``), stop when that process is gone:
     nothing we start may outlive the MMDAgent-EX session that started it."""
@@ -82,14 +95,10 @@ def watch_owner() -> None:
 
     def watch() -> None:
         while not _stop:
-            try:
-                os.kill(owner, 0)
-            except ProcessLookupError:
+            if not alive(owner):
                 logging.getLogger("mmdagent_llm").info("pid %d that started us is gone: stopping", owner)
                 request_stop()
                 return
-            except PermissionError:
-                pass
             time.sleep(0.5)
 
     threading.Thread(target=watch, name="owner", daemon=True).start()

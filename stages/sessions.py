@@ -19,9 +19,9 @@ has a bus of its own that only its owner's processes can use:
   key (another user, or the same user's process that does not load it) gets no connection.
   Two sessions have different keys, so a stage of one can never join the other's bus.
 - **Ports.** ``[bus] base_port = 0`` (the default) derives the eight ports from the session
-  name (:func:`stages.config.derived_base_port`), so two sessions on one machine get two buses without any
-  setting. Should two names meet on the same ports, or another program hold them, the second
-  pipeline refuses to start and says what holds them (:func:`conflict`).
+  name (:func:`stages.config.derived_base_port`), so two sessions on one machine get two
+  buses without any setting. Should two names meet on the same ports, or another program
+  hold them, the second pipeline refuses to start and says what holds them (:func:`conflict`).
 
 Windows has no POSIX modes: the state folder is in ``%LOCALAPPDATA%``, which only the user
 (and administrators) can read.
@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ from broker import wire
 from stages import config as config_mod
 from stages import curve
 from stages.history_store import state_dir
-from stages.runtime import connect
+from stages.runtime import alive, connect
 
 log = logging.getLogger("mmdagent_llm")
 
@@ -133,19 +132,6 @@ def running_brokers() -> list[dict[str, Any]]:
             continue
         found.append(entry)
     return sorted(found, key=lambda e: e.get("started", 0), reverse=True)
-
-
-def alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (on Windows: assumed, as there is no harmless probe)."""
-    if sys.platform == "win32":
-        return True  # os.kill(pid, 0) would terminate it there; the entry may be stale
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def holder_of(addresses: list[str]) -> dict[str, Any] | None:

@@ -39,14 +39,22 @@ class Output:
             return True
 
 
+def start_console(folder: Path, env: dict[str, str]) -> tuple[subprocess.Popen, Output]:
+    """``mmdagent-llm console`` in ``folder``, once it asks for the first line."""
+    proc = subprocess.Popen([str(BIN / "mmdagent-llm"), "console"], cwd=folder, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = Output(proc.stdout)
+    if not out.wait_for("you> ", 40):
+        proc.kill()
+        proc.wait(5)
+        raise AssertionError(f"the console did not start: {out.text}")
+    return proc, out
+
+
 def test_console_conversation_on_the_offline_default(tmp_path: Path):
     cfg_path = write_config(tmp_path)
-    env = pipeline_env(cfg_path, None)
-    proc = subprocess.Popen([str(BIN / "mmdagent-llm"), "console"], cwd=tmp_path, env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc, out = start_console(tmp_path, pipeline_env(cfg_path, None))
     try:
-        out = Output(proc.stdout)
-        assert out.wait_for("you> ", 40), out.text
         said = "こんにちは、調子はどう？"
         proc.stdin.write(f"{said}\n".encode())
         proc.stdin.flush()
@@ -79,12 +87,8 @@ def test_console_shows_why_a_turn_failed(tmp_path: Path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
     cfg_path = write_config(tmp_path, llm={"max_retries": 0})
-    env = pipeline_env(cfg_path, f"http://127.0.0.1:{port}/v1")
-    proc = subprocess.Popen([str(BIN / "mmdagent-llm"), "console"], cwd=tmp_path, env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc, out = start_console(tmp_path, pipeline_env(cfg_path, f"http://127.0.0.1:{port}/v1"))
     try:
-        out = Output(proc.stdout)
-        assert out.wait_for("you> ", 40), out.text
         proc.stdin.write("聞こえますか\n".encode())
         proc.stdin.flush()
         assert out.wait_for("(mmdagent-llm: unreachable: no connection to the LLM server (OPENAI_BASE_URL))", 30), out.text
