@@ -9,9 +9,9 @@
   item is also published on the bus (observers see the whole pipeline from one socket).
 - Once a second the broker publishes its own ``heartbeat.broker``.
 - Every endpoint is a CURVE server, and a ZAP authenticator admits only the client keys of
-  the session's key folder (``[bus] curve_dir``, or the session's own: :mod:`stages.curve`).
+  the session's key folder (``[bus] curve_dir``, or the session's own: :mod:`broker.curve`).
 - Once every endpoint is bound it records itself in the session's ``broker.json``; if an
-  endpoint is taken, it exits saying what holds it (:mod:`stages.sessions`).
+  endpoint is taken, it exits saying what holds it (:mod:`broker.sessions`).
 - The broker never decodes what it forwards, but a peer that sends a frame over
   :data:`broker.wire.MAX_FRAME_BYTES` is disconnected by ZeroMQ (``ZMQ_MAXMSGSIZE``), so a
   rogue's huge frame reaches no stage.
@@ -29,9 +29,9 @@ import time
 import zmq
 
 from broker import wire
-from stages import config as config_mod
-from stages import curve, sessions
-from stages.runtime import install_signal_handlers, setup_logging, stop_requested, watch_owner
+from broker import config as config_mod
+from broker import curve, sessions
+from broker.runtime import install_signal_handlers, setup_logging, stop_requested, watch_owner
 
 QUEUES = ("tokens", "segments", "commands")
 log = logging.getLogger("mmdagent_llm")

@@ -80,7 +80,7 @@ KINDS: dict[str, str] = {
 
     body: ``type``, ``args`` (as written, after cleaning), ``bytes`` (int, line length).
     ``origin`` is the command's origin, so ``ts - origin`` is the pipeline's own latency.""",
-    "turn_start": """A user utterance opens a turn (bus, bridge; see :mod:`stages.turns`).
+    "turn_start": """A user utterance opens a turn (bus, bridge; see :mod:`stages.bridge.turns`).
 
     body: ``text`` (str, the utterance). ``turn`` is the new turn's id; ids only grow. The llm
     stage answers it; stages drop work items of older turns.""",
@@ -136,7 +136,7 @@ KINDS: dict[str, str] = {
 
     body: ``stage`` (str), ``reason`` (str). E.g. a segmenter restarted in the middle of a turn
     sees its tokens from the middle on. The bridge then ends or asks again the turn (see
-    :mod:`stages.turns`); the stage drops the rest of that turn.""",
+    :mod:`stages.bridge.turns`); the stage drops the rest of that turn.""",
     "notice": """Something a person should read (bus, any stage).
 
     body: ``level`` (``info``, ``warning``, ``error``), ``text`` (str).""",

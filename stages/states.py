@@ -1,6 +1,6 @@
 """The pipeline's explicit states: an enum and a transition table each, checked on every move.
 
-Conversation (owned by the bridge, :mod:`stages.turns`: who may speak now)::
+Conversation (owned by the bridge, :mod:`stages.bridge.turns`: who may speak now)::
 
     IDLE --RECOG_EVENT_START--> LISTENING --RECOG_EVENT_STOP--> ANSWERING --all spoken--> IDLE
     IDLE --RECOG_EVENT_STOP (no START came)--> ANSWERING

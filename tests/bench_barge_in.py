@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stages.offline_responder import ChatCompletionServer, Stall, Token
+from stages.llm.offline_responder import ChatCompletionServer, Stall, Token
 from tests.bench_latency import summary
 from tests.e2e import ScriptedLLM, launched, tokens_of
 

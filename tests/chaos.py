@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.liveness import PIPELINE
+from broker.liveness import PIPELINE
 from tests.e2e import managed, tokens_of
 from tests.harness import BusWatcher
 

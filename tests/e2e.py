@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from broker import wire
-from stages.avatar_sim import SimulatedMMDAgent
-from stages import config as config_mod
-from stages.launcher import Pipeline, wait_ready
-from stages.offline_responder import ChatCompletionServer, Token
+from stages.commands.avatar_sim import SimulatedMMDAgent
+from broker import config as config_mod
+from stages.commands.launcher import Pipeline, wait_ready
+from stages.llm.offline_responder import ChatCompletionServer, Token
 from tests.harness import BusWatcher, pipeline_env, supervised, wait_pipeline, write_config
 
 PLUGIN_COMMAND = "mmdagent-llm bridge"
@@ -90,7 +90,7 @@ class World:
         assert self.bus.wait_for(started, timeout), f"no turn started for {text!r}"
 
         def finished(envs: list[wire.Envelope]) -> int:
-            # the turn, or the one that asked the same again after a stage was lost (see stages.turns)
+            # the turn, or the one that asked the same again after a stage was lost (see stages.bridge.turns)
             mine = {e.turn for e in envs[first_env:] if e.kind == "turn_start" and e.body["text"] == text}
             return next((e.turn for e in envs[first_env:] if e.kind == "spoken" and e.turn in mine), 0)
 
@@ -140,7 +140,7 @@ def speech_pattern_ok(avatar: SimulatedMMDAgent) -> bool:
 @contextmanager
 def launched(tmp: Path, *, server: ChatCompletionServer | None = None, base_url: str | None = None,
              transport: str = "tcp", avatar_kwargs: dict | None = None, **sections: dict) -> Iterator[World]:
-    """The real stage processes started by :class:`stages.launcher.Pipeline` (no manager), the fake
+    """The real stage processes started by :class:`stages.commands.launcher.Pipeline` (no manager), the fake
     avatar and a bus watcher. ``base_url`` None and no ``server``: the embedded offline default."""
     mdf = tmp / "content"
     mdf.mkdir()

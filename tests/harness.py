@@ -24,9 +24,9 @@ from typing import Callable, Iterator
 import zmq
 
 from broker import wire
-from stages import config as config_mod
-from stages.launcher import PIPELINE, wait_ready
-from stages.runtime import connect
+from broker import config as config_mod
+from stages.commands.launcher import PIPELINE, wait_ready
+from broker.runtime import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.avatar_sim import Received, SimulatedMMDAgent, message_of, split_plugin_command
+from stages.commands.avatar_sim import Received, SimulatedMMDAgent, message_of, split_plugin_command
 
 # The plugin under test: prints READY, then obeys T_* commands and ignores everything else
 # (its own output comes back on stdin: it must never print a T_* line itself).

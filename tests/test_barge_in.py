@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from broker import wire
-from stages.offline_responder import ChatCompletionServer, Stall
+from stages.llm.offline_responder import ChatCompletionServer, Stall
 from tests.e2e import ScriptedLLM, World, launched, tokens_of
 
 VOICE = "SYNTH_START|0|mei_voice_normal|"

@@ -11,9 +11,9 @@ import pytest
 import zmq
 
 from broker import wire
-from stages import config as config_mod
-from stages.launcher import Pipeline, wait_ready
-from stages.runtime import connect
+from broker import config as config_mod
+from stages.commands.launcher import Pipeline, wait_ready
+from broker.runtime import connect
 from tests.harness import BIN, BusWatcher, pipeline_env, write_config
 
 
@@ -92,7 +92,7 @@ def test_commands_become_clean_lines_and_end_of_input_exits(bridge):
 
 
 def test_bridge_does_not_import_the_llm_client():
-    code = "import sys, stages.cli, stages.bridge; sys.exit('openai' in sys.modules)"
+    code = "import sys, stages.commands.cli, stages.bridge.bridge; sys.exit('openai' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent).returncode == 0
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from stages import config
+from broker import config
 
 
 def test_defaults_are_complete_and_typed():

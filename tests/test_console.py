@@ -8,8 +8,8 @@ import threading
 import time
 from pathlib import Path
 
-from stages.offline_responder import OFFLINE_NOTICE, offline_text
-from stages.sentences import SentenceCutter
+from stages.llm.offline_responder import OFFLINE_NOTICE, offline_text
+from stages.segmenter.sentences import SentenceCutter
 from tests.harness import BIN, pipeline_env, processes_with, write_config
 
 

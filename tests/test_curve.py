@@ -16,7 +16,8 @@ import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
 from broker import wire
-from stages import cli, config, curve
+from stages.commands import cli
+from broker import config, curve
 from tests.harness import ROOT, pipeline_env, write_config
 
 
@@ -81,8 +82,9 @@ def test_a_non_loopback_host_with_keys_is_accepted(tmp_path, keys, monkeypatch):
 def test_missing_key_files_name_the_folder_never_a_key(tmp_path, keys):
     secrets = secrets_of(keys)
     (keys / curve.CLIENT_SECRET).unlink()
+    cfg = config.load(write(tmp_path, f"[bus]\ncurve_dir = '{keys}'\n"))
     with pytest.raises(config.ConfigError) as err:
-        config.load(write(tmp_path, f"[bus]\ncurve_dir = '{keys}'\n"))
+        curve.client_options(cfg)
     assert str(keys) in str(err.value) and curve.CLIENT_SECRET in str(err.value)
     assert not any(s.decode() in str(err.value) for s in secrets)
     with pytest.raises(config.ConfigError, match="no such folder"):
@@ -143,7 +145,7 @@ def test_a_state_folder_open_to_others_is_closed(tmp_path, own_state):
 
 def test_many_processes_starting_at_once_agree_on_one_key_set(tmp_path, own_state):
     config_path = write(tmp_path, "[bus]\n")
-    code = ("import sys; from stages import config, curve; "
+    code = ("import sys; from broker import config, curve; "
             "print(curve.folder_of(config.load()).joinpath('client.key').read_text())")
     env = dict(os.environ, MMDAGENT_LLM_CONFIG=str(config_path), PYTHONPATH=str(ROOT))
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE) for _ in range(6)]
@@ -221,7 +223,7 @@ def test_only_a_client_with_the_right_keys_hears_the_broker(tmp_path, keys):
     ctx = zmq.Context.instance()
     sockets: list[zmq.Socket] = []
     with open(log_path, "wb") as log:
-        broker = subprocess.Popen([sys.executable, "-m", "stages.cli", "broker"], cwd=ROOT,
+        broker = subprocess.Popen([sys.executable, "-m", "stages.commands.cli", "broker"], cwd=ROOT,
                                   env=pipeline_env(config_path, None), stdin=subprocess.DEVNULL,
                                   stdout=subprocess.DEVNULL, stderr=log)
     try:
@@ -271,7 +273,7 @@ def test_only_a_client_with_the_right_keys_hears_the_broker(tmp_path, keys):
 
 def test_stages_and_the_launcher_use_the_keys(tmp_path, keys):
     """A real stage becomes ready through a CURVE broker: its sockets and wait_ready's carry the keys."""
-    from stages.launcher import Pipeline, wait_ready
+    from stages.commands.launcher import Pipeline, wait_ready
 
     config_path = write_config(tmp_path, bus={"curve_dir": str(keys)})
     cfg = config.load(config_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.offline_responder import ChatCompletionServer, Status
+from stages.llm.offline_responder import ChatCompletionServer, Status
 from tests.e2e import ScriptedLLM
 from tests.harness import BIN, SECRET_KEY, pipeline_env, write_config
 

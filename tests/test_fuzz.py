@@ -21,11 +21,11 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from broker import wire
-from stages import bridge as bridge_mod
-from stages import config as config_mod
-from stages import curve
-from stages.runtime import connect
-from stages.launcher import Pipeline, wait_ready
+from stages.bridge import bridge as bridge_mod
+from broker import config as config_mod
+from broker import curve
+from broker.runtime import connect
+from stages.commands.launcher import Pipeline, wait_ready
 from tests.harness import BIN, BusWatcher, pipeline_env, write_config
 
 SEED = 20240611
@@ -246,7 +246,7 @@ def _refused(frames: list[bytes]) -> str | None:
 
 
 def test_stage_socket_options_refuse_huge_frames(tmp_path: Path):
-    from stages.runtime import Stage
+    from broker.runtime import Stage
 
     class Probe(Stage):
         name = "probe"

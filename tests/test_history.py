@@ -1,6 +1,6 @@
 """History keeps the system prompt, whole pairs only, and both limits."""
 
-from stages.history import History, estimate_tokens
+from stages.llm.history import History, estimate_tokens
 
 
 def test_request_has_system_history_and_new_question():
@@ -56,5 +56,5 @@ def test_revise_last_keeps_only_what_was_spoken():
 
 
 def test_spoken_segments_join_without_spaces_in_japanese_only():
-    from stages.llm import join_segments
+    from stages.llm.llm import join_segments
     assert join_segments(["こんにちは！", "Let's go.", "Yes!", "円周率。"]) == "こんにちは！Let's go. Yes!円周率。"

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from stages import config
-from stages.history import History
-from stages.history_store import HistoryStore, default_path, store_for
+from broker import config
+from stages.llm.history import History
+from stages.llm.history_store import HistoryStore, default_path, store_for
 
 LOGGER = "mmdagent_llm"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from stages.liveness import Liveness
+from broker.liveness import Liveness
 
 
 def test_a_restart_is_reported_once_and_the_old_pid_fades(caplog):

@@ -4,7 +4,7 @@ import unicodedata
 
 from hypothesis import given, settings, strategies as st
 
-from stages import mmd_line
+from stages.bridge import mmd_line
 
 
 def test_injection_attempt_stays_one_message_of_plain_speech():

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from openai import OpenAI
 
-from stages.offline_responder import (OFFLINE_NOTICE, ChatCompletionServer, Comment, Cut, ErrorEvent, Stall, Status,
+from stages.llm.offline_responder import (OFFLINE_NOTICE, ChatCompletionServer, Comment, Cut, ErrorEvent, Stall, Status,
                                       Token, last_user_text, offline_reply, offline_text)
 
 API_KEY = "sk-test-NEVER-RECORD-" + uuid.uuid4().hex

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from broker.wire import CAUSES
-from stages.offline_responder import Cut, ErrorEvent, Stall, Status
+from stages.llm.offline_responder import Cut, ErrorEvent, Stall, Status
 from tests.e2e import World, managed, speech_pattern_ok, tokens_of
 from tests.harness import SECRET_KEY, logs_text
 

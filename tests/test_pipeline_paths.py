@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.offline_responder import OFFLINE_NOTICE, ChatCompletionServer, offline_text
-from stages.sentences import SentenceCutter
+from stages.llm.offline_responder import OFFLINE_NOTICE, ChatCompletionServer, offline_text
+from stages.segmenter.sentences import SentenceCutter
 from tests.e2e import ScriptedLLM, launched, speech_pattern_ok
 
 ANSWER = "こんにちは！今日はいい天気ですね。Let's take a walk, shall we? 円周率は3.14です。"

@@ -15,9 +15,9 @@ from typing import Iterator
 
 import pytest
 
-from stages import config as config_mod
-from stages.avatar_sim import SimulatedMMDAgent
-from stages.launcher import PIPELINE, Pipeline, wait_ready
+from broker import config as config_mod
+from stages.commands.avatar_sim import SimulatedMMDAgent
+from stages.commands.launcher import PIPELINE, Pipeline, wait_ready
 from tests.e2e import bridge_sees_pipeline
 from tests.harness import pipeline_env, processes_with, write_config
 
@@ -70,7 +70,7 @@ def test_plugin_starts_the_pipeline_answers_and_dies_with_its_bridge(tmp_path: P
         ours = processes_with(mark)
         assert sum("supervisor.supervisord" in cmdline(p) for p in ours) == 1
         for stage in ("broker", "llm", "segmenter", "sequencer", "watchdog"):
-            assert any(f"stages.cli {stage}" in cmdline(p) for p in ours), stage
+            assert any(f"stages.commands.cli {stage}" in cmdline(p) for p in ours), stage
         avatar.send("RECOG_EVENT_START")
         avatar.send("RECOG_EVENT_STOP|こんにちは")
         assert avatar.wait_line("SYNTH_START|0|mei_voice_normal|", 20), "the plugin's pipeline did not answer"
@@ -140,7 +140,7 @@ def test_a_second_plugin_of_the_same_session_refuses(tmp_path: Path):
             "NOTIFY_SHOW|mmdagent-llm: session 'default' is in use by another avatar (see the log)"]
         ours = processes_with(mark)
         assert sum("supervisor.supervisord" in cmdline(p) for p in ours) == 1
-        assert sum("stages.cli broker" in cmdline(p) for p in ours) == 1
+        assert sum("stages.commands.cli broker" in cmdline(p) for p in ours) == 1
         first.send("RECOG_EVENT_START")
         first.send("RECOG_EVENT_STOP|こんにちは")
         assert first.wait_line("SYNTH_START|0|mei_voice_normal|", 20), "the first avatar stopped answering"
@@ -156,7 +156,7 @@ def test_a_plugin_of_another_session_runs_beside(tmp_path: Path):
         bridge_sees_pipeline(config_mod.load(tmp_path / "other-content" / "mmdagent-llm.toml"), 40)
         ours = processes_with(mark)
         assert sum("supervisor.supervisord" in cmdline(p) for p in ours) == 2
-        assert sum("stages.cli broker" in cmdline(p) for p in ours) == 2
+        assert sum("stages.commands.cli broker" in cmdline(p) for p in ours) == 2
         for avatar, text in ((first, "メイさん"), (second, "ジェネさん")):
             avatar.send("RECOG_EVENT_START")
             avatar.send(f"RECOG_EVENT_STOP|{text}")

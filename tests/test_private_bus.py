@@ -23,11 +23,11 @@ from typing import Iterator
 
 import pytest
 
-from stages import config as config_mod
-from stages import curve
-from stages.avatar_sim import SimulatedMMDAgent
-from stages.history_store import state_dir
-from stages.launcher import PIPELINE, wait_ready
+from broker import config as config_mod
+from broker import curve
+from stages.commands.avatar_sim import SimulatedMMDAgent
+from broker.config import state_dir
+from stages.commands.launcher import PIPELINE, wait_ready
 from tests.e2e import World, bridge_sees_pipeline, launched, managed
 from tests.harness import ROOT, SECRET_KEY, BusWatcher, pipeline_env, processes_with, write_config
 from tests.probe import FORGED_TEXT

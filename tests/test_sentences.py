@@ -7,7 +7,7 @@ import unicodedata
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from stages.sentences import SentenceCutter, speakable
+from stages.segmenter.sentences import SentenceCutter, speakable
 
 
 def cut(text: str, sizes: list[int] | None = None, **kw: int) -> list[str]:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from stages import cli
-from stages import config as config_mod
-from stages import curve, sessions
-from stages.launcher import stage_command
+from stages.commands import cli
+from broker import config as config_mod
+from broker import curve, sessions
+from stages.commands.launcher import stage_command
 from tests.e2e import launched
 from tests.harness import BIN, pipeline_env, write_config
 

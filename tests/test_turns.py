@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from stages import config
+from broker import config
 from stages.states import ConversationState as C
-from stages.turns import Publish, TurnController, Write
+from stages.bridge.turns import Publish, TurnController, Write
 
 
 def controller(policy: str = "interrupt", up: bool = True) -> TurnController:

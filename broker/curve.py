@@ -9,7 +9,7 @@ at all. The folder (:func:`folder_of`) is:
   every machine, when the bus spans machines (required for a non-loopback host);
 - otherwise the session's own ``<state>/bus-<session>/keys/``, made on first use
   (:func:`session_keys`), mode 0700 inside 0700 folders: a private bus per session with
-  nothing to set up (see :mod:`stages.sessions`).
+  nothing to set up (see :mod:`broker.sessions`).
 
 The folder (files in the ZeroMQ/pyzmq certificate format, so ``zmq.auth.load_certificate``
 reads them)::
@@ -27,7 +27,6 @@ command line and never put in an error message: errors name files and folders on
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import logging
 import os
 import shutil
@@ -41,8 +40,8 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from stages import config as config_mod
-from stages.history_store import safe_name, state_dir
+from broker import config as config_mod
+from broker.config import safe_name, state_dir
 
 log = logging.getLogger("mmdagent_llm")
 
@@ -51,7 +50,7 @@ SERVER_SECRET = "server.key_secret"
 CLIENT_PUBLIC = "client.key"
 CLIENT_SECRET = "client.key_secret"
 CLIENTS_DIR = "clients"
-#: what a client (every stage, observer, the launcher) needs; checked by ``config.load``
+#: what a client (every stage, observer, the launcher) needs; checked by :func:`client_options`
 CLIENT_FILES = (SERVER_PUBLIC, CLIENT_PUBLIC, CLIENT_SECRET)
 #: what the broker needs besides its folder of admitted client keys
 SERVER_FILES = (SERVER_PUBLIC, SERVER_SECRET)
@@ -69,17 +68,6 @@ _SECRET_BANNER = """#   ****  Generated on {0} by mmdagent-llm keys  ****
 #   ZeroMQ CURVE **Secret** Certificate
 #   DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its permissions.
 """
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost``, 127.0.0.0/8 and ``::1`` (brackets allowed); False for anything else."""
-    name = host.strip().strip("[]")
-    if name.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False  # a host name, an interface name or "*": assume it is reachable from outside
 
 
 def explicit_folder(cfg: config_mod.Config) -> Path | None:

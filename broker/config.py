@@ -8,7 +8,10 @@ typo is a clear error at start-up, not a silent default. Environment variables
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import os
+import re
 import sys
 import tomllib
 import zlib
@@ -21,6 +24,7 @@ Config = dict[str, dict[str, Any]]
 ENV_PREFIX = "MMDAGENT_LLM_"
 ENV_CONFIG = "MMDAGENT_LLM_CONFIG"
 LOCAL_NAME = "mmdagent-llm.toml"
+APP_DIR = "mmdagent-llm"
 
 #: the broker's endpoints, in port order (tcp uses base_port + index)
 ENDPOINTS = (
@@ -41,7 +45,7 @@ class ConfigError(ValueError):
 
 
 def defaults_text() -> str:
-    return resources.files("stages").joinpath("defaults.toml").read_text(encoding="utf-8")
+    return resources.files("broker").joinpath("defaults.toml").read_text(encoding="utf-8")
 
 
 def user_config_path() -> Path | None:
@@ -78,18 +82,29 @@ def load(path: Path | None = None) -> Config:
 
 
 def _check_bus_access(cfg: Config) -> None:
-    """Who may talk: a non-loopback tcp host needs CURVE keys, and a set curve_dir must hold them."""
-    from stages import curve  # imports this module: import here, not at the top
-
+    """Who may talk: a non-loopback tcp host needs CURVE keys (``[bus] curve_dir``), which must
+    be a folder. Whether it holds the right key files is checked where they are used
+    (:mod:`broker.curve`), by the process that needs them."""
     bus = cfg["bus"]
-    folder = curve.explicit_folder(cfg)
-    if bus["transport"] == "tcp" and not curve.is_loopback(bus["host"]) and folder is None:
+    if bus["transport"] == "tcp" and not is_loopback(bus["host"]) and not bus["curve_dir"]:
         raise ConfigError(
             f"[bus] host = {bus['host']!r} is not a loopback address, so other machines could reach the "
             f"bus: it needs encryption and client keys. Run `mmdagent-llm keys <folder>` and set "
             f"[bus] curve_dir = \"<folder>\" (the same folder on every machine), or use host = \"127.0.0.1\"")
-    if folder is not None:
-        curve.check_folder(folder)
+    if bus["curve_dir"] and not Path(bus["curve_dir"]).expanduser().is_dir():
+        raise ConfigError(f"[bus] curve_dir = {bus['curve_dir']!r}: no such folder "
+                          f"(create it with `mmdagent-llm keys <folder>`)")
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost``, 127.0.0.0/8 and ``::1`` (brackets allowed); False for anything else."""
+    name = host.strip().strip("[]")
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # a host name, an interface name or "*": assume it is reachable from outside
 
 
 def _coerce(default: Any, value: Any, where: str) -> Any:
@@ -151,7 +166,7 @@ PORT_BLOCKS = 256
 
 def derived_base_port(session: str) -> int:
     """The first of the eight tcp ports of ``session`` when ``[bus] base_port = 0``: two
-    sessions get two buses with nothing to set (a clash is refused, see :mod:`stages.sessions`)."""
+    sessions get two buses with nothing to set (a clash is refused, see :mod:`broker.sessions`)."""
     return FIRST_PORT + 8 * (zlib.crc32(session.encode("utf-8")) % PORT_BLOCKS)
 
 
@@ -164,3 +179,28 @@ def endpoint(cfg: Config, name: str) -> str:
     if bus["transport"] == "ipc":
         return f"ipc://{bus['ipc_prefix']}{bus['session']}-{name}"
     raise ConfigError(f"[bus] transport must be 'tcp' or 'ipc', not {bus['transport']!r}")
+
+
+def state_dir() -> Path:
+    """The user's state folder for this application (not created here).
+
+    Windows: ``%LOCALAPPDATA%\\mmdagent-llm``; elsewhere ``$XDG_STATE_HOME/mmdagent-llm``
+    (an unset or relative ``XDG_STATE_HOME`` is ignored, as the XDG spec says) or
+    ``~/.local/state/mmdagent-llm``."""
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA")
+        return (Path(base) if base else Path.home() / "AppData" / "Local") / APP_DIR
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    base_path = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "state"
+    return base_path / APP_DIR
+
+
+def safe_name(session: str) -> str:
+    """``session`` as a portable file name part: ``[A-Za-z0-9._-]`` only, at most 64 characters.
+
+    A name that had to be changed gets a short hash of the original, so ``a/b`` and ``a_b``
+    do not share a file."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", session)[:64] or "_"
+    if cleaned == session:
+        return cleaned
+    return f"{cleaned}-{hashlib.sha256(session.encode('utf-8')).hexdigest()[:8]}"

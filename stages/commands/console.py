@@ -1,7 +1,7 @@
 """``mmdagent-llm console``: talk to the pipeline in a terminal, without MMDAgent-EX.
 
 It starts the pipeline's stages (logs go to ``mmdagent-llm-console.log`` in the current
-folder), then plays MMDAgent-EX with :class:`stages.avatar_sim.SimulatedMMDAgent`: it
+folder), then plays MMDAgent-EX with :class:`stages.commands.avatar_sim.SimulatedMMDAgent`: it
 launches ``mmdagent-llm bridge`` as the plugin, sends ``RECOG_EVENT_START`` and
 ``RECOG_EVENT_STOP|<what you typed>``, shows each sentence when the avatar would start
 saying it, holds it for a speaking time derived from its length, and answers with the same
@@ -23,12 +23,12 @@ from pathlib import Path
 import zmq
 
 from broker import wire
-from stages import config as config_mod
-from stages import sessions
-from stages.avatar_sim import SimulatedMMDAgent
-from stages.launcher import PIPELINE, Pipeline, wait_ready
-from stages.plugin import JOIN_WAIT
-from stages.runtime import connect
+from broker import config as config_mod
+from broker import sessions
+from stages.commands.avatar_sim import SimulatedMMDAgent
+from stages.commands.launcher import PIPELINE, Pipeline, wait_ready
+from stages.commands.plugin import JOIN_WAIT
+from broker.runtime import connect
 
 LOG_NAME = "mmdagent-llm-console.log"
 
@@ -83,12 +83,12 @@ def main(cfg: config_mod.Config) -> int:
             print(f"mmdagent-llm console: {exc}; see {log_path}", file=sys.stderr)
             return 1
         if beats.get("llm", {}).get("info", {}).get("offline"):
-            from stages.offline_responder import OFFLINE_NOTICE
+            from stages.llm.offline_responder import OFFLINE_NOTICE
             print(f"\n{OFFLINE_NOTICE}\n", flush=True)
         else:
             print(f"answering with {beats['llm']['info'].get('backend')}, model {cfg['llm']['model']}")
         threading.Thread(target=_show_failures, args=(cfg,), name="failures", daemon=True).start()
-        command = f'"{sys.executable}" -m stages.cli bridge'
+        command = f'"{sys.executable}" -m stages.commands.cli bridge'
         avatar = SimulatedMMDAgent(
             command, mdf_dir=Path.cwd(), stderr=log,
             voices=(cfg["speech"]["voice"],),

@@ -14,14 +14,14 @@ from typing import IO, Iterable
 import zmq
 
 from broker import wire
-from stages import config as config_mod
-from stages.liveness import PIPELINE
-from stages.runtime import connect
+from broker import config as config_mod
+from broker.liveness import PIPELINE
+from broker.runtime import connect
 
 
 
 def stage_command(name: str) -> list[str]:
-    return [sys.executable, "-m", "stages.cli", name]
+    return [sys.executable, "-m", "stages.commands.cli", name]
 
 
 class Pipeline:

@@ -24,7 +24,7 @@ order. States and moves: :data:`stages.states.CONVERSATION_TRANSITIONS`.
 - :meth:`TurnController.accepts` lets through only speech of the current, uncancelled turn: a
   ``SYNTH_START`` of an old turn still in the queue is never written.
 
-Crashes and restarts (the bridge is told by :mod:`stages.liveness`):
+Crashes and restarts (the bridge is told by :mod:`broker.liveness`):
 
 - An utterance that comes while a pipeline stage is down is held (HOLDING, with an on-screen
   ``NOTIFY_SHOW`` if configured) and sent when the pipeline is back; if by then it is older

@@ -8,7 +8,7 @@ official samples use: the number of pairs, and a token budget. Tokens are estima
 characters (a CJK character is about one token, about four Latin characters are one), and
 when the server reports ``usage`` for the last request that count is used instead.
 
-With a :class:`~stages.history_store.HistoryStore`, the pairs are loaded when the history is
+With a :class:`~stages.llm.history_store.HistoryStore`, the pairs are loaded when the history is
 created (then trimmed by the limits) and saved after every change, so a restarted llm stage
 goes on with the same conversation.
 """
@@ -20,7 +20,7 @@ import unicodedata
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from stages.history_store import HistoryStore
+    from stages.llm.history_store import HistoryStore
 
 PER_MESSAGE_TOKENS = 4  # role and framing overhead the chat format adds to every message
 

@@ -27,19 +27,18 @@ import hashlib
 import json
 import logging
 import os
-import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 from collections.abc import Iterable
 from typing import Any
 
+from broker.config import safe_name, state_dir
+
 log = logging.getLogger("mmdagent_llm")
 
 FORMAT = "mmdagent-llm-history"
 VERSION = 1
-APP_DIR = "mmdagent-llm"
 #: ``[llm] history_file`` value that keeps the history in memory only
 MEMORY_ONLY = "none"
 
@@ -58,31 +57,6 @@ def canonical(pairs: Iterable[Pair]) -> bytes:
 
 def checksum(pairs: Iterable[Pair]) -> str:
     return hashlib.sha256(canonical(pairs)).hexdigest()
-
-
-def state_dir() -> Path:
-    """The user's state folder for this application (not created here).
-
-    Windows: ``%LOCALAPPDATA%\\mmdagent-llm``; elsewhere ``$XDG_STATE_HOME/mmdagent-llm``
-    (an unset or relative ``XDG_STATE_HOME`` is ignored, as the XDG spec says) or
-    ``~/.local/state/mmdagent-llm``."""
-    if sys.platform == "win32":
-        base = os.environ.get("LOCALAPPDATA")
-        return (Path(base) if base else Path.home() / "AppData" / "Local") / APP_DIR
-    xdg = os.environ.get("XDG_STATE_HOME", "")
-    base_path = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "state"
-    return base_path / APP_DIR
-
-
-def safe_name(session: str) -> str:
-    """``session`` as a portable file name part: ``[A-Za-z0-9._-]`` only, at most 64 characters.
-
-    A name that had to be changed gets a short hash of the original, so ``a/b`` and ``a_b``
-    do not share a file."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", session)[:64] or "_"
-    if cleaned == session:
-        return cleaned
-    return f"{cleaned}-{hashlib.sha256(session.encode('utf-8')).hexdigest()[:8]}"
 
 
 def default_path(session: str) -> Path:

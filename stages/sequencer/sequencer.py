@@ -30,8 +30,8 @@ import time
 from dataclasses import dataclass
 
 from broker import wire
-from stages import config as config_mod
-from stages.runtime import Stage, setup_logging
+from broker import config as config_mod
+from broker.runtime import Stage, setup_logging
 from stages.states import SPEECH_TRANSITIONS, Machine, SpeechState
 
 log = logging.getLogger("mmdagent_llm")

@@ -11,13 +11,13 @@
   and, shortly, onto the avatar's screen (``NOTIFY_SHOW``), and it exits with status 1.
 - Otherwise it starts the pipeline under supervisord, with a configuration generated in
   ``<state folder>/run-<session>/`` (logs there too), then runs the bridge. Utterances that
-  come before the stages are up wait for them (see :mod:`stages.turns`).
+  come before the stages are up wait for them (see :mod:`stages.bridge.turns`).
 - Everything it started ends with it, within a few seconds, however it ends. MMDAgent-EX kills
   its plugin with SIGKILL, which no cleanup code survives, so: on Linux supervisord gets
   SIGTERM from the kernel when the bridge dies (parent death signal); everywhere, a
   ``watchdog`` program inside supervisord sends supervisord SIGTERM once the bridge's pid is
   gone, and every stage started this way exits by itself when the bridge is gone
-  (``MMDAGENTLLM_OWNER_PID``, see :func:`stages.runtime.watch_owner`).
+  (``MMDAGENTLLM_OWNER_PID``, see :func:`broker.runtime.watch_owner`).
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ import sys
 import time
 from pathlib import Path
 
-from stages import config as config_mod
-from stages import curve, mmd_line, sessions
-from stages.history_store import safe_name, state_dir
-from stages.liveness import PIPELINE
-from stages.runtime import OWNER_ENV, alive, setup_logging
+from broker import config as config_mod
+from broker import curve, sessions
+from stages.bridge import mmd_line
+from broker.config import safe_name, state_dir
+from broker.liveness import PIPELINE
+from broker.runtime import OWNER_ENV, alive, setup_logging
 
 log = logging.getLogger("mmdagent_llm")
 
@@ -43,7 +44,7 @@ JOIN_WAIT = 1.5  # seconds: the broker publishes a heartbeat every second
 
 _PROGRAM = """
 [program:{name}]
-command={python} -m stages.cli {args}
+command={python} -m stages.commands.cli {args}
 priority={priority}
 autorestart=true
 startsecs=1
@@ -113,7 +114,7 @@ def main(cfg: config_mod.Config) -> int:
             log.error("no pipeline running: start it first (honcho start, in the repository folder)")
         else:
             supervisor = start_pipeline(cfg)
-    from stages.bridge import Bridge
+    from stages.bridge.bridge import Bridge
     try:
         return Bridge(cfg).run()
     finally:

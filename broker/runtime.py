@@ -2,7 +2,7 @@
 
 A stage connects to the broker (it never binds), so it can be restarted alone:
 - a SUB on ``events_out`` with the stage's topics, plus every ``heartbeat.``: its own tells
-  it is ready, the others feed :class:`stages.liveness.Liveness` (``on_peer``);
+  it is ready, the others feed :class:`broker.liveness.Liveness` (``on_peer``);
 - a PUB on ``events_in`` for bus events;
 - optionally a PULL on its input queue ``<q>_out`` and a PUSH on its output queue ``<q>_in``.
 
@@ -13,7 +13,7 @@ Heartbeats go out each second with ``ready`` set accordingly; tests and the cons
 every stage to report ready instead of sleeping.
 
 Every socket on the bus comes from :func:`connect`: a CURVE client holding the session's keys
-(:mod:`stages.curve`), so only the owner's processes get in. A stage that cannot get in (the
+(:mod:`broker.curve`), so only the owner's processes get in. A stage that cannot get in (the
 broker at its address refuses its keys: another session's, or made anew) says so once. A
 message of another session (possible only where sessions share a ``curve_dir``) is dropped
 and counted as ``wrong session``. Another process under the stage's own name is reported once.
@@ -33,9 +33,9 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from broker import wire
-from stages import config as config_mod
-from stages import curve
-from stages.liveness import PIPELINE, Liveness
+from broker import config as config_mod
+from broker import curve
+from broker.liveness import PIPELINE, Liveness
 
 log = logging.getLogger("mmdagent_llm")
 _stop = False

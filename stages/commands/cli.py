@@ -12,17 +12,17 @@ import os
 import sys
 from pathlib import Path
 
-from stages import config as config_mod
+from broker import config as config_mod
 
 PROCESSES = {
     "broker": "broker.main:run",
-    "bridge": "stages.bridge:main",
-    "llm": "stages.llm:main",
-    "segmenter": "stages.segmenter:main",
-    "sequencer": "stages.sequencer:main",
-    "console": "stages.console:main",
-    "plugin": "stages.plugin:main",
-    "doctor": "stages.doctor:main",
+    "bridge": "stages.bridge.bridge:main",
+    "llm": "stages.llm.llm:main",
+    "segmenter": "stages.segmenter.segmenter:main",
+    "sequencer": "stages.sequencer.sequencer:main",
+    "console": "stages.commands.console:main",
+    "plugin": "stages.commands.plugin:main",
+    "doctor": "stages.commands.doctor:main",
 }
 
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":  # needs no configuration: it is what makes a non-loopback one valid
         return _keys(args.folder)
     if args.command == "watchdog":
-        from stages.plugin import watchdog as watch
+        from stages.commands.plugin import watchdog as watch
         return watch(args.pid)
     if args.session is not None:  # through the environment, so every process it starts has it too
         os.environ[f"{config_mod.ENV_PREFIX}BUS_SESSION"] = args.session
@@ -62,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bus":
         return _bus(cfg)
     module, _, func = PROCESSES[args.command].partition(":")
-    return getattr(importlib.import_module(module), func)(cfg)
+    try:
+        return getattr(importlib.import_module(module), func)(cfg)
+    except config_mod.ConfigError as exc:  # e.g. a key file missing from [bus] curve_dir
+        print(f"mmdagent-llm {args.command}: configuration error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _keys(folder: Path) -> int:
@@ -70,7 +74,7 @@ def _keys(folder: Path) -> int:
 
     Prints file names and the public side only; secret keys stay in their 0600 files.
     """
-    from stages import curve
+    from broker import curve
 
     try:
         curve.generate(folder)
@@ -96,7 +100,7 @@ def _bus(cfg: config_mod.Config) -> int:
 
     Prints paths and public facts only: an observer of yours loads the secret key from its file.
     """
-    from stages import curve, sessions
+    from broker import curve, sessions
 
     try:
         keys = curve.folder_of(cfg)

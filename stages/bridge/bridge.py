@@ -17,10 +17,10 @@ Started by MMDAgent-EX as ``Plugin_AnyScript_Command=mmdagent-llm bridge``:
   ``KEY_POST``, ``PLUGIN_*``, ``MODEL_*``, ``KEYVALUE_SET``..., is refused: logged the first
   time per type or sender, counted in the heartbeat's ``refused``.
 - each other ``command`` from the ``commands`` queue is written as one line and flushed, through
-  :func:`stages.mmd_line.format_line`, which removes ``|``, CR, LF and control characters
+  :func:`stages.bridge.mmd_line.format_line`, which removes ``|``, CR, LF and control characters
   from every field and caps the line at 2000 bytes. Nothing else is ever written to stdout;
   logs go to stderr.
-- turn control (:mod:`stages.turns`) sees every line first: it opens turns (``turn_start``),
+- turn control (:mod:`stages.bridge.turns`) sees every line first: it opens turns (``turn_start``),
   cancels them (``cancel``), writes ``SYNTH_STOP`` itself on an interruption, and keeps
   ``SYNTH_START`` of a cancelled or old turn from being written.
 - end of input (MMDAgent-EX closed the pipe) ends the process with status 0.
@@ -39,10 +39,10 @@ from typing import BinaryIO, Callable
 import zmq
 
 from broker import wire
-from stages import mmd_line
-from stages.runtime import Stage, request_stop, setup_logging
-from stages.liveness import PIPELINE
-from stages.turns import Action, Publish, TurnController, Write
+from stages.bridge import mmd_line
+from broker.runtime import Stage, request_stop, setup_logging
+from broker.liveness import PIPELINE
+from stages.bridge.turns import Action, Publish, TurnController, Write
 
 log = logging.getLogger("mmdagent_llm")
 

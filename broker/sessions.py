@@ -3,13 +3,13 @@
 A *session* is one avatar's pipeline (``[bus] session``, default ``default``). Every session
 has a bus of its own that only its owner's processes can use:
 
-- **Keys.** Every endpoint is a ZeroMQ CURVE server (:mod:`stages.curve`). Without
+- **Keys.** Every endpoint is a ZeroMQ CURVE server (:mod:`broker.curve`). Without
   ``[bus] curve_dir``, the keys are the session's own, made on first use by whichever process
   of the session comes first, in its folder ``<state>/bus-<session>/`` (``<state>``:
-  :func:`stages.history_store.state_dir`)::
+  :func:`broker.config.state_dir`)::
 
       keys/           server.key, server.key_secret, client.key, client.key_secret,
-                      clients/client.key: the session's keys, in :mod:`stages.curve`'s
+                      clients/client.key: the session's keys, in :mod:`broker.curve`'s
                       format (secrets 0600)
       broker.json     the running broker: pid, endpoints, start time (no secret), so a
                       second instance can say who holds the ports
@@ -19,7 +19,7 @@ has a bus of its own that only its owner's processes can use:
   key (another user, or the same user's process that does not load it) gets no connection.
   Two sessions have different keys, so a stage of one can never join the other's bus.
 - **Ports.** ``[bus] base_port = 0`` (the default) derives the eight ports from the session
-  name (:func:`stages.config.derived_base_port`), so two sessions on one machine get two
+  name (:func:`broker.config.derived_base_port`), so two sessions on one machine get two
   buses without any setting. Should two names meet on the same ports, or another program
   hold them, the second pipeline refuses to start and says what holds them (:func:`conflict`).
 
@@ -35,16 +35,15 @@ import os
 import socket
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import zmq
 
 from broker import wire
-from stages import config as config_mod
-from stages import curve
-from stages.history_store import state_dir
-from stages.runtime import alive, connect
+from broker import config as config_mod
+from broker import curve
+from broker.config import state_dir
+from broker.runtime import alive, connect
 
 log = logging.getLogger("mmdagent_llm")
 
@@ -163,7 +162,7 @@ def conflict(cfg: config_mod.Config, what: str, held: list[str] | None = None) -
             return text + ("This session is running already: join it (`mmdagent-llm plugin` joins by "
                            "itself), do not start a second broker")
         text += f"To join that pipeline instead, use `mmdagent-llm --session {holder['session']} ...`. "
-    if cfg["bus"]["transport"] == "tcp" and curve.is_loopback(cfg["bus"]["host"]):
+    if cfg["bus"]["transport"] == "tcp" and config_mod.is_loopback(cfg["bus"]["host"]):
         free = free_base_port(cfg)
         hint = f" (e.g. {free}, free now)" if free else ""
         text += (f"To run beside it, give this session its own ports: [bus] base_port = <port>{hint} in "

@@ -15,9 +15,9 @@ import sys
 import openai
 
 from broker import wire
-from stages import config as config_mod
-from stages.llm import cause_of, redact
-from stages.offline_responder import OFFLINE_NOTICE
+from broker import config as config_mod
+from stages.llm.llm import cause_of, redact
+from stages.llm.offline_responder import OFFLINE_NOTICE
 
 TIMEOUT = 15.0
 

@@ -12,11 +12,11 @@
   5xx, timeouts, refused connection, a stream cut midway, an error event in the stream)
   end the turn: one log line without secrets, naming the cause a person can act on
   (:data:`broker.wire.CAUSES`, also in ``turn_result``), the configured apology spoken if
-  nothing was said yet, and history left consistent (see :mod:`stages.history`). Deadlines are enforced
+  nothing was said yet, and history left consistent (see :mod:`stages.llm.history`). Deadlines are enforced
   here, not left to the client: ``first_token_timeout`` and ``turn_timeout``.
 - Server: OpenAI, or any OpenAI-compatible server via ``OPENAI_BASE_URL``; with neither
   ``OPENAI_API_KEY`` nor ``OPENAI_BASE_URL``, the embedded offline responder
-  (:mod:`stages.offline_responder`), announced once in the log and in the heartbeat.
+  (:mod:`stages.llm.offline_responder`), announced once in the log and in the heartbeat.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ import openai
 import zmq
 
 from broker import wire
-from stages import config as config_mod
-from stages.history import History
-from stages.history_store import store_for
-from stages.llm_http import make_client
-from stages.runtime import Stage, setup_logging
+from broker import config as config_mod
+from stages.llm.history import History
+from stages.llm.history_store import store_for
+from stages.llm.llm_http import make_client
+from broker.runtime import Stage, setup_logging
 from stages.states import Machine, TURN_TRANSITIONS, TurnState
 
 log = logging.getLogger("mmdagent_llm")
@@ -169,7 +169,7 @@ class LlmStage(Stage):
         key = os.environ.get("OPENAI_API_KEY")
         base = os.environ.get("OPENAI_BASE_URL")
         if not key and not base:
-            from stages.offline_responder import OFFLINE_NOTICE, ChatCompletionServer, offline_reply
+            from stages.llm.offline_responder import OFFLINE_NOTICE, ChatCompletionServer, offline_reply
             self.offline_server = ChatCompletionServer(offline_reply).start()
             log.warning("%s", OFFLINE_NOTICE)
             key, base, backend = "offline", self.offline_server.base_url, "offline responder"

@@ -1,9 +1,9 @@
 """segmenter: the ``tokens`` queue in, speakable ``segment`` items out, per turn.
 
-Cutting rules live in :mod:`stages.sentences`; this stage only keeps one cutter per turn,
+Cutting rules live in :mod:`stages.segmenter.sentences`; this stage only keeps one cutter per turn,
 numbers the segments, and passes ``turn_end`` on with the segment count. When the stream
 pauses for ``pause_release`` seconds, a finished sentence that only waits for the character
-after its end mark is released (see :meth:`stages.sentences.SentenceCutter.ripe`). Items of a turn
+after its end mark is released (see :meth:`stages.segmenter.sentences.SentenceCutter.ripe`). Items of a turn
 older than the newest one seen, or of a cancelled turn (``cancel`` on the bus, read before
 the queue), are dropped: a late token of a superseded answer must never become speech.
 Tokens are numbered per turn; a gap (we or the broker restarted in the middle of a turn) makes
@@ -16,9 +16,9 @@ import logging
 import time
 
 from broker import wire
-from stages import config as config_mod
-from stages.runtime import Stage, setup_logging
-from stages.sentences import SentenceCutter
+from broker import config as config_mod
+from broker.runtime import Stage, setup_logging
+from stages.segmenter.sentences import SentenceCutter
 
 log = logging.getLogger("mmdagent_llm")
 
