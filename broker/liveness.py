@@ -36,6 +36,7 @@ class Liveness:
         self.watch = watch
         self.timeout = timeout
         self.peers: dict[str, _Peer] = {}
+        self.restarts: dict[str, int] = {}  # name -> how many times a new pid took over
 
     def beat(self, name: str, pid: int, ready: bool, now: float) -> str | None:
         """A heartbeat; returns ``"up"`` (first seen), ``"back"``, ``"restarted"`` or None."""
@@ -58,6 +59,7 @@ class Liveness:
             log.warning("%s was restarted (pid %d, was %d)", name, pid, peer.pid)
             peer.replaced[peer.pid] = peer.seen
             peer.pid, peer.seen, peer.alive = pid, now, True
+            self.restarts[name] = self.restarts.get(name, 0) + 1
             return "restarted"
         peer.seen = now
         if not peer.alive:

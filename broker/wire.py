@@ -125,9 +125,12 @@ KINDS: dict[str, str] = {
     "heartbeat": """A stage is alive (bus, every stage, each second).
 
     body: ``stage`` (str), ``pid`` (int), ``ready`` (bool: its subscriptions are in place, it
-    has seen its own heartbeat come back through the broker), ``info`` (map, stage-specific,
-    e.g. llm's ``backend``; the bridge's ``bad_input``: stdin problems by reason, and
-    ``refused``: commands it would not write, by ``type X`` or ``sender X``),
+    has seen its own heartbeat come back through the broker), ``info`` (map, stage-specific:
+    llm's ``backend``, ``model`` and ``errors`` (failed turns by cause since its start); the
+    bridge's ``bad_input`` (stdin problems by reason), ``refused`` (commands it would not write,
+    by ``type X`` or ``sender X``), ``restarts`` (stage name -> how often a new pid took over
+    since the bridge started) and ``turns`` (the last turns' ``turn``, ``first_token``,
+    ``first_synth``, ``first_speech`` in ms or None, see :mod:`stages.latency`)),
     ``bad_frames`` (map: :attr:`WireError.reason` -> count of refused messages received since
     start; empty when none; not in the broker's, which decodes nothing), ``duplicates`` (map:
     stage name -> the pids of two or more live processes of that name on the bus; empty when
@@ -137,9 +140,12 @@ KINDS: dict[str, str] = {
     body: ``stage`` (str), ``reason`` (str). E.g. a segmenter restarted in the middle of a turn
     sees its tokens from the middle on. The bridge then ends or asks again the turn (see
     :mod:`stages.bridge.turns`); the stage drops the rest of that turn.""",
-    "notice": """Something a person should read (bus, any stage).
+    "notice": """Something a person should read (bus, any stage or command).
 
-    body: ``level`` (``info``, ``warning``, ``error``), ``text`` (str).""",
+    body: ``level`` (``info``, ``warning``, ``error``), ``text`` (str). The bridge shows an
+    ``error`` one with ``NOTIFY_SHOW`` (``[turn] notify_errors``), the console prints it; e.g.
+    ``mmdagent-llm doctor --notice``, run at the start of ``plugin`` and ``console``, says so
+    when the LLM server refuses the key.""",
 }
 
 #: why a turn failed (``turn_result``'s ``cause``), with what a person can do about it

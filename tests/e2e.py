@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import collections
 import random
+import signal
+import subprocess
+import sys
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,7 +159,7 @@ def launched(tmp: Path, *, server: ChatCompletionServer | None = None, base_url:
             bus = BusWatcher(cfg)
             avatar = start_avatar(cfg, mdf, {k: v for k, v in env.items() if k != "MMDAGENT_LLM_CONFIG"},
                                   **(avatar_kwargs or {}))
-            yield World(cfg, avatar, bus, server.reply if server else None, server, tmp, pipeline)
+            yield World(cfg, avatar, bus, server.reply if server else None, server, tmp, pipeline, env=env)
         finally:
             if avatar is not None:
                 avatar.kill()
@@ -191,3 +195,50 @@ def managed(tmp: Path, runner: str = "supervisord", *, reply=None, avatar_kwargs
         if bus is not None:
             bus.close()
         server.stop()
+
+
+class Observer:
+    """``mmdagent-llm observe <name>`` as a real process of its own, on the world's bus."""
+
+    def __init__(self, world: World, name: str, log: Path | None = None) -> None:
+        self.world, self.name = world, name
+        self.log_path = log or world.run_dir / f"observer-{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, ready: bool = True) -> "Observer":
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "stages.commands.cli", "observe", self.name],
+                                         env=self.world.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=log)
+        if ready:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + 20
+        watcher = BusWatcher(self.world.cfg, f"heartbeat.{self.name}".encode())
+        try:
+            assert watcher.wait_for(lambda envs: any(e.body.get("ready") and e.body.get("pid") == self.proc.pid
+                                                     for e in envs), max(0.0, deadline - time.monotonic())), \
+                f"observer {self.name} not ready: {self.log_path.read_text(errors='replace')[-2000:]}"
+        finally:
+            watcher.close()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def __enter__(self) -> "Observer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a test may have stopped it
+        self.stop()

@@ -60,6 +60,9 @@ def write_config(folder: Path, *, transport: str = "tcp", **sections: dict) -> P
         "llm": {"first_token_timeout": 3.0, "chunk_timeout": 5.0, "turn_timeout": 20.0, "max_retries": 2,
                 "history_file": str(folder / "history.json")},
         "speech": {"start_timeout": 1.5, "stop_timeout_base": 3.0},
+        "transcript": {"folder": str(folder / "transcripts")},
+        "subtitles": {"port": free_base_port(1)},
+        "metrics": {"port": free_base_port(1)},
     }
     for name, items in sections.items():
         values.setdefault(name, {}).update(items)

@@ -43,6 +43,7 @@ from stages.bridge import mmd_line
 from broker.runtime import Stage, request_stop, setup_logging
 from broker.liveness import PIPELINE
 from stages.bridge.turns import Action, Publish, TurnController, Write
+from stages.latency import TurnClock
 
 log = logging.getLogger("mmdagent_llm")
 
@@ -50,11 +51,13 @@ MAX_IN_BYTES = 64 * 1024  # longer stdin lines are cut; MMDAgent-EX itself never
 #: what is counted in the heartbeat's ``bad_input`` (and logged once)
 BAD_INPUT = ("invalid UTF-8", "NUL bytes", "line too long", "empty line", "empty type")
 MAX_REFUSAL_KINDS = 50  # distinct refused types/senders counted one by one; the rest as "other"
+LAST_TURNS = 5  # turns whose latencies the heartbeat carries (``status`` shows them)
 
 
 class Bridge(Stage):
     name = "bridge"
-    topics = ("spoken", "broken", "turn_result", "turn_end", "token", "segment", "speech")  # turn progress
+    topics = ("spoken", "broken", "turn_result", "turn_end", "token", "segment", "speech",  # turn progress
+              "notice")
     input_queue = "commands"
 
     def __init__(self, cfg, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> None:
@@ -70,6 +73,7 @@ class Bridge(Stage):
         self._bad_lock = threading.Lock()  # the stdin thread counts cut lines
         self.turns = TurnController(cfg["turn"], cfg["speech"]["model"], cfg["speech"]["voice"],
                                     startup_grace=cfg["bus"]["peer_timeout"])
+        self.clock = TurnClock()
         self._inbox = self.ctx.socket(zmq.PAIR)
         address = f"inproc://bridge-stdin-{id(self)}"
         self._inbox.bind(address)
@@ -140,6 +144,8 @@ class Bridge(Stage):
             then()
         for action in actions:
             if isinstance(action, Publish):
+                if action.kind == "turn_start":
+                    self.clock.start(action.turn, action.origin if action.origin is not None else origin)
                 self.publish(action.kind, action.body, turn=action.turn, origin=action.origin)
 
     def on_work(self, env: wire.Envelope) -> None:
@@ -181,11 +187,17 @@ class Bridge(Stage):
         self.lines_out += 1
         written_type, written_args = mmd_line.parse_line(line[:-1].decode("utf-8"))
         self.turns.on_written(written_type, written_args, turn)
+        if written_type == "SYNTH_START":
+            self.clock.mark(turn, "first_synth", time.time())
         self.publish("written", {"type": written_type, "args": written_args, "bytes": len(line) - 1},
                      turn=turn, origin=origin)
 
     def on_event(self, env: wire.Envelope) -> None:
-        if env.kind == "spoken":
+        self.clock.observe(env)
+        if env.kind == "notice":
+            self._carry_out(self.turns.on_notice(str(env.body.get("level")), str(env.body.get("text", ""))),
+                            env.origin)
+        elif env.kind == "spoken":
             self.turns.on_spoken(env.turn)
         elif env.kind == "broken":
             if env.turn == self.turns.turn:
@@ -248,7 +260,8 @@ class Bridge(Stage):
             bad_input = dict(self.bad_input)
         return {"lines_in": self.lines_in, "lines_out": self.lines_out, "turn": self.turns.turn,
                 "state": self.turns.machine.state.value, "pipeline": self.turns.pipeline_up, "bad_input": bad_input,
-                "refused": dict(self.refused)}
+                "refused": dict(self.refused), "restarts": dict(self.liveness.restarts),
+                "turns": [{"turn": t.turn, **t.as_ms()} for t in self.clock.last(LAST_TURNS)]}
 
     def close(self) -> None:
         self._inbox.close(linger=0)

@@ -160,6 +160,13 @@ class TurnController:
             return []
         return [Write("NOTIFY_SHOW", [f"mmdagent-llm: {CAUSES[cause]}"])]
 
+    def on_notice(self, level: str, text: str) -> list[Action]:
+        """A ``notice`` on the bus: an error one (the start-up check found the key refused, say)
+        is shown on screen too, with ``[turn] notify_errors``."""
+        if level != "error" or not self.cfg["notify_errors"]:
+            return []
+        return [Write("NOTIFY_SHOW", [f"mmdagent-llm: {text}"])]
+
     def _all_said(self) -> bool:
         """Every segment of the current turn was written and the avatar has finished the last
         one, though the sequencer's ``spoken`` may still be on its way: the turn is over, and a

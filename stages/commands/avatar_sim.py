@@ -51,9 +51,18 @@ Speech (Plugin_Open_JTalk), per model alias; events go through one scheduler thr
     ``SYNTH_EVENT_START`` and one ``SYNTH_EVENT_STOP``: one interrupted during ``start_delay``
     gets its ``SYNTH_EVENT_START`` at once (no lip sync) and is then stopped as above.
   - ``SYNTH_START`` from :meth:`send` (another plugin, the .fst) is spoken the same way.
+Captions, as observed on the real app (the argument counts are exact; a wrong one is silence)
+  - ``CAPTION_SETSTYLE`` with exactly 3 or 6 arguments -> ``CAPTION_EVENT_SETSTYLE|<style>``, and
+    the style exists from then on; any other count: nothing.
+  - ``CAPTION_START`` with exactly 7 arguments (alias, style, text, size, position, height,
+    frames), whose style exists or is ``_default`` -> ``CAPTION_EVENT_START|<alias>`` at once,
+    and ``CAPTION_EVENT_STOP|<alias>`` after ``frames / 30`` seconds or on ``CAPTION_STOP|<alias>``.
+    Starting an alias that is showing replaces its text (the old one gets no stop event). A
+    ``|`` in the text changes the count, an unknown style, or (the simulator's choice) a size,
+    height or frame count that is not a number: nothing. :attr:`captions` holds what is on
+    screen (alias -> text argument as written).
 Cheap extras: ``MOTION_ADD`` -> ``MOTION_EVENT_ADD|model|alias``; ``TIMER_START|alias|sec`` ->
-``TIMER_EVENT_START``, then ``TIMER_EVENT_STOP`` after sec; ``CAPTION_SETSTYLE/START/STOP|x`` ->
-``CAPTION_EVENT_SETSTYLE/START/STOP|x``. Anything else is only echoed.
+``TIMER_EVENT_START``, then ``TIMER_EVENT_STOP`` after sec. Anything else is only echoed.
 """
 
 from __future__ import annotations
@@ -159,6 +168,9 @@ class SimulatedMMDAgent:
         self.received: list[Received] = []
         self.inbox: list[Received] = []
         self.speaking: dict[str, str] = {}
+        self.captions: dict[str, str] = {}      # alias -> the text argument on screen
+        self.caption_styles: set[str] = set()
+        self._caption_shown: dict[str, int] = {}  # alias -> which CAPTION_START shows it
         self._proc: subprocess.Popen | None = None
         self._rcond = threading.Condition()   # guards received/inbox; notified on exit too
         self._qcond = threading.Condition()   # the message queue
@@ -391,8 +403,29 @@ class SimulatedMMDAgent:
                 return
             self._post(f"TIMER_EVENT_START|{args[0]}")
             self._after(seconds, lambda alias=args[0]: self._post(f"TIMER_EVENT_STOP|{alias}"))
-        elif kind in ("CAPTION_SETSTYLE", "CAPTION_START", "CAPTION_STOP") and args:
-            self._post(f"CAPTION_EVENT_{kind[8:]}|{args[0]}")
+        elif kind == "CAPTION_SETSTYLE" and len(args) in (3, 6):
+            self.caption_styles.add(args[0])
+            self._post(f"CAPTION_EVENT_SETSTYLE|{args[0]}")
+        elif kind == "CAPTION_START" and len(args) == 7 and args[1] in self.caption_styles | {"_default"}:
+            try:
+                float(args[3]), float(args[5])
+                frames = int(args[6])
+            except ValueError:
+                return
+            alias, shown = args[0], next(self._seq)
+            self.captions[alias] = args[2]
+            self._caption_shown[alias] = shown
+            self._post(f"CAPTION_EVENT_START|{alias}")
+            self._after(frames / 30, lambda: self._caption_stop(alias, shown))
+        elif kind == "CAPTION_STOP" and args:
+            self._caption_stop(args[0], self._caption_shown.get(args[0]))
+
+    def _caption_stop(self, alias: str, shown: int | None) -> None:
+        """End caption ``alias`` if it is still the showing ``shown`` (not replaced since)."""
+        if alias in self.captions and shown is not None and self._caption_shown.get(alias) == shown:
+            del self.captions[alias]
+            del self._caption_shown[alias]
+            self._post(f"CAPTION_EVENT_STOP|{alias}")
 
     def _synth_start(self, model: str, text: str) -> None:
         speech = self._speech.get(model)

@@ -23,7 +23,15 @@ PROCESSES = {
     "console": "stages.commands.console:main",
     "plugin": "stages.commands.plugin:main",
     "doctor": "stages.commands.doctor:main",
+    "status": "stages.commands.status:main",
 }
+OBSERVERS = {
+    "transcript": "stages.observers.transcript:main",
+    "captions": "stages.observers.captions:main",
+    "subtitles": "stages.observers.subtitles:main",
+    "metrics": "stages.observers.metrics:main",
+}
+WEB = ("subtitles", "metrics")  # observers with a private web address (--url)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,11 +40,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--session", help="the session (one avatar's private bus); inherited by what the command "
                                           "starts (default: [bus] session)")
     sub = parser.add_subparsers(dest="command", required=True)
+    commands = {}
     for name in PROCESSES:
-        sub.add_parser(name, help={"console": "talk to the pipeline in this terminal, without MMDAgent-EX",
-                                   "plugin": "the bridge, plus the pipeline under supervisord if none is running",
-                                   "doctor": "check the LLM server, the key and the model with one cheap request",
-                                   }.get(name, f"run the {name}"))
+        commands[name] = sub.add_parser(name, help={
+            "console": "talk to the pipeline in this terminal, without MMDAgent-EX",
+            "plugin": "the bridge, plus the pipeline under supervisord if none is running",
+            "doctor": "check the LLM server, the key and the model with one cheap request",
+            "status": "one screen: each process up or down, the LLM, the last turns; exit 1 when unhealthy",
+        }.get(name, f"run the {name}"))
+    commands["doctor"].add_argument("--notice", action="store_true",
+                                    help="(plugin and console start-up) log the result; publish a failure on the bus")
+    observe = sub.add_parser("observe", help="run an observer: transcript, captions, subtitles (OBS) or metrics")
+    observe.add_argument("observer", choices=OBSERVERS)
+    observe.add_argument("--url", action="store_true",
+                         help="subtitles, metrics: print the private address (with its access key) and exit")
+    transcript = sub.add_parser("transcript", help="print the session's transcript readably")
+    transcript.add_argument("--follow", "-f", action="store_true", help="keep printing new lines as they come")
     sub.add_parser("config", help="print every configuration key with its default and meaning")
     sub.add_parser("bus", help="where the session's bus is and how an observer of yours gets onto it")
     watchdog = sub.add_parser("watchdog", help="(inside the plugin's supervisord) stop it when a pid is gone")
@@ -61,9 +80,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "bus":
         return _bus(cfg)
-    module, _, func = PROCESSES[args.command].partition(":")
+    if args.command == "observe" and args.url:
+        return _url(cfg, args.observer)
+    target, extra = PROCESSES.get(args.command, ""), {}
+    if args.command == "observe":
+        target = OBSERVERS[args.observer]
+    elif args.command == "transcript":
+        target, extra = "stages.commands.transcript:main", {"follow": args.follow}
+    elif args.command == "doctor" and args.notice:
+        extra = {"notice": True}
+    module, _, func = target.partition(":")
     try:
-        return getattr(importlib.import_module(module), func)(cfg)
+        return getattr(importlib.import_module(module), func)(cfg, **extra)
     except config_mod.ConfigError as exc:  # e.g. a key file missing from [bus] curve_dir
         print(f"mmdagent-llm {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -92,6 +120,19 @@ def _keys(folder: Path) -> int:
     print(f"  curve_dir = {value}")
     print(f"Copy the folder to the other machines; those without the broker do not need {curve.SERVER_SECRET}.")
     print(f"Whoever holds {curve.CLIENT_SECRET} can talk on the bus: keep the folder private.")
+    return 0
+
+
+def _url(cfg: config_mod.Config, observer: str) -> int:
+    """``mmdagent-llm observe subtitles|metrics --url``: the address with its access key (a
+    secret: printed on request only, never logged)."""
+    from stages.observers import web
+
+    if observer not in WEB:
+        print(f"mmdagent-llm observe {observer}: has no web address", file=sys.stderr)
+        return 2
+    print(web.url_of(cfg, observer, "/metrics" if observer == "metrics" else "/"))
+    print(f"(the key alone, e.g. for Prometheus's credentials_file: {web.key_path(cfg)})", file=sys.stderr)
     return 0
 
 

@@ -6,7 +6,9 @@ launches ``mmdagent-llm bridge`` as the plugin, sends ``RECOG_EVENT_START`` and
 ``RECOG_EVENT_STOP|<what you typed>``, shows each sentence when the avatar would start
 saying it, holds it for a speaking time derived from its length, and answers with the same
 ``SYNTH_EVENT_*`` events MMDAgent-EX sends. A turn that fails shows its cause and what to do
-about it (``turn_result``'s ``cause``). An empty line or Ctrl-D quits.
+about it (``turn_result``'s ``cause``). At start, ``mmdagent-llm doctor --notice`` checks the
+LLM server, the key and the model in the background and its finding is printed the same way.
+An empty line or Ctrl-D quits.
 
 A session has one bridge, and the console brings its own: if the session is running already
 (a plugin's pipeline, say), or its ports are held, the console refuses at once, starts
@@ -26,7 +28,7 @@ from broker import wire
 from broker import config as config_mod
 from broker import sessions
 from stages.commands.avatar_sim import SimulatedMMDAgent
-from stages.commands.launcher import PIPELINE, Pipeline, wait_ready
+from stages.commands.launcher import PIPELINE, Pipeline, start_doctor, wait_ready
 from stages.commands.plugin import JOIN_WAIT
 from broker.runtime import connect
 
@@ -39,12 +41,18 @@ def _say(text: str) -> None:
 
 
 def _show_failures(cfg: config_mod.Config) -> None:
-    """On its own thread: print each failed turn's cause, from the bus, until the process ends."""
-    sub = connect(cfg, zmq.SUB, "events_out", ("turn_result",))
+    """On its own thread: print each failed turn's cause and each error notice (the start-up
+    check's finding), from the bus, until the process ends."""
+    sub = connect(cfg, zmq.SUB, "events_out", ("turn_result", "notice"))
     while True:
         try:
             env = wire.decode(sub.recv_multipart())
         except wire.WireError:
+            continue
+        if env.kind == "notice":
+            if env.body.get("level") == "error":
+                sys.stdout.write(f"\r  (mmdagent-llm: {str(env.body.get('text'))[:300]})\n")
+                sys.stdout.flush()
             continue
         cause = env.body.get("cause")
         if env.body.get("reason") == "error" and cause in wire.CAUSES:
@@ -75,6 +83,8 @@ def main(cfg: config_mod.Config) -> int:
     log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")  # ours only
     print(f"mmdagent-llm console: starting the pipeline (logs: {log_path})", flush=True)
     pipeline = Pipeline(stderr=log).start()
+    threading.Thread(target=_show_failures, args=(cfg,), name="failures", daemon=True).start()
+    doctor = start_doctor(stderr=log)  # the LLM server, key and model, checked without waiting for it
     avatar = None
     try:
         try:
@@ -87,7 +97,6 @@ def main(cfg: config_mod.Config) -> int:
             print(f"\n{OFFLINE_NOTICE}\n", flush=True)
         else:
             print(f"answering with {beats['llm']['info'].get('backend')}, model {cfg['llm']['model']}")
-        threading.Thread(target=_show_failures, args=(cfg,), name="failures", daemon=True).start()
         command = f'"{sys.executable}" -m stages.commands.cli bridge'
         avatar = SimulatedMMDAgent(
             command, mdf_dir=Path.cwd(), stderr=log,
@@ -110,5 +119,8 @@ def main(cfg: config_mod.Config) -> int:
         if avatar is not None:
             avatar.close_stdin()
             avatar.kill()
+        if doctor.poll() is None:
+            doctor.kill()
+            doctor.wait(5)
         pipeline.stop()
         log.close()

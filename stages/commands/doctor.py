@@ -9,17 +9,25 @@ status 0 when the model answered (or the embedded offline responder is in use), 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import time
+from typing import Callable
 
 import openai
+import zmq
 
 from broker import wire
 from broker import config as config_mod
 from stages.llm.llm import cause_of, redact
+from broker.runtime import connect, setup_logging
 from stages.llm.offline_responder import OFFLINE_NOTICE
 
+log = logging.getLogger("mmdagent_llm")
+
 TIMEOUT = 15.0
+NOTICE_WAIT = 20.0  # how long --notice waits for a bridge to show its finding
 
 FIXES = {
     "authentication": "Check OPENAI_API_KEY: the server refused it. (A local server needs none: unset it and set "
@@ -39,28 +47,81 @@ FIXES = {
 }
 
 
-def main(cfg: config_mod.Config) -> int:
+def check(cfg: config_mod.Config, say: Callable[[str], None]) -> str | None:
+    """Make the request; ``say`` each line for a person. The failure's cause, or None if it answered."""
     model = cfg["llm"]["model"]
     key = os.environ.get("OPENAI_API_KEY")
     base = os.environ.get("OPENAI_BASE_URL")
     if not key and not base:
-        print(OFFLINE_NOTICE)
-        return 0
+        say(OFFLINE_NOTICE)
+        return None
     where = base or "OpenAI (https://api.openai.com/v1)"
-    print(f"checking {where}, model {model!r}, {'with' if key else 'without'} OPENAI_API_KEY ...", flush=True)
+    say(f"checking {where}, model {model!r}, {'with' if key else 'without'} OPENAI_API_KEY ...")
     client = openai.OpenAI(api_key=key or "not-needed", base_url=base or None, max_retries=0, timeout=TIMEOUT)
     try:
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "ping"}], max_tokens=1)
     except Exception as exc:  # every failure gets its cause; the key never reaches the output
         cause = cause_of(exc)
-        print(f"FAILED: {cause}: {wire.CAUSES[cause]}")
-        print(f"  {redact(str(getattr(exc, 'message', None) or exc))}")
-        print("  " + FIXES[cause].format(model=model, base=base or "the OpenAI API"))
-        return 1
+        say(f"FAILED: {cause}: {wire.CAUSES[cause]}")
+        say(f"  {redact(str(getattr(exc, 'message', None) or exc))}")
+        say("  " + FIXES[cause].format(model=model, base=base or "the OpenAI API"))
+        return cause
     finally:
         client.close()
-    print(f"OK: {where} answered with model {model!r}")
-    return 0
+    say(f"OK: {where} answered with model {model!r}")
+    return None
+
+
+def main(cfg: config_mod.Config, notice: bool = False) -> int:
+    """Exit status 0 when the LLM answered (or none is configured), 1 otherwise.
+
+    ``notice``: the start-up check of ``plugin`` and ``console``: the lines go to the log
+    (stderr), and a failure is also published as an ``error`` ``notice`` on the bus, once the
+    bridge is there to show it (see :func:`publish_notice`)."""
+    if not notice:
+        return 1 if check(cfg, lambda line: print(line, flush=True)) else 0
+    setup_logging("doctor")
+    sub = connect(cfg, zmq.SUB, "events_out", ("heartbeat.bridge", "notice"))  # meanwhile, it connects
+    try:
+        cause = check(cfg, log.info)
+        if cause is not None:
+            publish_notice(cfg, sub, f"{wire.CAUSES[cause]}: run `mmdagent-llm doctor`")
+    finally:
+        sub.close(linger=0)
+    return 1 if cause else 0
+
+
+def publish_notice(cfg: config_mod.Config, sub: zmq.Socket, text: str, wait: float = NOTICE_WAIT) -> bool:
+    """Publish an error ``notice`` when the bridge is ready (or ``wait`` has passed), until it
+    comes back through the broker (a new publisher's first messages may be lost). True if seen."""
+    sender = wire.Sender("doctor", cfg["bus"]["session"])
+    pub = connect(cfg, zmq.PUB, "events_in")
+    deadline = time.monotonic() + wait
+    bridge_ready = False
+    try:
+        while not bridge_ready and (left := deadline - time.monotonic()) > 0:
+            if sub.poll(int(left * 1000) + 1):
+                env = _decode(sub.recv_multipart())
+                bridge_ready = env is not None and env.kind == "heartbeat" and env.body.get("ready") is True
+        for _ in range(20):
+            env = sender.make("notice", {"level": "error", "text": text})
+            pub.send_multipart(wire.encode(env))
+            until = time.monotonic() + 0.25
+            while (left := until - time.monotonic()) > 0:
+                if sub.poll(int(left * 1000) + 1):
+                    got = _decode(sub.recv_multipart())
+                    if got is not None and got.kind == "notice" and got.sender == "doctor" and got.seq == env.seq:
+                        return True
+        return False
+    finally:
+        pub.close(linger=1000)
+
+
+def _decode(frames: list[bytes]) -> wire.Envelope | None:
+    try:
+        return wire.decode(frames)
+    except wire.WireError:
+        return None
 
 
 if __name__ == "__main__":

@@ -19,9 +19,16 @@ from broker.liveness import PIPELINE
 from broker.runtime import connect
 
 
-
 def stage_command(name: str) -> list[str]:
     return [sys.executable, "-m", "stages.commands.cli", name]
+
+
+def start_doctor(stderr: IO[bytes] | int | None = None) -> subprocess.Popen:
+    """``mmdagent-llm doctor --notice`` in the background: the start-up check of ``plugin`` and
+    ``console``. Start-up does not wait for it, and the process that starts it (the plugin is
+    the bridge) never imports the LLM client. It ends by itself (at most about 40 s)."""
+    return subprocess.Popen([*stage_command("doctor"), "--notice"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=stderr)
 
 
 class Pipeline:

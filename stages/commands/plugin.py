@@ -18,6 +18,8 @@
   ``watchdog`` program inside supervisord sends supervisord SIGTERM once the bridge's pid is
   gone, and every stage started this way exits by itself when the bridge is gone
   (``MMDAGENTLLM_OWNER_PID``, see :func:`broker.runtime.watch_owner`).
+- In the background, ``mmdagent-llm doctor --notice`` checks the LLM server, the key and the
+  model; what it finds wrong appears on the avatar's screen (``NOTIFY_SHOW``) and in the log.
 """
 
 from __future__ import annotations
@@ -115,9 +117,14 @@ def main(cfg: config_mod.Config) -> int:
         else:
             supervisor = start_pipeline(cfg)
     from stages.bridge.bridge import Bridge
+    from stages.commands.launcher import start_doctor
+    doctor = start_doctor()  # its finding reaches the screen through the bridge (a notice)
     try:
         return Bridge(cfg).run()
     finally:
+        if doctor.poll() is None:
+            doctor.kill()
+            doctor.wait(5)
         if supervisor is not None:
             supervisor.terminate()
             try:

@@ -149,6 +149,7 @@ class LlmStage(Stage):
         super().__init__(cfg)
         c = cfg["llm"]
         self.history = History(c["system_prompt"], c["history_turns"], c["history_tokens"], store=store_for(cfg))
+        self.errors: dict[str, int] = {}  # failed turns by cause, since start (the heartbeat carries it)
         self.machine: Machine[TurnState] = Machine("turn", TURN_TRANSITIONS, TurnState.IDLE)
         self.offline_server = None
         self.client, self.backend = self._make_client()
@@ -181,7 +182,8 @@ class LlmStage(Stage):
 
     def info(self) -> dict[str, Any]:
         return {"backend": self.backend, "offline": self.offline_server is not None,
-                "model": self.cfg["llm"]["model"], "turn": self.turn, "state": self.machine.state.value}
+                "model": self.cfg["llm"]["model"], "turn": self.turn, "state": self.machine.state.value,
+                "errors": dict(self.errors)}
 
     # -- turns -----------------------------------------------------------------------------
     def on_event(self, env: wire.Envelope) -> None:
@@ -266,6 +268,7 @@ class LlmStage(Stage):
         answer = "".join(self.answer)
         if reason == "error":
             log.error("turn %d failed (%s: %s): %s", self.turn, cause, wire.CAUSES.get(cause, ""), error)
+            self.errors[cause] = self.errors.get(cause, 0) + 1
             if not answer and self.cfg["llm"]["apology"]:
                 self._push_token(self.cfg["llm"]["apology"], time.time())
         if spoken is not None:

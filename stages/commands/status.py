@@ -1,0 +1,108 @@
+"""``mmdagent-llm status``: is the session's pipeline healthy? One screen, from the bus alone.
+
+It listens to the session's heartbeats for :data:`LISTEN` seconds (every process beats each
+second, so a live one is heard and a dead one is not) and prints:
+
+- each process: up or down, pid, ready, restarts (as the bridge counted them since it
+  started), and every observer heard;
+- the LLM backend and model (the llm's heartbeat);
+- the last turns' latencies (the bridge's heartbeat, see :mod:`stages.latency`), failed
+  turns by cause (the llm's), and bad input: the bridge's stdin problems and refused
+  commands, every process's refused frames.
+
+Exit status: 0 when every pipeline process and the bridge are up and ready, with no two
+processes under one name; 1 otherwise (the reasons are the last line), so scripts and
+supervisors can use it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import zmq
+
+from broker import config as config_mod
+from broker import wire
+from broker.liveness import PIPELINE
+from broker.runtime import connect
+
+LISTEN = 1.3  # a little over the heartbeat period
+REQUIRED = (*PIPELINE, "bridge")
+LATENCY = (("first_token", "first token"), ("first_synth", "SYNTH_START"), ("first_speech", "speech began"))
+
+
+def listen(cfg: config_mod.Config, seconds: float = LISTEN) -> dict[str, dict[str, Any]]:
+    """The last heartbeat body of each process heard within ``seconds``."""
+    heard: dict[str, dict[str, Any]] = {}
+    sub = connect(cfg, zmq.SUB, "events_out", ("heartbeat.",))
+    deadline = time.monotonic() + seconds
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            if sub.poll(int(left * 1000) + 1):
+                try:
+                    env = wire.decode(sub.recv_multipart())
+                except wire.WireError:
+                    continue
+                if env.session == cfg["bus"]["session"]:
+                    heard[str(env.body.get("stage"))] = env.body
+    finally:
+        sub.close(linger=0)
+    return heard
+
+
+def _counts(table: Any) -> str:
+    if not isinstance(table, dict) or not table:
+        return "none"
+    return ", ".join(f"{k} {v}" for k, v in sorted(table.items(), key=lambda kv: str(kv[0])))
+
+
+def report(beats: dict[str, dict[str, Any]], session: str) -> tuple[list[str], list[str]]:
+    """The screen's lines, and what is wrong (empty when healthy)."""
+    bridge = beats.get("bridge", {}).get("info") or {}
+    restarts = bridge.get("restarts") if isinstance(bridge.get("restarts"), dict) else {}
+    lines = [f"session {session!r}", f"  {'process':<12} {'state':<6} {'pid':>8}  {'ready':<5}  restarts"]
+    problems = []
+    for name in [*REQUIRED, *sorted(set(beats) - set(REQUIRED))]:
+        beat = beats.get(name)
+        if beat is None:
+            lines.append(f"  {name:<12} {'DOWN':<6} {'-':>8}  {'-':<5}  {restarts.get(name, '-')}")
+            problems.append(f"{name} is down")
+            continue
+        ready = beat.get("ready") is True
+        kind = "" if name in REQUIRED else "  (observer)"
+        lines.append(f"  {name:<12} {'up':<6} {beat.get('pid', '?'):>8}  {'yes' if ready else 'NO':<5}  "
+                     f"{restarts.get(name, 0 if name in REQUIRED else '-')}{kind}")
+        if name in REQUIRED and not ready:
+            problems.append(f"{name} is not ready")
+        for other, pids in (beat.get("duplicates") or {}).items():
+            problems.append(f"two {other} processes: pids {pids}")
+    llm = beats.get("llm", {}).get("info") or {}
+    if llm:
+        offline = " (the embedded offline responder)" if llm.get("offline") else ""
+        lines.append(f"LLM: {llm.get('backend')}, model {llm.get('model')}{offline}")
+    turns = bridge.get("turns") if isinstance(bridge.get("turns"), list) else []
+    lines.append("last turns:" if turns else "last turns: none yet")
+    for t in turns:
+        if isinstance(t, dict):
+            parts = [f"{label} {t[key]} ms" for key, label in LATENCY if isinstance(t.get(key), int)]
+            lines.append(f"  turn {t.get('turn')}: " + (", ".join(parts) or "no milestone reached"))
+    lines.append(f"failed turns by cause: {_counts(llm.get('errors'))}")
+    lines.append(f"bad input from MMDAgent-EX: {_counts(bridge.get('bad_input'))}; "
+                 f"commands refused: {_counts(bridge.get('refused'))}")
+    frames = {f"{name}: {reason}": n for name, beat in beats.items()
+              for reason, n in (beat.get("bad_frames") or {}).items()}
+    lines.append(f"refused bus frames: {_counts(frames)}")
+    dupes = {p for p in problems if p.startswith("two ")}
+    problems = [p for p in problems if not p.startswith("two ")] + sorted(dupes)
+    lines.append("healthy" if not problems else "NOT HEALTHY: " + "; ".join(problems))
+    return lines, problems
+
+
+def main(cfg: config_mod.Config) -> int:
+    beats = listen(cfg)
+    lines, problems = report(beats, cfg["bus"]["session"])
+    if not beats:
+        lines.insert(1, f"  nothing on the bus at {config_mod.endpoint(cfg, 'events_out')}: the session is not running")
+    print("\n".join(lines))
+    return 1 if problems else 0

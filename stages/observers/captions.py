@@ -1,0 +1,163 @@
+"""``mmdagent-llm observe captions``: subtitles inside the MMDAgent-EX window.
+
+What it sends (through the ``commands`` queue and the bridge, like every line to MMDAgent-EX;
+the bridge's default ``[bridge] allow_senders``/``allow_types`` admit it):
+
+- ``CAPTION_SETSTYLE|<style>|<font>|<color>|<edge1>|<edge2>|<basecolor>`` (6 arguments, the
+  only other count MMDAgent-EX takes being 3) before the first caption, and again whenever
+  the bridge is new (a new MMDAgent-EX has no styles).
+- ``CAPTION_START|mmdagent-llm|<style>|<text>|<size>|<position>|<height>|<frames>`` (exactly 7
+  arguments) when a sentence's ``SYNTH_EVENT_START`` came (the sequencer's ``speech``
+  ``started``). ``frames`` (30 = 1 s) is the longest the sentence may take to speak, so a
+  caption goes away by itself even if this observer dies.
+- ``CAPTION_STOP|mmdagent-llm`` when its ``SYNTH_EVENT_STOP`` came, or it was cut off.
+- with ``[captions] show_user``: the user's utterance as ``CAPTION_START|mmdagent-llm-user|...``
+  for ``user_seconds``, at its own height.
+
+Text is made safe by :func:`caption_text`. An event older than :data:`STALE` seconds (this
+process was stopped, then resumed) is not shown: a late caption would belong to other speech.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import unicodedata
+
+from broker import config as config_mod
+from broker import wire
+from broker.runtime import Stage, setup_logging
+
+log = logging.getLogger("mmdagent_llm")
+
+ALIAS = "mmdagent-llm"
+USER_ALIAS = "mmdagent-llm-user"
+FPS = 30  # CAPTION_START's duration is in frames
+STALE = 2.0
+MAX_TEXT_BYTES = 1500  # the whole line stays under the bridge's 2000-byte cap
+POSITIONS = ("CENTER", "LEFT", "RIGHT")
+_COLOR = re.compile(r"^\s*-?\d+(\.\d+)?(\s*,\s*-?\d+(\.\d+)?)*\s*$")
+
+
+def _width(ch: str) -> int:
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+def caption_text(text: str, line_chars: int, max_lines: int) -> str:
+    """``text`` as one CAPTION_START text argument.
+
+    - control characters, CR, LF and tabs become spaces, runs of spaces one space;
+    - ``|`` (it would change the argument count: nothing shown) becomes ``｜``, ``"`` (it
+      would end the quoting) ``”`` and ``\\`` (it could join our ``\\n``) ``＼``;
+    - lines are wrapped at ``line_chars`` full-width characters (two half-width ones count as
+      one), at a space where a line has one, and joined with ``\\n``, MMDAgent-EX's line break;
+    - at most ``max_lines`` lines and :data:`MAX_TEXT_BYTES` bytes: the rest becomes ``…``;
+    - text with a space is wrapped in ``"..."``, as MMDAgent-EX requires.
+    """
+    cleaned = "".join(" " if unicodedata.category(c)[0] in "CZ" and c != "\u3000" else c for c in text)
+    cleaned = re.sub(r" +", " ", cleaned).strip().replace("|", "｜").replace('"', "”").replace("\\", "＼")
+    lines: list[str] = []
+    rest = cleaned
+    budget = max(2, line_chars * 2)
+    while rest and len(lines) < max_lines:
+        used, cut = 0, len(rest)
+        for i, ch in enumerate(rest):
+            used += _width(ch)
+            if used > budget:
+                cut = i
+                break
+        if cut < len(rest):
+            space = rest.rfind(" ", 0, cut + 1)
+            if space > 0:
+                cut = space
+        lines.append(rest[:cut].strip())
+        rest = rest[cut:].strip()
+    if rest:
+        lines[-1] = lines[-1][:-1] + "…" if lines[-1] else "…"
+    joined = "\\n".join(lines)
+    while len(joined.encode("utf-8")) > MAX_TEXT_BYTES:
+        joined = joined[:-2] + "…"
+    return f'"{joined}"' if " " in joined else joined
+
+
+def check(section: dict) -> None:
+    """ConfigError for a ``[captions]`` value MMDAgent-EX would silently refuse."""
+    for key, count in (("color", 4), ("edge", 5), ("edge2", 5), ("background", 4)):
+        value = section[key]
+        if not _COLOR.match(value) or len(value.split(",")) != count:
+            raise config_mod.ConfigError(f"[captions] {key} = {value!r}: expected {count} numbers separated by commas")
+    if section["position"] not in POSITIONS:
+        raise config_mod.ConfigError(f"[captions] position = {section['position']!r}: expected one of "
+                                     f"{', '.join(POSITIONS)}")
+    for key in ("height", "user_height"):
+        if not 0.0 <= section[key] <= 1.0:
+            raise config_mod.ConfigError(f"[captions] {key} = {section[key]}: expected 0.0 to 1.0")
+    if "|" in section["style"] + section["font"] or not section["style"].strip():
+        raise config_mod.ConfigError("[captions] style and font must be non-empty and without '|'")
+
+
+class Captions(Stage):
+    name = "captions"
+    topics = ("speech", "turn_start", "cancel")
+    output_queue = "commands"
+
+    def __init__(self, cfg: config_mod.Config) -> None:
+        super().__init__(cfg)
+        self.c = cfg["captions"]
+        check(self.c)
+        self.speech = cfg["speech"]
+        self.styled = False
+        self.showing: tuple[int, int] | None = None  # (turn, index) of the sentence on screen
+
+    def _send(self, msg_type: str, args: list[str], turn: int = 0) -> None:
+        self.push("command", {"type": msg_type, "args": args}, turn=turn)
+
+    def _style(self) -> None:
+        c = self.c
+        self._send("CAPTION_SETSTYLE", [c["style"], c["font"], c["color"], c["edge"], c["edge2"], c["background"]])
+        self.styled = True
+
+    def _start(self, alias: str, text: str, height: float, seconds: float, turn: int) -> None:
+        if not self.styled:
+            self._style()
+        shown = caption_text(text, self.c["line_chars"], self.c["max_lines"])
+        self._send("CAPTION_START", [alias, self.c["style"], shown, f"{self.c['size']:g}", self.c["position"],
+                                     f"{height:g}", str(max(1, round(seconds * FPS)))], turn)
+
+    def on_event(self, env: wire.Envelope) -> None:
+        if env.kind == "turn_start":
+            if self.c["show_user"] and time.time() - env.ts < STALE:
+                self._start(USER_ALIAS, str(env.body.get("text", "")), self.c["user_height"],
+                            self.c["user_seconds"], env.turn)
+            return
+        if env.kind == "cancel":
+            self._stop(env.turn)
+            return
+        if env.body.get("model") != self.speech["model"]:
+            return
+        state, index = env.body.get("state"), env.body.get("index")
+        if state == "started":
+            if time.time() - env.ts >= STALE:
+                return
+            text = str(env.body.get("text", ""))
+            seconds = self.speech["stop_timeout_base"] + self.speech["stop_timeout_per_char"] * len(text)
+            self._start(ALIAS, text, self.c["height"], seconds, env.turn)
+            self.showing = (env.turn, index)
+        elif state in ("finished", "interrupted", "stopped", "timeout") and self.showing == (env.turn, index):
+            self._stop(env.turn)
+
+    def _stop(self, turn: int) -> None:
+        if self.showing is not None:
+            self.showing = None
+            self._send("CAPTION_STOP", [ALIAS], turn)
+
+    def on_peer(self, name: str, change: str) -> None:
+        if name == "bridge" and change in ("up", "restarted", "back"):
+            self.styled = False  # perhaps a new MMDAgent-EX: its styles are gone
+            self.showing = None
+
+
+def main(cfg: config_mod.Config) -> int:
+    setup_logging("captions")
+    return Captions(cfg).run()

@@ -1,0 +1,172 @@
+"""``mmdagent-llm observe subtitles``: a web page of what the avatar says, for an OBS browser source.
+
+``mmdagent-llm observe subtitles --url`` prints the page's address with its access key (see
+:mod:`stages.observers.web`): paste it into OBS as a Browser source. The page has a
+transparent background and large outlined text (``[subtitles]`` sets font, size and colors;
+OBS's own "Custom CSS" can override ``#avatar``, ``#user`` and ``.line``).
+
+Updates are pushed by the server (Server-Sent Events on ``/events``), never polled: the
+sentence appears on its ``SYNTH_EVENT_START`` (the sequencer's ``speech`` ``started``) and goes
+on its end or cut-off; the user's utterance, with ``show_user``, for ``user_seconds``. Each
+message is the whole state, ``{"avatar": str, "user": str}``, so a page that (re)connects is
+in step at once. The page reconnects by itself when this observer or the browser restarts.
+Text is set as text, never as HTML.
+"""
+
+from __future__ import annotations
+
+import logging
+import html
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler
+
+from broker import config as config_mod
+from broker import wire
+from broker.runtime import Stage, setup_logging
+from stages.observers import web
+
+log = logging.getLogger("mmdagent_llm")
+
+PING = 15.0  # an SSE comment this often: proxies and OBS keep the connection, a dead one is noticed
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>mmdagent-llm subtitles</title>
+<style>
+html, body { background: transparent; margin: 0; overflow: hidden; }
+body { font-family: %(font_family)s; font-size: %(font_size)s; color: %(color)s; font-weight: bold;
+       position: absolute; inset: 0; display: flex; flex-direction: column; justify-content: flex-end; }
+.line { text-align: center; padding: 0 0.5em 0.4em; line-height: 1.25; white-space: pre-wrap;
+        paint-order: stroke fill; -webkit-text-stroke: 0.16em %(outline)s;
+        text-shadow: 0 0 0.12em %(outline)s; }
+#user { font-size: 70%%; opacity: 0.9; }
+</style></head>
+<body><div id="user" class="line"></div><div id="avatar" class="line"></div>
+<script>
+const key = new URLSearchParams(location.search).get("key") || "";
+function show(id, text) { const el = document.getElementById(id); if (el.textContent !== text) el.textContent = text; }
+function connect() {
+  const events = new EventSource("/events?key=" + encodeURIComponent(key));
+  events.onmessage = (e) => { const s = JSON.parse(e.data); show("avatar", s.avatar || ""); show("user", s.user || ""); };
+  // EventSource retries a dropped connection itself; after a refusal it gives up: start again
+  events.onerror = () => { if (events.readyState === EventSource.CLOSED) setTimeout(connect, 1000); };
+}
+connect();
+</script></body></html>
+"""
+
+
+class Board:
+    """What the page shows now; each change wakes every connected page."""
+
+    def __init__(self) -> None:
+        self.state = {"avatar": "", "user": ""}
+        self.version = 0
+        self.cond = threading.Condition()
+
+    def set(self, **fields: str) -> None:
+        with self.cond:
+            if all(self.state[k] == v for k, v in fields.items()):
+                return
+            self.state.update(fields)
+            self.version += 1
+            self.cond.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> tuple[int, dict[str, str]]:
+        with self.cond:
+            self.cond.wait_for(lambda: self.version != seen, timeout)
+            return self.version, dict(self.state)
+
+
+class Subtitles(Stage):
+    name = "subtitles"
+    topics = ("speech", "turn_start", "cancel")
+
+    def __init__(self, cfg: config_mod.Config) -> None:
+        super().__init__(cfg)
+        self.s = cfg["subtitles"]
+        self.model = cfg["speech"]["model"]
+        self.board = Board()
+        self.showing: tuple[int, int] | None = None
+        self.user_until: float | None = None
+        page = PAGE % {k: html.escape(str(self.s[k])).replace(";", "")
+                       for k in ("font_family", "font_size", "color", "outline")}
+        self.page = page.encode("utf-8")
+        self.server = web.serve(cfg, "subtitles", {"/": self._page, "/events": self._events})
+
+    def _page(self, req: BaseHTTPRequestHandler) -> None:
+        req.send_response(200)
+        req.send_header("Content-Type", "text/html; charset=utf-8")
+        req.send_header("Content-Length", str(len(self.page)))
+        req.send_header("Cache-Control", "no-store")
+        req.send_header("Referrer-Policy", "no-referrer")
+        req.end_headers()
+        req.wfile.write(self.page)
+
+    def _events(self, req: BaseHTTPRequestHandler) -> None:
+        req.send_response(200)
+        req.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        req.send_header("Cache-Control", "no-store")
+        req.end_headers()
+        version, state = -1, None
+        try:
+            req.wfile.write(b"retry: 1000\n\n")
+            while not self.closed:
+                new_version, new_state = self.board.wait(version, PING)
+                if new_version != version:
+                    version, state = new_version, new_state
+                    req.wfile.write(f"data: {json.dumps(state, ensure_ascii=False)}\n\n".encode("utf-8"))
+                else:
+                    req.wfile.write(b": ping\n\n")
+                req.wfile.flush()
+        except OSError:
+            pass  # the page went away
+
+    closed = False
+
+    def on_event(self, env: wire.Envelope) -> None:
+        if env.kind == "turn_start":
+            if self.s["show_user"]:
+                self.board.set(user=str(env.body.get("text", "")))
+                self.user_until = time.monotonic() + self.s["user_seconds"]
+            return
+        if env.kind == "cancel":
+            self.showing = None
+            self.board.set(avatar="")
+            return
+        if env.body.get("model") != self.model:
+            return
+        state, index = env.body.get("state"), env.body.get("index")
+        if state == "started":
+            self.showing = (env.turn, index)
+            self.board.set(avatar=str(env.body.get("text", "")))
+        elif state in ("finished", "interrupted", "stopped", "timeout") and self.showing == (env.turn, index):
+            self.showing = None
+            self.board.set(avatar="")
+
+    def next_deadline(self) -> float | None:
+        return self.user_until
+
+    def on_tick(self, now: float) -> None:
+        if self.user_until is not None and now >= self.user_until:
+            self.user_until = None
+            self.board.set(user="")
+
+    def close(self) -> None:
+        self.closed = True
+        with self.board.cond:
+            self.board.cond.notify_all()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def main(cfg: config_mod.Config) -> int:
+    setup_logging("subtitles")
+    try:
+        observer = Subtitles(cfg)
+    except OSError as exc:  # the port is taken, or the host is not ours
+        log.error("cannot serve on %s port %d: %s (set [subtitles] host/port)", cfg["subtitles"]["host"],
+                  web.port_of(cfg, "subtitles"), exc)
+        return 1
+    return observer.run()

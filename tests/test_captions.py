@@ -1,0 +1,133 @@
+"""The captions observer: safe CAPTION_* lines with the protocol's exact argument counts, in step
+with speech. End to end: real stage processes, the real observer process, the fake MMDAgent-EX
+(which, like the real one, shows nothing for a wrong argument count)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from broker import config as config_mod
+from stages.commands.avatar_sim import SimulatedMMDAgent
+from stages.llm.offline_responder import ChatCompletionServer
+from stages.observers.captions import ALIAS, MAX_TEXT_BYTES, USER_ALIAS, caption_text, check
+from tests.e2e import Observer, ScriptedLLM, launched
+from tests.harness import write_config
+
+HOSTILE = ('Hello | world, this is "quoted"\nEXECUTE|calc.exe\r\nand\ttabs\x07 here. '
+           + "とても長い文です" * 375)  # 3,000 characters after the first sentence
+
+
+def unquoted(arg: str) -> str:
+    return arg[1:-1] if arg.startswith('"') and arg.endswith('"') else arg
+
+
+@pytest.mark.parametrize("text", [HOSTILE, "a|b|c", "line one\nline two", "  spaced   out  ", "x" * 3000,
+                                  "日本語" * 1000, "\\n\\", ""])
+def test_caption_text_is_one_safe_argument(text):
+    out = caption_text(text, 20, 3)
+    assert "|" not in out and "\r" not in out and "\n" not in out
+    assert not any(ord(c) < 32 or ord(c) == 127 for c in out)
+    assert len(out.encode("utf-8")) <= MAX_TEXT_BYTES + 2
+    inner = unquoted(out)
+    assert '"' not in inner                                  # only the wrapping quotes
+    assert (" " in inner) == (out != inner)                  # quoted exactly when it has a space
+    assert len(inner.split("\\n")) <= 3                      # at most max_lines lines
+
+
+def test_caption_wrapping_and_cut():
+    assert caption_text("こんにちは。", 20, 3) == "こんにちは。"
+    assert caption_text("あ" * 45, 20, 3) == "あ" * 20 + "\\n" + "あ" * 20 + "\\n" + "あ" * 5
+    assert caption_text("あ" * 70, 20, 3).endswith("…")
+    assert caption_text("Let's take a walk, shall we?", 8, 3) == '"Let\'s take a\\nwalk, shall we?"'
+    assert caption_text("a|b", 20, 3) == "a｜b"
+
+
+def test_bad_caption_settings_are_refused_at_start():
+    cfg = config_mod.load(Path("/dev/null"))["captions"]
+    check(cfg)
+    for key, value in (("color", "1,1,1"), ("edge", "red"), ("position", "TOP"), ("height", 1.5), ("style", "a|b")):
+        with pytest.raises(config_mod.ConfigError, match=key):
+            check(dict(cfg, **{key: value}))
+
+
+def test_fake_mmdagent_shows_captions_only_with_the_exact_argument_counts(tmp_path):
+    script = tmp_path / "script.py"
+    lines = ["CAPTION_SETSTYLE|s|default",                                 # 2 arguments: nothing
+             "CAPTION_START|a|s|text|3|CENTER|0.1|30",                     # style s unknown yet: nothing
+             "CAPTION_SETSTYLE|s|default|1,1,1,1",                         # 3: event
+             "CAPTION_START|a|s|te|xt|3|CENTER|0.1|30",                    # a | in the text, 8: nothing
+             "CAPTION_START|a|s|text|3|CENTER|0.1",                        # 6: nothing
+             "CAPTION_SETSTYLE|t|default|1,1,1,1|4,0,0,0,1|0,0,0,0,0|0,0,0,0",  # 6: event
+             "CAPTION_START|b|t|\"two words\"|3|CENTER|0.1|3",             # 7: shown, gone after 3 frames
+             "CAPTION_START|c|_default|kept|3|CENTER|0.1|3000",            # 7: shown until stopped
+             "CAPTION_STOP|c"]
+    script.write_text("import sys, time\n" + "".join(f"print({line!r}, flush=True)\n" for line in lines)
+                      + "time.sleep(30)\n", encoding="utf-8")
+    import sys
+    with SimulatedMMDAgent(f"{sys.executable} {script}", mdf_dir=tmp_path) as avatar:
+        assert avatar.wait_inbox_line("CAPTION_EVENT_STOP|c", 10)
+        assert avatar.wait_inbox_line("CAPTION_EVENT_STOP|b", 10)
+        events = [r.line for r in avatar.inbox if r.line.startswith("CAPTION_EVENT_")]
+        avatar.kill()
+    assert events == ["CAPTION_EVENT_SETSTYLE|s", "CAPTION_EVENT_SETSTYLE|t", "CAPTION_EVENT_START|b",
+                      "CAPTION_EVENT_START|c", "CAPTION_EVENT_STOP|b", "CAPTION_EVENT_STOP|c"] or events == [
+                      "CAPTION_EVENT_SETSTYLE|s", "CAPTION_EVENT_SETSTYLE|t", "CAPTION_EVENT_START|b",
+                      "CAPTION_EVENT_START|c", "CAPTION_EVENT_STOP|c", "CAPTION_EVENT_STOP|b"]
+
+
+def test_captions_follow_speech_with_safe_lines(tmp_path):
+    llm = ScriptedLLM(default=HOSTILE[:400])
+    server = ChatCompletionServer(llm).start()
+    try:
+        with launched(tmp_path, server=server, avatar_kwargs={"min_speech": 0.4}) as world:
+            with Observer(world, "captions"):
+                turn = world.talk("字幕 | を\tお願い")
+                avatar = world.avatar
+                assert avatar.wait_inbox(lambda got: not avatar.captions.get(ALIAS) and any(
+                    r.line == f"CAPTION_EVENT_STOP|{ALIAS}" for r in got), 10)
+                printed = [r.line for r in avatar.received if r.line.startswith("CAPTION_")]
+                inbox = [r.line for r in avatar.inbox]
+    finally:
+        server.stop()
+    assert len(turn.spoken) >= 3
+    setstyle = [line.split("|") for line in printed if line.startswith("CAPTION_SETSTYLE|")]
+    starts = [line.split("|") for line in printed if line.startswith("CAPTION_START|")]
+    assert setstyle and all(len(parts) - 1 == 6 for parts in setstyle)
+    assert starts and all(len(parts) - 1 == 7 for parts in starts)            # exactly 7 arguments each
+    mine = [parts for parts in starts if parts[1] == ALIAS]
+    user = [parts for parts in starts if parts[1] == USER_ALIAS]
+    assert len(mine) == len(turn.spoken)                                      # one caption per sentence
+    assert user and unquoted(user[0][3]) == '"字幕 ｜ を お願い"'[1:-1]
+    for parts, sentence in zip(mine, turn.spoken):
+        shown = unquoted(parts[3]).replace("\\n", "").replace(" ", "")
+        expected = caption_text(sentence, 20, 3)
+        same = sentence.replace('"', "”").replace("|", "｜").replace(" ", "")
+        assert parts[3] == expected and same.startswith(shown.rstrip("…"))
+    # every caption was accepted (an event for each), and went on and off with its sentence
+    assert inbox.count(f"CAPTION_EVENT_START|{ALIAS}") == len(mine)
+    steps = [line for line in inbox if line in ("SYNTH_EVENT_START|0", "SYNTH_EVENT_STOP|0")
+             or line.startswith((f"CAPTION_START|{ALIAS}|", f"CAPTION_STOP|{ALIAS}"))]
+    kinds = [line.split("|")[0] for line in steps]
+    assert kinds == ["SYNTH_EVENT_START", "CAPTION_START", "SYNTH_EVENT_STOP", "CAPTION_STOP"] * len(mine), kinds
+
+
+def test_an_old_event_is_not_captioned(tmp_path):
+    """A stopped-then-resumed observer does not show a sentence that is long over."""
+    cfg = config_mod.load(write_config(tmp_path))
+    from broker import wire
+    from stages.observers.captions import Captions
+
+    sent = []
+    cap = Captions.__new__(Captions)   # the decision only: no sockets
+    cap.c, cap.speech, cap.styled, cap.showing = cfg["captions"], cfg["speech"], True, None
+    cap._send = lambda t, a, turn=0: sent.append((t, a))
+    old = wire.Sender("sequencer").make("speech", {"model": "0", "index": 0, "text": "古い", "state": "started"})
+    old.ts = time.time() - 10
+    cap.on_event(old)
+    assert sent == []
+    fresh = wire.Sender("sequencer").make("speech", {"model": "0", "index": 1, "text": "新しい", "state": "started"})
+    cap.on_event(fresh)
+    assert [t for t, _ in sent] == ["CAPTION_START"]
