@@ -130,7 +130,7 @@ class Transcript(Stage):
         body, n = env.body, env.turn
         if env.kind == "turn_start":
             for older in [t for t in self.turns if t < n]:
-                self._close(older, "superseded")
+                self._close(older, self.turns[older].reason or "superseded")
             self.turns[n] = _Turn()
             self.record("user", n, env.origin, text=str(body.get("text", "")))
             return
