@@ -15,9 +15,9 @@ Text is set as text, never as HTML.
 
 from __future__ import annotations
 
-import logging
 import html
 import json
+import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
@@ -48,9 +48,14 @@ const key = new URLSearchParams(location.search).get("key") || "";
 function show(id, text) { const el = document.getElementById(id); if (el.textContent !== text) el.textContent = text; }
 function connect() {
   const events = new EventSource("/events?key=" + encodeURIComponent(key));
+  events.onopen = () => { document.body.dataset.connected = "yes"; };
   events.onmessage = (e) => { const s = JSON.parse(e.data); show("avatar", s.avatar || ""); show("user", s.user || ""); };
   // EventSource retries a dropped connection itself; after a refusal it gives up: start again
-  events.onerror = () => { if (events.readyState === EventSource.CLOSED) setTimeout(connect, 1000); };
+  events.onerror = () => {
+    document.body.dataset.connected = "no";
+    show("avatar", ""); show("user", "");  // nothing stale on the stream while the observer is away
+    if (events.readyState === EventSource.CLOSED) setTimeout(connect, 1000);
+  };
 }
 connect();
 </script></body></html>
