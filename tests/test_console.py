@@ -101,3 +101,29 @@ def test_console_shows_why_a_turn_failed(tmp_path: Path):
             proc.wait(5)
         for pid in processes_with(str(cfg_path)):
             os.kill(pid, 9)
+
+
+def test_console_checks_the_key_at_start(tmp_path: Path):
+    """A refused key is reported right after start-up, before anything is said."""
+    from stages.llm.offline_responder import ChatCompletionServer, Status
+    from tests.e2e import ScriptedLLM
+
+    llm = ScriptedLLM()
+    llm.queue([Status(401, {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}, {})])
+    server = ChatCompletionServer(llm).start()
+    cfg_path = write_config(tmp_path)
+    proc, out = start_console(tmp_path, pipeline_env(cfg_path, server.base_url))
+    try:
+        assert out.wait_for("(mmdagent-llm: the API key was refused (OPENAI_API_KEY): run `mmdagent-llm doctor`)",
+                            30), out.text
+        assert "avatar>" not in out.text
+        proc.stdin.write(b"\n")
+        proc.stdin.flush()
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        server.stop()
+        for pid in processes_with(str(cfg_path)):
+            os.kill(pid, 9)

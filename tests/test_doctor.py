@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from stages.llm.offline_responder import ChatCompletionServer, Status
+from stages.llm.offline_responder import ChatCompletionServer, Stall, Status
 from tests.e2e import ScriptedLLM
-from tests.harness import BIN, SECRET_KEY, pipeline_env, write_config
+from tests.harness import BIN, SECRET_KEY, pipeline_env, processes_with, write_config
 
 
 def doctor(tmp_path: Path, base_url: str | None) -> subprocess.CompletedProcess:
@@ -57,3 +57,64 @@ def test_doctor_says_when_nothing_answers(tmp_path: Path):
 def test_doctor_on_the_offline_default(tmp_path: Path):
     done = doctor(tmp_path, None)
     assert done.returncode == 0 and "offline" in done.stdout.lower()
+
+
+def _plugin_beside(tmp_path: Path, script: list) -> tuple:
+    """A running pipeline (the launcher) whose LLM server first plays ``script`` (the start-up
+    check's request), and the fake MMDAgent-EX starting ``mmdagent-llm plugin``, which joins it."""
+    from broker import config as config_mod
+    from stages.commands.avatar_sim import SimulatedMMDAgent
+    from stages.commands.launcher import Pipeline, wait_ready
+    from tests.harness import wait_pipeline
+
+    llm = ScriptedLLM(default="はい。")
+    llm.queue(script)
+    server = ChatCompletionServer(llm).start()
+    mdf = tmp_path / "content"
+    mdf.mkdir()
+    cfg_path = write_config(mdf)
+    cfg = config_mod.load(cfg_path)
+    env = pipeline_env(cfg_path, server.base_url)
+    log = open(tmp_path / "pipeline.log", "wb")
+    pipeline = Pipeline(env=env, stderr=log).start()
+    wait_pipeline(cfg)
+    avatar = SimulatedMMDAgent("mmdagent-llm plugin", mdf_dir=mdf, stderr=log,
+                               env={k: v for k, v in env.items() if k != "MMDAGENT_LLM_CONFIG"}).start()
+    wait_ready(cfg, ["bridge"], 20)
+
+    def stop() -> None:
+        avatar.kill()
+        pipeline.stop()
+        server.stop()
+        log.close()
+        for pid in processes_with(server.base_url):  # the doctor, should one be left
+            subprocess.run(["kill", "-9", str(pid)], check=False)
+    return avatar, server, cfg_path, stop
+
+
+def test_the_plugin_checks_the_key_at_start_and_shows_what_is_wrong(tmp_path: Path):
+    avatar, server, _, stop = _plugin_beside(tmp_path, [Status(401, {"error": {
+        "message": f"Incorrect API key provided: {SECRET_KEY}", "code": "invalid_api_key"}}, {})])
+    try:
+        shown = avatar.wait_line("NOTIFY_SHOW|", 30)
+        lines = [r.line for r in avatar.received]
+    finally:
+        stop()
+    assert shown is not None and shown.line.startswith("NOTIFY_SHOW|mmdagent-llm: the API key was refused")
+    assert "mmdagent-llm doctor" in shown.line and SECRET_KEY not in "".join(lines)
+    assert not any(line.startswith("SYNTH_START") for line in lines)        # no turn was needed for it
+    assert server.requests[0].get("max_tokens") == 1                        # the one cheap request
+
+
+def test_the_start_up_check_does_not_delay_the_first_answer(tmp_path: Path):
+    """The check's request hangs for 12 s; the plugin answers a turn meanwhile."""
+    avatar, server, cfg_path, stop = _plugin_beside(tmp_path, [Stall(12.0)])
+    try:
+        avatar.send("RECOG_EVENT_START")
+        avatar.send("RECOG_EVENT_STOP|こんにちは")
+        said = avatar.wait_line("SYNTH_START|", 20)
+        checking = [c for c in server.connections if c.closed is None]
+    finally:
+        stop()
+    assert said is not None and said.line.endswith("|はい。")
+    assert checking, "the start-up check should still be waiting for its answer"
