@@ -114,7 +114,10 @@ KINDS: dict[str, str] = {
     body: ``reason`` (as turn_end), ``answer`` (str, the text the LLM produced), ``error``
     (str, one line, empty if none; never contains secrets), ``cause`` (str, empty unless
     ``reason`` is ``error``: one of :data:`CAUSES`, e.g. ``authentication``,
-    ``unreachable``, ``model_not_found``, ``rate_limited``, ``timeout``).""",
+    ``unreachable``, ``model_not_found``, ``rate_limited``, ``timeout``), ``first_token``
+    (float: when the LLM's first token arrived in the llm process, ``time.time()``; 0.0 when
+    none came; the apology is not an LLM token). Observers take the time to the first token
+    from here rather than subscribing to every ``token``.""",
     "speech": """The sequencer's view of one segment being spoken (bus, sequencer).
 
     body: ``model`` (alias), ``index``, ``text``, ``state``: ``sent`` (SYNTH_START written),

@@ -6,7 +6,9 @@ A turn's clock starts when the user's utterance reached the bridge (``turn_start
 ============== ======================================================= =========================
 milestone      what                                                    from
 ============== ======================================================= =========================
-first_token    the llm received the answer's first token               ``token`` (``origin``)
+first_token    the llm received the answer's first token               ``turn_result``
+                                                                       ``first_token``, or the
+                                                                       first ``token``'s ``origin``
 first_synth    the bridge wrote the first ``SYNTH_START``              ``written`` (``ts``)
 first_speech   MMDAgent-EX began speaking (``SYNTH_EVENT_START``)      ``speech`` ``started``
 ============== ======================================================= =========================
@@ -63,6 +65,8 @@ class TurnClock:
             return None
         if env.kind == "token":
             milestone, at = "first_token", env.origin
+        elif env.kind == "turn_result" and isinstance(env.body.get("first_token"), float) and env.body["first_token"]:
+            milestone, at = "first_token", env.body["first_token"]
         elif env.kind == "written" and env.body.get("type") == "SYNTH_START":
             milestone, at = "first_synth", env.ts
         elif env.kind == "speech" and env.body.get("state") == "started":

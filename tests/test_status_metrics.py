@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from stages.commands.status import report
 from stages.llm.offline_responder import ChatCompletionServer, Status
 from stages.observers import web
-from tests.e2e import Observer, ScriptedLLM, launched, tokens_of
+from tests.e2e import Observer, ScriptedLLM, launched
 from tests.test_restart import pid_of
 
 

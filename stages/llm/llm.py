@@ -161,6 +161,7 @@ class LlmStage(Stage):
         self.worker: _Worker | None = None
         self.user_text = ""
         self.answer: list[str] = []
+        self.first_token_at = 0.0  # when the turn's first LLM token arrived (time.time()), 0 if none
         self.recorded = False  # the current turn's full answer is the last pair in history
         self.turn_started = 0.0
 
@@ -199,6 +200,7 @@ class LlmStage(Stage):
         self.turn = env.turn
         self.user_text = text
         self.answer = []
+        self.first_token_at = 0.0
         self.tokens_sent = 0
         self.recorded = False
         self.turn_started = time.monotonic()
@@ -228,6 +230,7 @@ class LlmStage(Stage):
                 text, arrived = data
                 if self.machine == TurnState.REQUESTING:
                     self.machine.move(TurnState.STREAMING, "first token")
+                    self.first_token_at = arrived
                 self.answer.append(text)
                 self._push_token(text, arrived)
             elif what == "done":
@@ -278,8 +281,8 @@ class LlmStage(Stage):
             self.recorded = True
         if spoken is None:  # a cancelled turn's items are dropped downstream anyway
             self.push("turn_end", {"reason": reason, "segments": 0, "tokens": self.tokens_sent}, turn=self.turn)
-        self.publish("turn_result", {"reason": reason, "answer": answer, "error": error, "cause": cause},
-                     turn=self.turn)
+        self.publish("turn_result", {"reason": reason, "answer": answer, "error": error, "cause": cause,
+                                     "first_token": self.first_token_at}, turn=self.turn)
         log.info("turn %d %s after %.2f s, %d characters", self.turn, reason,
                  time.monotonic() - self.turn_started, len(answer))
         self.machine.move(TurnState.IDLE, reason)

@@ -25,7 +25,6 @@ Latencies are those of :mod:`stages.latency`.
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 from http.server import BaseHTTPRequestHandler
@@ -33,11 +32,9 @@ from http.server import BaseHTTPRequestHandler
 from broker import config as config_mod
 from broker import wire
 from broker.liveness import PIPELINE
-from broker.runtime import Stage, setup_logging
+from broker.runtime import Stage
 from stages.latency import TurnClock
 from stages.observers import web
-
-log = logging.getLogger("mmdagent_llm")
 
 PREFIX = "mmdagent_llm_"
 BUCKETS = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, math.inf)
@@ -101,7 +98,7 @@ class Registry:
 
 class Metrics(Stage):
     name = "metrics"
-    topics = ("turn_start", "token", "written", "speech", "cancel", "turn_result")
+    topics = ("turn_start", "written", "speech", "cancel", "turn_result")
 
     def __init__(self, cfg: config_mod.Config) -> None:
         super().__init__(cfg)
@@ -153,11 +150,4 @@ class Metrics(Stage):
 
 
 def main(cfg: config_mod.Config) -> int:
-    setup_logging("metrics")
-    try:
-        observer = Metrics(cfg)
-    except OSError as exc:  # the port is taken, or the host is not ours
-        log.error("cannot serve on %s port %d: %s (set [metrics] host/port)", cfg["metrics"]["host"],
-                  web.port_of(cfg, "metrics"), exc)
-        return 1
-    return observer.run()
+    return web.run(Metrics, cfg, "metrics")

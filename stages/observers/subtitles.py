@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import html
 import json
-import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
 
 from broker import config as config_mod
 from broker import wire
-from broker.runtime import Stage, setup_logging
+from broker.runtime import Stage
 from stages.observers import web
-
-log = logging.getLogger("mmdagent_llm")
 
 PING = 15.0  # an SSE comment this often: proxies and OBS keep the connection, a dead one is noticed
 
@@ -167,11 +164,4 @@ class Subtitles(Stage):
 
 
 def main(cfg: config_mod.Config) -> int:
-    setup_logging("subtitles")
-    try:
-        observer = Subtitles(cfg)
-    except OSError as exc:  # the port is taken, or the host is not ours
-        log.error("cannot serve on %s port %d: %s (set [subtitles] host/port)", cfg["subtitles"]["host"],
-                  web.port_of(cfg, "subtitles"), exc)
-        return 1
-    return observer.run()
+    return web.run(Subtitles, cfg, "subtitles")

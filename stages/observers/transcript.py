@@ -106,7 +106,7 @@ class _Turn:
 
 class Transcript(Stage):
     name = "transcript"
-    topics = ("turn_start", "token", "segment", "speech", "written", "cancel", "spoken", "turn_result",
+    topics = ("turn_start", "segment", "speech", "written", "cancel", "spoken", "turn_result",
               "broken", "notice")
 
     def __init__(self, cfg: config_mod.Config, lines: RotatingLines | None = None) -> None:

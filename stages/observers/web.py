@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from broker import config as config_mod
 from broker import curve
+from broker.runtime import Stage, setup_logging
 
 log = logging.getLogger("mmdagent_llm")
 
@@ -104,3 +105,15 @@ def serve(cfg: config_mod.Config, section: str, routes: dict[str, Route]) -> Thr
     log.info("serving on http://%s:%d/ (the address with its key: mmdagent-llm observe %s --url)",
              cfg[section]["host"], port_of(cfg, section), section)
     return server
+
+
+def run(observer: Callable[[config_mod.Config], Stage], cfg: config_mod.Config, section: str) -> int:
+    """Run a web observer's process; a port it cannot have is one clear line and status 1."""
+    setup_logging(section)
+    try:
+        stage = observer(cfg)
+    except OSError as exc:  # the port is taken, or the host is not this machine's
+        log.error("cannot serve on %s port %d: %s (set [%s] host/port)", cfg[section]["host"],
+                  port_of(cfg, section), exc, section)
+        return 1
+    return stage.run()
