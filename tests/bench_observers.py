@@ -13,7 +13,9 @@ captions, subtitles, metrics) as processes of their own. Each round runs three c
 
 Per turn it measures ``RECOG_EVENT_STOP`` -> first ``SYNTH_START`` (response) and
 ``RECOG_EVENT_STOP`` -> the turn's last ``SYNTH_EVENT_STOP`` (whole turn), as the fake
-MMDAgent-EX saw them. After each stopped run it also reports whether every observer beats
+MMDAgent-EX saw them, and the pipeline's own share: the arrival in ``llm`` of the token that
+completed the first sentence -> its ``SYNTH_START`` flushed on the bridge's stdout (the
+response itself is mostly the offline responder's deliberate 0.25-0.35 s wait). After each stopped run it also reports whether every observer beats
 again and how many of the run's turns the transcript holds (a stopped subscriber's share of
 the bus is dropped, never waited for). Reported, never asserted.
 """
@@ -38,17 +40,18 @@ UTTERANCES = ["こんにちは、今日はいい天気ですね", "Hello, what c
 CONDITIONS = ("no observers", "observers", "observers stopped")
 
 
-def turn_times(world: World, text: str) -> tuple[float, float]:
+def turn_times(world: World, text: str) -> tuple[float, float, float]:
     sent_at, got_at = len(world.avatar.inbox), len(world.avatar.received)
-    world.talk(text)
+    turn = world.talk(text)
     recog = next(r.t for r in world.avatar.inbox[sent_at:] if r.line.startswith("RECOG_EVENT_STOP|"))
     first = next(r.t for r in world.avatar.received[got_at:] if r.line.startswith("SYNTH_START|"))
     last = [r.t for r in world.avatar.inbox[sent_at:] if r.line.startswith("SYNTH_EVENT_STOP|")][-1]
-    return first - recog, last - recog
+    written = next(e for e in world.bus.of("written", turn.turn) if e.body["type"] == "SYNTH_START")
+    return first - recog, last - recog, written.ts - written.origin
 
 
 def run(condition: str, turns: int, pause: float) -> dict:
-    out: dict = {"response": [], "turn": []}
+    out: dict = {"response": [], "turn": [], "overhead": []}
     with tempfile.TemporaryDirectory(prefix="mmdagent-llm-bench-obs-") as tmp:
         with launched(Path(tmp), avatar_kwargs={"seconds_per_char": 0.001, "min_speech": 0.02}) as world:
             observers = [Observer(world, name).start() for name in OBSERVERS] if condition != "no observers" else []
@@ -64,9 +67,10 @@ def run(condition: str, turns: int, pause: float) -> dict:
                             o.proc.send_signal(signal.SIGCONT)
                         resume_at = None
                         out["resumed_after_turn"] = i
-                    response, whole = turn_times(world, f"{UTTERANCES[i % len(UTTERANCES)]} ({i})")
+                    response, whole, overhead = turn_times(world, f"{UTTERANCES[i % len(UTTERANCES)]} ({i})")
                     out["response"].append(response)
                     out["turn"].append(whole)
+                    out["overhead"].append(overhead)
                 if resume_at is not None:
                     time.sleep(max(0.0, resume_at - time.monotonic()))
                     for o in observers:
@@ -96,7 +100,7 @@ def run(condition: str, turns: int, pause: float) -> dict:
 def summary(values: list[float]) -> str:
     ms = sorted(v * 1000 for v in values)
     p95 = ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))]
-    return f"n={len(ms)} median={statistics.median(ms):.1f} ms p95={p95:.1f} ms max={ms[-1]:.1f} ms"
+    return f"n={len(ms)} median={statistics.median(ms):.2f} ms p95={p95:.2f} ms max={ms[-1]:.2f} ms"
 
 
 def main() -> None:
@@ -105,13 +109,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pause", type=float, default=10.0)
     args = parser.parse_args()
-    results = {c: {"response": [], "turn": []} for c in CONDITIONS}
+    results = {c: {"response": [], "turn": [], "overhead": []} for c in CONDITIONS}
     notes = []
     for r in range(args.rounds):
         for condition in CONDITIONS:
             got = run(condition, args.turns, args.pause)
             results[condition]["response"] += got["response"]
             results[condition]["turn"] += got["turn"]
+            results[condition]["overhead"] += got["overhead"]
             if condition == "observers stopped":
                 notes.append(f"round {r + 1}: resumed after turn {got.get('resumed_after_turn')}, observers beat "
                              f"again: {got.get('observers_beat_again')}, transcript holds "
@@ -121,6 +126,7 @@ def main() -> None:
     for condition in CONDITIONS:
         print(f"{condition:>18}: RECOG_EVENT_STOP -> first SYNTH_START  {summary(results[condition]['response'])}")
         print(f"{'':>18}  RECOG_EVENT_STOP -> last SYNTH_EVENT_STOP {summary(results[condition]['turn'])}")
+        print(f"{'':>18}  token in llm -> SYNTH_START on stdout   {summary(results[condition]['overhead'])}")
     print("\n".join(notes))
 
 

@@ -82,7 +82,7 @@ def test_captions_follow_speech_with_safe_lines(tmp_path):
     llm = ScriptedLLM(default=HOSTILE[:400])
     server = ChatCompletionServer(llm).start()
     try:
-        with launched(tmp_path, server=server, avatar_kwargs={"min_speech": 0.4}) as world:
+        with launched(tmp_path, server=server, avatar_kwargs={"min_speech": 0.4, "start_delay": 0.1}) as world:
             with Observer(world, "captions"):
                 turn = world.talk("字幕 | を\tお願い")
                 avatar = world.avatar
