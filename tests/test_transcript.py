@@ -116,6 +116,7 @@ def test_a_conversation_is_written_line_by_line(tmp_path: Path):
     assert "user    こんにちは" in text and "avatar  元気です。" in text and "[cut off]" in text
     assert "!!! authentication: the API key was refused" in text and "segmenter restarted" in text
     assert "first token" in text and "transcript observer started" in text
+    print(text)
 
 
 def test_rotation_keeps_every_line(tmp_path: Path):
