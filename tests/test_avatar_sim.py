@@ -186,6 +186,8 @@ def test_over_long_lines_both_ways(launch):
     avatar.send("JUNK|" + "y" * 2100)
     avatar.send("NEXT|1")
     assert avatar.wait_line("SAW_LONG|", WAIT, after=before).line == "SAW_LONG|2053"
+    # the inbox records a message once its write returned: the script may answer before that
+    assert avatar.wait_inbox(lambda got: any(r.line == "NEXT|1" for r in got), WAIT)
     cut = next(i for i, r in enumerate(avatar.inbox) if r.line.startswith("JUNK|"))
     assert [r.line for r in avatar.inbox[cut:cut + 2]] == ["JUNK|" + "y" * 2042, "NEXT|1"]
     # MMDAgent-EX's own plugins still see the whole message.
