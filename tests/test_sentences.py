@@ -7,7 +7,7 @@ import unicodedata
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from stages.segmenter.sentences import SentenceCutter, speakable
+from stages.segmenter.sentences import LEADING_JUNK, SentenceCutter, speakable
 
 
 def cut(text: str, sizes: list[int] | None = None, **kw: int) -> list[str]:
@@ -97,6 +97,17 @@ def test_any_token_split_gives_the_same_segments_and_loses_nothing(text: str, si
     for segment in whole:
         assert len(segment.encode()) <= cap
         assert segment == segment.strip() and words(segment)
+        assert segment[0] not in LEADING_JUNK, segment
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("はい！、受け取りました。", ["はい！", "受け取りました。"]),
+    ("Okay!, got it.", ["Okay!", "got it."]),
+    ("わかりました\n、それでは。", ["わかりました", "それでは。"]),
+])
+def test_no_segment_starts_with_punctuation(text: str, expected: list[str]) -> None:
+    assert cut(text) == expected
+    assert cut(text, [1]) == expected
 
 
 @settings(max_examples=200, deadline=None)

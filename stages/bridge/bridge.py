@@ -31,10 +31,11 @@ This is the one process MMDAgent-EX will not restart, so it stays small and impo
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, NoReturn
 
 import zmq
 
@@ -269,4 +270,17 @@ class Bridge(Stage):
 
 def main(cfg) -> int:
     setup_logging("bridge")
-    return Bridge(cfg).run()
+    exit_now(Bridge(cfg).run())
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process after the bridge's own clean-up, skipping the interpreter's: the stdin
+    thread may be blocked inside ``sys.stdin.buffer.readline``, and a normal shutdown would then
+    abort with ``Fatal Python error: _enter_buffered_busy`` (status 134) on Ctrl-C."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(code)

@@ -24,6 +24,7 @@ PROCESSES = {
     "plugin": "stages.commands.plugin:main",
     "doctor": "stages.commands.doctor:main",
     "status": "stages.commands.status:main",
+    "avatar": "stages.commands.avatar:main",
 }
 OBSERVERS = {
     "transcript": "stages.observers.transcript:main",
@@ -47,7 +48,13 @@ def main(argv: list[str] | None = None) -> int:
             "plugin": "the bridge, plus the pipeline under supervisord if none is running",
             "doctor": "check the LLM server, the key and the model with one cheap request",
             "status": "one screen: each process up or down, the LLM, the last turns; exit 1 when unhealthy",
+            "avatar": "a simulated MMDAgent-EX in this terminal, running a plugin command (default: attach to the "
+                      "running pipeline)",
         }.get(name, f"run the {name}"))
+    commands["avatar"].add_argument("--plugin", default="", help="the plugin command line, as in a .mdf "
+                                    "(default: mmdagent-llm bridge, which attaches to the running pipeline)")
+    commands["avatar"].add_argument("--mdf-dir", type=Path, help="the plugin's working folder (default: here)")
+    commands["avatar"].add_argument("--quiet", action="store_true", help="show only what the avatar says")
     commands["doctor"].add_argument("--notice", action="store_true",
                                     help="(plugin and console start-up) log the result; publish a failure on the bus")
     observe = sub.add_parser("observe", help="run an observer: transcript, captions, subtitles (OBS) or metrics")
@@ -89,12 +96,17 @@ def main(argv: list[str] | None = None) -> int:
         target, extra = "stages.commands.transcript:main", {"follow": args.follow}
     elif args.command == "doctor" and args.notice:
         extra = {"notice": True}
+    elif args.command == "avatar":
+        extra = {"plugin": args.plugin, "mdf_dir": args.mdf_dir, "quiet": args.quiet}
     module, _, func = target.partition(":")
     try:
         return getattr(importlib.import_module(module), func)(cfg, **extra)
     except config_mod.ConfigError as exc:  # e.g. a key file missing from [bus] curve_dir
         print(f"mmdagent-llm {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C at any moment: what was started is ended by its own finally
+        print(f"mmdagent-llm {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _keys(folder: Path) -> int:

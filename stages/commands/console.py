@@ -8,7 +8,9 @@ saying it, holds it for a speaking time derived from its length, and answers wit
 ``SYNTH_EVENT_*`` events MMDAgent-EX sends. A turn that fails shows its cause and what to do
 about it (``turn_result``'s ``cause``). At start, ``mmdagent-llm doctor --notice`` checks the
 LLM server, the key and the model in the background and its finding is printed the same way.
-An empty line or Ctrl-D quits.
+The terminal is :mod:`stages.commands.avatar`'s: the prompt comes back after each sentence, an
+interruption is shown, a line too long for MMDAgent-EX is cut with a note, ``/quit`` or Ctrl-D
+leaves (an empty line does nothing), and Ctrl-C ends everything cleanly at any moment.
 
 A session has one bridge, and the console brings its own: if the session is running already
 (a plugin's pipeline, say), or its ports are held, the console refuses at once, starts
@@ -22,42 +24,15 @@ import sys
 import threading
 from pathlib import Path
 
-import zmq
 
-from broker import wire
 from broker import config as config_mod
 from broker import sessions
+from stages.commands.avatar import Terminal, converse, show_bus
 from stages.commands.avatar_sim import SimulatedMMDAgent
 from stages.commands.launcher import PIPELINE, Pipeline, start_doctor, wait_ready
 from stages.commands.plugin import JOIN_WAIT
-from broker.runtime import connect
 
 LOG_NAME = "mmdagent-llm-console.log"
-
-
-def _say(text: str) -> None:
-    sys.stdout.write(f"\r  avatar> {text}\n")
-    sys.stdout.flush()
-
-
-def _show_failures(cfg: config_mod.Config) -> None:
-    """On its own thread: print each failed turn's cause and each error notice (the start-up
-    check's finding), from the bus, until the process ends."""
-    sub = connect(cfg, zmq.SUB, "events_out", ("turn_result", "notice"))
-    while True:
-        try:
-            env = wire.decode(sub.recv_multipart())
-        except wire.WireError:
-            continue
-        if env.kind == "notice":
-            if env.body.get("level") == "error":
-                sys.stdout.write(f"\r  (mmdagent-llm: {str(env.body.get('text'))[:300]})\n")
-                sys.stdout.flush()
-            continue
-        cause = env.body.get("cause")
-        if env.body.get("reason") == "error" and cause in wire.CAUSES:
-            sys.stdout.write(f"\r  (mmdagent-llm: {cause}: {wire.CAUSES[cause]})\n")
-            sys.stdout.flush()
 
 
 def _refusal(cfg: config_mod.Config) -> str | None:
@@ -82,8 +57,10 @@ def main(cfg: config_mod.Config) -> int:
     log_path = Path.cwd() / LOG_NAME
     log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")  # ours only
     print(f"mmdagent-llm console: starting the pipeline (logs: {log_path})", flush=True)
+    term = Terminal()
+    stop = threading.Event()
     pipeline = Pipeline(stderr=log).start()
-    threading.Thread(target=_show_failures, args=(cfg,), name="failures", daemon=True).start()
+    threading.Thread(target=show_bus, args=(cfg, term, stop), name="bus", daemon=True).start()
     doctor = start_doctor(stderr=log)  # the LLM server, key and model, checked without waiting for it
     avatar = None
     try:
@@ -101,21 +78,12 @@ def main(cfg: config_mod.Config) -> int:
         avatar = SimulatedMMDAgent(
             command, mdf_dir=Path.cwd(), stderr=log,
             voices=(cfg["speech"]["voice"],),
-            on_speech=lambda model, text, started: _say(text) if started else None,
+            on_speech=lambda model, text, started: term.show(f"  avatar> {text}") if started else None,
         ).start()
         wait_ready(cfg, ["bridge"], 20)
-        print("Type what you say to the avatar; an empty line quits.", flush=True)
-        while True:
-            try:
-                text = input("you> ").strip()
-            except (EOFError, KeyboardInterrupt):
-                break
-            if not text:
-                break
-            avatar.send("RECOG_EVENT_START")
-            avatar.send(f"RECOG_EVENT_STOP|{text}")
-        return 0
+        return converse(avatar, term, "Type what you say to the avatar; /quit or Ctrl-D leaves.")
     finally:
+        stop.set()
         if avatar is not None:
             avatar.close_stdin()
             avatar.kill()

@@ -53,7 +53,8 @@ def check(cfg: config_mod.Config, say: Callable[[str], None]) -> str | None:
     key = os.environ.get("OPENAI_API_KEY")
     base = os.environ.get("OPENAI_BASE_URL")
     if not key and not base:
-        say(OFFLINE_NOTICE)
+        for line in OFFLINE_NOTICE.splitlines():
+            say(line)
         return None
     where = base or "OpenAI (https://api.openai.com/v1)"
     say(f"checking {where}, model {model!r}, {'with' if key else 'without'} OPENAI_API_KEY ...")

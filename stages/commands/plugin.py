@@ -116,11 +116,12 @@ def main(cfg: config_mod.Config) -> int:
             log.error("no pipeline running: start it first (honcho start, in the repository folder)")
         else:
             supervisor = start_pipeline(cfg)
-    from stages.bridge.bridge import Bridge
+    from stages.bridge.bridge import Bridge, exit_now
     from stages.commands.launcher import start_doctor
     doctor = start_doctor()  # its finding reaches the screen through the bridge (a notice)
+    code = 1
     try:
-        return Bridge(cfg).run()
+        code = Bridge(cfg).run()
     finally:
         if doctor.poll() is None:
             doctor.kill()
@@ -131,6 +132,7 @@ def main(cfg: config_mod.Config) -> int:
                 supervisor.wait(8)
             except subprocess.TimeoutExpired:
                 supervisor.kill()
+    exit_now(code)
 
 
 def _notify(text: str) -> None:

@@ -173,7 +173,8 @@ class LlmStage(Stage):
         if not key and not base:
             from stages.llm.offline_responder import OFFLINE_NOTICE, ChatCompletionServer, offline_reply
             self.offline_server = ChatCompletionServer(offline_reply).start()
-            log.warning("%s", OFFLINE_NOTICE)
+            for line in OFFLINE_NOTICE.splitlines():  # one log line per language: a log line has no newline
+                log.warning("%s", line)
             key, base, backend = "offline", self.offline_server.base_url, "offline responder"
         else:
             backend = base or "OpenAI"

@@ -40,6 +40,8 @@ import unicodedata
 END_MARKS = frozenset("。．｡！？!?…‥\n")
 CLOSERS = frozenset("」』）】〕〉》”’\"')]")
 SOFT_MARKS = frozenset("、，,")
+#: never spoken at the start of a segment: dropped there (``はい！、それで`` -> ``はい！`` + ``それで``)
+LEADING_JUNK = SOFT_MARKS | frozenset("。｡！？!?…‥:;：；・」』）】〕〉》”’)]")
 QUOTING_PARTICLES = ("と", "って")
 ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "no", "fig", "approx",
                            "inc", "ltd", "co", "e.g", "i.e", "cf", "p.s", "a.m", "p.m"})
@@ -170,6 +172,8 @@ class SentenceCutter:
         out: list[str] = []
         while True:
             self._pending = self._pending.lstrip()
+            while self._pending[:1] in LEADING_JUNK and self._pending:
+                self._pending = self._pending[1:].lstrip()
             end = self._find_cut(self._pending, final)
             if end is None:
                 break
