@@ -24,6 +24,7 @@ Config = dict[str, dict[str, Any]]
 ENV_PREFIX = "MMDAGENT_LLM_"
 ENV_CONFIG = "MMDAGENT_LLM_CONFIG"
 LOCAL_NAME = "mmdagent-llm.toml"
+DEFAULT = "default"  # the source of a value nobody set
 APP_DIR = "mmdagent-llm"
 
 #: the broker's endpoints, in port order (tcp uses base_port + index)
@@ -38,6 +39,21 @@ ENDPOINTS = (
 
 # keys whose value is one of a few words
 CHOICES = {("bus", "transport"): ("tcp", "ipc"), ("turn", "barge_in"): ("interrupt", "ignore")}
+
+# the allowed range of every number (inclusive; None: no bound). A number not listed must be >= 0.
+_PORT = (0, 65535)
+RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
+    ("bus", "base_port"): (0, 65535 - 7), ("bus", "peer_timeout"): (0.5, 3600),
+    ("llm", "temperature"): (0, 2), ("llm", "first_token_timeout"): (0.1, 3600), ("llm", "chunk_timeout"): (0.1, 3600),
+    ("llm", "turn_timeout"): (0.1, 86400), ("llm", "max_retries"): (0, 10), ("llm", "history_tokens"): (0, 10_000_000),
+    ("segmenter", "first_soft_chars"): (1, None), ("segmenter", "soft_cut_chars"): (1, None),
+    ("segmenter", "max_bytes"): (16, 1900), ("segmenter", "pause_release"): (0.01, 10),
+    ("speech", "start_timeout"): (0.1, 600), ("speech", "stop_timeout_base"): (0.1, 3600),
+    ("speech", "cut_timeout"): (0.1, 600), ("turn", "listen_timeout"): (0.1, 3600), ("turn", "max_age"): (0.1, 86400),
+    ("turn", "stall_timeout"): (0.1, 86400), ("transcript", "max_bytes"): (1000, None), ("transcript", "keep"): (1, 100),
+    ("captions", "size"): (0.1, 100), ("captions", "line_chars"): (1, 200), ("captions", "max_lines"): (1, 20),
+    ("subtitles", "port"): _PORT, ("metrics", "port"): _PORT,
+}
 
 
 class ConfigError(ValueError):
@@ -63,8 +79,12 @@ def user_config_path() -> Path | None:
     return home if home.is_file() else None
 
 
-def load(path: Path | None = None) -> Config:
-    """Defaults, overlaid by ``path`` (or the file found by :func:`user_config_path`), then env."""
+def load(path: Path | None = None, sources: dict[tuple[str, str], str] | None = None) -> Config:
+    """Defaults, overlaid by ``path`` (or the file found by :func:`user_config_path`), then env.
+
+    ``sources``, if given, is filled with where each value that is not the default came from
+    (the file's path, or ``environment MMDAGENT_LLM_...``); range errors name it too."""
+    sources = {} if sources is None else sources
     cfg = tomllib.loads(defaults_text())
     path = path or user_config_path()
     if path is not None:
@@ -72,13 +92,32 @@ def load(path: Path | None = None) -> Config:
             user = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{path}: {exc}") from None
-        _overlay(cfg, user, str(path))
-    _overlay_env(cfg, os.environ)
+        _overlay(cfg, user, str(path), sources)
+    _overlay_env(cfg, os.environ, sources)
     for (section, key), allowed in CHOICES.items():
         if cfg[section][key] not in allowed:
-            raise ConfigError(f"[{section}] {key} = {cfg[section][key]!r}: expected one of {', '.join(allowed)}")
+            raise ConfigError(f"[{section}] {key} = {cfg[section][key]!r}: expected one of {', '.join(allowed)}"
+                              f"{_from(sources, section, key)}")
+    _check_ranges(cfg, sources)
     _check_bus_access(cfg)
     return cfg
+
+
+def _check_ranges(cfg: Config, sources: dict[tuple[str, str], str]) -> None:
+    for section, values in cfg.items():
+        for key, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            low, high = RANGES.get((section, key), (0, None))
+            if (low is not None and value < low) or (high is not None and value > high):
+                span = (f"from {low:g} to {high:g}" if high is not None else f"at least {low:g}") if low is not None \
+                    else f"at most {high:g}"
+                raise ConfigError(f"[{section}] {key} = {value!r}: must be {span}{_from(sources, section, key)}")
+
+
+def _from(sources: dict[tuple[str, str], str], section: str, key: str) -> str:
+    source = sources.get((section, key), DEFAULT)
+    return "" if source == DEFAULT else f" (set in {source})"
 
 
 def _check_bus_access(cfg: Config) -> None:
@@ -122,7 +161,7 @@ def _coerce(default: Any, value: Any, where: str) -> Any:
     return value
 
 
-def _overlay(cfg: Config, user: dict[str, Any], source: str) -> None:
+def _overlay(cfg: Config, user: dict[str, Any], source: str, sources: dict[tuple[str, str], str]) -> None:
     for section, values in user.items():
         if section not in cfg or not isinstance(values, dict):
             raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(cfg)})")
@@ -130,9 +169,10 @@ def _overlay(cfg: Config, user: dict[str, Any], source: str) -> None:
             if key not in cfg[section]:
                 raise ConfigError(f"{source}: unknown key {key!r} in [{section}]")
             cfg[section][key] = _coerce(cfg[section][key], value, f"{source} [{section}] {key}")
+            sources[(section, key)] = source
 
 
-def _overlay_env(cfg: Config, environ: os._Environ[str] | dict[str, str]) -> None:
+def _overlay_env(cfg: Config, environ: os._Environ[str] | dict[str, str], sources: dict[tuple[str, str], str]) -> None:
     for name, text in environ.items():
         if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
             continue
@@ -154,6 +194,7 @@ def _overlay_env(cfg: Config, environ: os._Environ[str] | dict[str, str]) -> Non
         else:
             value = text
         cfg[section][key] = value
+        sources[(section, key)] = f"environment {name}"
 
 
 # Derived base ports are FIRST_PORT + 8 * block: 27110 .. 29157, below the ephemeral ports

@@ -1,5 +1,11 @@
 """Configuration: documented defaults, user file overlay, environment overrides, clear errors."""
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from broker import config
@@ -59,3 +65,51 @@ def test_ipc_endpoints_are_distinct_per_session():
     cfg["bus"].update(transport="ipc", ipc_prefix="@t-", session="s1")
     names = {config.endpoint(cfg, n) for n in config.ENDPOINTS}
     assert len(names) == len(config.ENDPOINTS) and all(n.startswith("ipc://@t-s1-") for n in names)
+
+
+def test_ranges_are_checked_with_the_source_named(tmp_path, monkeypatch):
+    for env, words in (("MMDAGENT_LLM_BUS_BASE_PORT=70000", "base_port = 70000: must be from 0 to 65528"),
+                       ("MMDAGENT_LLM_LLM_FIRST_TOKEN_TIMEOUT=-5", "first_token_timeout = -5.0: must be from 0.1"),
+                       ("MMDAGENT_LLM_SEGMENTER_MAX_BYTES=5000", "max_bytes = 5000: must be from 16 to 1900"),
+                       ("MMDAGENT_LLM_TRANSCRIPT_KEEP=0", "keep = 0: must be from 1 to 100")):
+        name, value = env.split("=")
+        monkeypatch.setenv(name, value)
+        with pytest.raises(config.ConfigError, match=re.escape(words) + r".*set in environment " + name):
+            config.load(Path(os.devnull))
+        monkeypatch.delenv(name)
+    path = tmp_path / "c.toml"
+    path.write_text("[speech]\ncut_timeout = 0\n", encoding="utf-8")
+    with pytest.raises(config.ConfigError, match=rf"cut_timeout = 0.0: must be from 0.1 to 600 \(set in {re.escape(str(path))}\)"):
+        config.load(path)
+
+
+def test_config_command_shows_the_values_in_effect_and_their_source(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('[llm]\nmodel = "qwen2.5:7b"\n', encoding="utf-8")
+    env = dict(os.environ, MMDAGENT_LLM_SPEECH_VOICE="mei_voice_happy")
+    env.pop("MMDAGENT_LLM_CONFIG", None)
+    out = subprocess.run([sys.executable, "-m", "stages.commands.cli", "config", "--config", str(path)], env=env,
+                         capture_output=True, text=True, encoding="utf-8", timeout=30, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert f"file: {path}" in lines[0]
+    assert f'model = "qwen2.5:7b"  # from {path}' in lines
+    assert 'voice = "mei_voice_happy"  # from environment MMDAGENT_LLM_SPEECH_VOICE' in lines
+    assert "temperature = 0.7" in lines                                  # a default: no source
+    import tomllib
+    assert tomllib.loads(out.stdout)["llm"]["model"] == "qwen2.5:7b"     # it is valid TOML
+
+
+def test_version_help_and_options_after_the_subcommand():
+    run = lambda *a: subprocess.run([sys.executable, "-m", "stages.commands.cli", *a], capture_output=True,
+                                    text=True, timeout=30)
+    version = run("--version")
+    assert version.returncode == 0 and version.stdout.startswith("mmdagent-llm ")
+    top = run("--help").stdout
+    from stages.commands.cli import HELP
+    for name in HELP:
+        assert name in top
+        page = run(name, "--help").stdout
+        assert HELP[name][:30].lower() in page.lower().replace("\n", " "), name
+    assert run("bus", "--session", "after-it").stdout.startswith("session 'after-it'")
+    assert run("--session", "before-it", "bus").stdout.startswith("session 'before-it'")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
+import json
 import os
 import sys
 from pathlib import Path
@@ -35,42 +37,79 @@ OBSERVERS = {
 WEB = ("subtitles", "metrics")  # observers with a private web address (--url)
 
 
+HELP = {
+    "broker": "run the broker: it binds the session's bus (the pipeline's first process)",
+    "bridge": "run the bridge: MMDAgent-EX's plugin process (Plugin_AnyScript_Command=mmdagent-llm bridge)",
+    "llm": "run the llm stage: it streams each answer from the LLM",
+    "segmenter": "run the segmenter: it cuts the answer into speakable sentences",
+    "sequencer": "run the sequencer: one SYNTH_START at a time, each after the last was spoken",
+    "console": "talk to the pipeline in this terminal, without MMDAgent-EX",
+    "plugin": "the bridge, plus the pipeline under supervisord if none is running",
+    "doctor": "check the LLM server, the key and the model with one cheap request",
+    "status": "one screen: each process up or down, the LLM, the last turns; exit 1 when unhealthy",
+    "avatar": "a simulated MMDAgent-EX in this terminal, running a plugin command (default: attach to the "
+              "running pipeline)",
+    "observe": "run an observer: transcript, captions, subtitles (OBS) or metrics",
+    "transcript": "print the session's transcript readably",
+    "config": "print the configuration in effect and where each value comes from (--defaults: every key, "
+              "its default and meaning)",
+    "bus": "where the session's bus is and how an observer of yours gets onto it",
+    "watchdog": "(inside the plugin's supervisord) stop it when a pid is gone",
+    "keys": "write new CURVE keys into a folder, for a bus that spans machines",
+}
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("mmdagent-llm")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmdagent-llm", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, help="configuration file (default: see `mmdagent-llm config`)")
-    parser.add_argument("--session", help="the session (one avatar's private bus); inherited by what the command "
-                                          "starts (default: [bus] session)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    commands = {}
-    for name in PROCESSES:
-        commands[name] = sub.add_parser(name, help={
-            "console": "talk to the pipeline in this terminal, without MMDAgent-EX",
-            "plugin": "the bridge, plus the pipeline under supervisord if none is running",
-            "doctor": "check the LLM server, the key and the model with one cheap request",
-            "status": "one screen: each process up or down, the LLM, the last turns; exit 1 when unhealthy",
-            "avatar": "a simulated MMDAgent-EX in this terminal, running a plugin command (default: attach to the "
-                      "running pipeline)",
-        }.get(name, f"run the {name}"))
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C at any moment: what was started is ended by its own finally
+        print("mmdagent-llm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `mmdagent-llm config | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
+    # --config and --session are taken before or after the subcommand: the same option on both
+    # levels, with SUPPRESS so that an absent one does not overwrite the other
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                        help="configuration file (default: see `mmdagent-llm config`)")
+    common.add_argument("--session", default=argparse.SUPPRESS,
+                        help="the session (one avatar's private bus); inherited by what the command starts "
+                             "(default: [bus] session)")
+    parser = argparse.ArgumentParser(prog="mmdagent-llm", description=__doc__.splitlines()[0], parents=[common])
+    parser.add_argument("--version", action="version", version=f"mmdagent-llm {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    commands = {name: sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
+                                     parents=[common]) for name, text in HELP.items()}
     commands["avatar"].add_argument("--plugin", default="", help="the plugin command line, as in a .mdf "
                                     "(default: mmdagent-llm bridge, which attaches to the running pipeline)")
     commands["avatar"].add_argument("--mdf-dir", type=Path, help="the plugin's working folder (default: here)")
     commands["avatar"].add_argument("--quiet", action="store_true", help="show only what the avatar says")
     commands["doctor"].add_argument("--notice", action="store_true",
                                     help="(plugin and console start-up) log the result; publish a failure on the bus")
-    observe = sub.add_parser("observe", help="run an observer: transcript, captions, subtitles (OBS) or metrics")
-    observe.add_argument("observer", choices=OBSERVERS)
-    observe.add_argument("--url", action="store_true",
-                         help="subtitles, metrics: print the private address (with its access key) and exit")
-    transcript = sub.add_parser("transcript", help="print the session's transcript readably")
-    transcript.add_argument("--follow", "-f", action="store_true", help="keep printing new lines as they come")
-    sub.add_parser("config", help="print every configuration key with its default and meaning")
-    sub.add_parser("bus", help="where the session's bus is and how an observer of yours gets onto it")
-    watchdog = sub.add_parser("watchdog", help="(inside the plugin's supervisord) stop it when a pid is gone")
-    watchdog.add_argument("pid", type=int)
-    keys = sub.add_parser("keys", help="write new CURVE keys into a folder, for a bus that spans machines")
-    keys.add_argument("folder", type=Path, help="where to write them (created; existing keys are never overwritten)")
+    commands["observe"].add_argument("observer", choices=OBSERVERS)
+    commands["observe"].add_argument("--url", action="store_true",
+                                     help="subtitles, metrics: print the private address (with its access key) "
+                                          "and exit")
+    commands["transcript"].add_argument("--follow", "-f", action="store_true",
+                                        help="keep printing new lines as they come")
+    commands["config"].add_argument("--defaults", action="store_true",
+                                    help="print every key with its default and meaning instead")
+    commands["watchdog"].add_argument("pid", type=int)
+    commands["keys"].add_argument("folder", type=Path,
+                                  help="where to write them (created; existing keys are never overwritten)")
     args = parser.parse_args(argv)
-    if args.command == "config":
+    if args.command == "config" and args.defaults:
         sys.stdout.write(config_mod.defaults_text())
         return 0
     if args.command == "keys":  # needs no configuration: it is what makes a non-loopback one valid
@@ -78,13 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "watchdog":
         from stages.commands.plugin import watchdog as watch
         return watch(args.pid)
-    if args.session is not None:  # through the environment, so every process it starts has it too
+    if getattr(args, "session", None) is not None:  # through the environment: what it starts has it too
         os.environ[f"{config_mod.ENV_PREFIX}BUS_SESSION"] = args.session
+    sources: dict[tuple[str, str], str] = {}
     try:
-        cfg = config_mod.load(args.config)
+        cfg = config_mod.load(getattr(args, "config", None), sources)
     except config_mod.ConfigError as exc:
         print(f"mmdagent-llm: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "config":
+        return _config(cfg, sources, getattr(args, "config", None))
     if args.command == "bus":
         return _bus(cfg)
     if args.command == "observe" and args.url:
@@ -104,9 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as exc:  # e.g. a key file missing from [bus] curve_dir
         print(f"mmdagent-llm {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C at any moment: what was started is ended by its own finally
-        print(f"mmdagent-llm {args.command}: interrupted", file=sys.stderr)
-        return 130
 
 
 def _keys(folder: Path) -> int:
@@ -133,6 +172,30 @@ def _keys(folder: Path) -> int:
     print(f"Copy the folder to the other machines; those without the broker do not need {curve.SERVER_SECRET}.")
     print(f"Whoever holds {curve.CLIENT_SECRET} can talk on the bus: keep the folder private.")
     return 0
+
+
+def _config(cfg: config_mod.Config, sources: dict[tuple[str, str], str], path: Path | None) -> int:
+    """``mmdagent-llm config``: the configuration in effect, as TOML, each value not a default
+    followed by where it came from."""
+    used = path or config_mod.user_config_path()
+    print(f"# mmdagent-llm configuration in effect; file: {used or 'none (defaults and environment only)'}")
+    print("# every key with its meaning: mmdagent-llm config --defaults")
+    for section, values in cfg.items():
+        print(f"\n[{section}]")
+        for key, value in values.items():
+            source = sources.get((section, key))
+            print(f"{key} = {_toml(value)}" + (f"  # from {source}" if source else ""))
+    return 0
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
 
 
 def _url(cfg: config_mod.Config, observer: str) -> int:
