@@ -27,6 +27,7 @@ PROCESSES = {
     "doctor": "stages.commands.doctor:main",
     "status": "stages.commands.status:main",
     "avatar": "stages.commands.avatar:main",
+    "history": "stages.commands.history:main",
 }
 OBSERVERS = {
     "transcript": "stages.observers.transcript:main",
@@ -49,6 +50,7 @@ HELP = {
     "status": "one screen: each process up or down, the LLM, the last turns; exit 1 when unhealthy",
     "avatar": "a simulated MMDAgent-EX in this terminal, running a plugin command (default: attach to the "
               "running pipeline)",
+    "history": "show (or --clear) the conversation the LLM is given: this content's, or --console's",
     "observe": "run an observer: transcript, captions, subtitles (OBS) or metrics",
     "transcript": "print the session's transcript readably",
     "config": "print the configuration in effect and where each value comes from (--defaults: every key, "
@@ -95,6 +97,10 @@ def _main(argv: list[str] | None) -> int:
                                     "(default: mmdagent-llm bridge, which attaches to the running pipeline)")
     commands["avatar"].add_argument("--mdf-dir", type=Path, help="the plugin's working folder (default: here)")
     commands["avatar"].add_argument("--quiet", action="store_true", help="show only what the avatar says")
+    commands["history"].add_argument("--console", action="store_true", help="the console's history")
+    commands["history"].add_argument("--clear", action="store_true", help="remove it: the next run starts afresh")
+    commands["console"].add_argument("--continue", dest="resume", action="store_true",
+                                     help="go on with the last console conversation (default: start afresh)")
     commands["doctor"].add_argument("--notice", action="store_true",
                                     help="(plugin and console start-up) log the result; publish a failure on the bus")
     commands["observe"].add_argument("observer", choices=OBSERVERS)
@@ -138,6 +144,10 @@ def _main(argv: list[str] | None) -> int:
         target, extra = "stages.commands.transcript:main", {"follow": args.follow}
     elif args.command == "doctor" and args.notice:
         extra = {"notice": True}
+    elif args.command == "history":
+        extra = {"console": args.console, "clear": args.clear}
+    elif args.command == "console":
+        extra = {"resume": args.resume}
     elif args.command == "avatar":
         extra = {"plugin": args.plugin, "mdf_dir": args.mdf_dir, "quiet": args.quiet}
     module, _, func = target.partition(":")

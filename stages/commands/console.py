@@ -12,6 +12,10 @@ The terminal is :mod:`stages.commands.avatar`'s: the prompt comes back after eac
 interruption is shown, a line too long for MMDAgent-EX is cut with a note, ``/quit`` or Ctrl-D
 leaves (an empty line does nothing), and Ctrl-C ends everything cleanly at any moment.
 
+The console's conversation is its own (``history-<session>-console.json`` in the state folder)
+and starts afresh each time, unless ``--continue``: then the earlier exchanges are given to the
+LLM again, and the console says how many.
+
 A session has one bridge, and the console brings its own: if the session is running already
 (a plugin's pipeline, say), or its ports are held, the console refuses at once, starts
 nothing, and says how to run beside it (``mmdagent-llm --session <name> console``).
@@ -31,8 +35,21 @@ from stages.commands.avatar import Terminal, converse, show_bus
 from stages.commands.avatar_sim import SimulatedMMDAgent
 from stages.commands.launcher import PIPELINE, Pipeline, start_doctor, wait_ready
 from stages.commands.plugin import JOIN_WAIT
+from stages.llm import history_store
 
 LOG_NAME = "mmdagent-llm-console.log"
+
+
+def _history(cfg: config_mod.Config, resume: bool, env: dict[str, str]) -> Path | None:
+    """The console's own history file, emptied unless ``resume``; set for its llm in ``env``.
+    A ``[llm] history_file`` of the user's own is used as it is."""
+    if cfg["llm"]["history_file"]:
+        return history_store.path_for(cfg)
+    path = history_store.console_path(cfg["bus"]["session"])
+    if not resume:
+        path.unlink(missing_ok=True)
+    env[f"{config_mod.ENV_PREFIX}LLM_HISTORY_FILE"] = str(path)
+    return path
 
 
 def _refusal(cfg: config_mod.Config) -> str | None:
@@ -47,7 +64,7 @@ def _refusal(cfg: config_mod.Config) -> str | None:
             f"cross it. To try the console beside it, on a bus of its own: mmdagent-llm --session {other} console")
 
 
-def main(cfg: config_mod.Config) -> int:
+def main(cfg: config_mod.Config, resume: bool = False) -> int:
     for stream in (sys.stdin, sys.stdout):
         stream.reconfigure(encoding="utf-8")  # type: ignore[union-attr]
     refusal = _refusal(cfg)
@@ -59,7 +76,9 @@ def main(cfg: config_mod.Config) -> int:
     print(f"mmdagent-llm console: starting the pipeline (logs: {log_path})", flush=True)
     term = Terminal()
     stop = threading.Event()
-    pipeline = Pipeline(stderr=log).start()
+    env = dict(os.environ)
+    history = _history(cfg, resume, env)
+    pipeline = Pipeline(env=env, stderr=log).start()
     threading.Thread(target=show_bus, args=(cfg, term, stop), name="bus", daemon=True).start()
     doctor = start_doctor(stderr=log)  # the LLM server, key and model, checked without waiting for it
     avatar = None
@@ -74,6 +93,11 @@ def main(cfg: config_mod.Config) -> int:
             print(f"\n{OFFLINE_NOTICE}\n", flush=True)
         else:
             print(f"answering with {beats['llm']['info'].get('backend')}, model {cfg['llm']['model']}")
+        carried = beats["llm"]["info"].get("history") or 0
+        if carried:
+            print(f"(continuing the conversation in {history}: {carried} earlier exchanges)")
+        elif history is not None:
+            print("(a new conversation; `mmdagent-llm console --continue` goes on with the last one)")
         command = f'"{sys.executable}" -m stages.commands.cli bridge'
         avatar = SimulatedMMDAgent(
             command, mdf_dir=Path.cwd(), stderr=log,

@@ -18,6 +18,9 @@
   ``watchdog`` program inside supervisord sends supervisord SIGTERM once the bridge's pid is
   gone, and every stage started this way exits by itself when the bridge is gone
   (``MMDAGENTLLM_OWNER_PID``, see :func:`broker.runtime.watch_owner`).
+- The conversation's history is this content's own (``[llm] history_file`` unset: a file keyed
+  by the ``.mdf`` folder, :func:`stages.llm.history_store.content_path`); ``mmdagent-llm
+  history``, run in that folder, shows or clears it.
 - In the background, ``mmdagent-llm doctor --notice`` checks the LLM server, the key and the
   model; what it finds wrong appears on the avatar's screen (``NOTIFY_SHOW``) and in the log.
 """
@@ -37,6 +40,7 @@ from broker import config as config_mod
 from broker import curve, sessions
 from stages.bridge import mmd_line
 from broker.config import safe_name, state_dir
+from stages.llm.history_store import content_path
 from broker.liveness import PIPELINE
 from broker.runtime import OWNER_ENV, alive, setup_logging
 
@@ -86,6 +90,9 @@ def start_pipeline(cfg: config_mod.Config) -> subprocess.Popen:
     found = config_mod.user_config_path()
     if found is not None:  # the stages run elsewhere: they must not lose the .mdf folder's file
         env[config_mod.ENV_CONFIG] = str(Path(found).resolve())
+    history_env = f"{config_mod.ENV_PREFIX}LLM_HISTORY_FILE"
+    if not cfg["llm"]["history_file"] and history_env not in env:  # this content's own conversation
+        env[history_env] = str(content_path(cfg["bus"]["session"], Path.cwd()))
     log.info("no pipeline running: starting one under supervisord (logs in %s)", run)
     return subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-c", str(conf)], cwd=run, env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

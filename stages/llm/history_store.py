@@ -64,15 +64,32 @@ def default_path(session: str) -> Path:
     return state_dir() / f"history-{safe_name(session)}.json"
 
 
+def content_path(session: str, folder: Path) -> Path:
+    """The history file of one content (its ``.mdf`` folder) in ``session``: what the plugin
+    uses, so that two avatars' contents never share a conversation."""
+    resolved = str(folder.expanduser().resolve())
+    tag = hashlib.sha256(resolved.encode("utf-8")).hexdigest()[:12]
+    return state_dir() / f"history-{safe_name(session)}-{safe_name(folder.resolve().name)[:24]}-{tag}.json"
+
+
+def console_path(session: str) -> Path:
+    """The console's own history file (started fresh unless ``console --continue``)."""
+    return state_dir() / f"history-{safe_name(session)}-console.json"
+
+
+def path_for(cfg: dict[str, dict[str, Any]]) -> Path | None:
+    """The file ``[llm] history_file`` names (None: memory only)."""
+    value = str(cfg["llm"].get("history_file", "")).strip()
+    if value.lower() == MEMORY_ONLY:
+        return None
+    return Path(value).expanduser() if value else default_path(cfg["bus"]["session"])
+
+
 def store_for(cfg: dict[str, dict[str, Any]]) -> HistoryStore | None:
     """The store ``[llm] history_file`` asks for: ``"none"`` = memory only (None); ``""`` = the
     default file of ``[bus] session`` (:func:`default_path`); anything else = that path."""
-    value = str(cfg["llm"].get("history_file", "")).strip()
-    session = cfg["bus"]["session"]
-    if value.lower() == MEMORY_ONLY:
-        return None
-    path = Path(value).expanduser() if value else default_path(session)
-    return HistoryStore(path, session=session)
+    path = path_for(cfg)
+    return None if path is None else HistoryStore(path, session=cfg["bus"]["session"])
 
 
 class HistoryStore:

@@ -148,7 +148,13 @@ class LlmStage(Stage):
     def __init__(self, cfg: config_mod.Config) -> None:
         super().__init__(cfg)
         c = cfg["llm"]
-        self.history = History(c["system_prompt"], c["history_turns"], c["history_tokens"], store=store_for(cfg))
+        store = store_for(cfg)
+        self.history = History(c["system_prompt"], c["history_turns"], c["history_tokens"], store=store)
+        if store is not None and self.history.pairs:  # said, so nobody wonders what the LLM "remembers"
+            log.info("continuing the conversation in %s: %d earlier exchanges (mmdagent-llm history --clear "
+                     "to start afresh)", store.path, len(self.history.pairs))
+        elif store is not None:
+            log.info("a new conversation, kept in %s", store.path)
         self.errors: dict[str, int] = {}  # failed turns by cause, since start (the heartbeat carries it)
         self.machine: Machine[TurnState] = Machine("turn", TURN_TRANSITIONS, TurnState.IDLE)
         self.offline_server = None
@@ -185,7 +191,7 @@ class LlmStage(Stage):
     def info(self) -> dict[str, Any]:
         return {"backend": self.backend, "offline": self.offline_server is not None,
                 "model": self.cfg["llm"]["model"], "turn": self.turn, "state": self.machine.state.value,
-                "errors": dict(self.errors)}
+                "errors": dict(self.errors), "history": len(self.history.pairs)}
 
     # -- turns -----------------------------------------------------------------------------
     def on_event(self, env: wire.Envelope) -> None:

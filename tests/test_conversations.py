@@ -1,0 +1,110 @@
+"""History belongs to a conversation: each content (its .mdf folder) has its own under the
+plugin, the console starts afresh unless asked to continue, and `mmdagent-llm history` shows
+and clears it. Real plugin (its own supervisord pipeline), real console in a pseudo-terminal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from broker import config as config_mod
+from stages.commands.avatar_sim import SimulatedMMDAgent
+from stages.commands.launcher import wait_ready
+from stages.llm.history_store import HistoryStore, console_path, content_path
+from stages.llm.offline_responder import ChatCompletionServer
+from tests.e2e import ScriptedLLM, bridge_sees_pipeline
+from tests.harness import BIN, pipeline_env, processes_with, write_config
+from tests.pty_term import PtyProcess
+
+
+def asked(server: ChatCompletionServer) -> list[tuple[str, str]]:
+    """The last request's conversation (without the system prompt)."""
+    return [(m["role"], m["content"]) for m in server.requests[-1]["messages"][1:]]
+
+
+def plugin_turn(folder: Path, server: ChatCompletionServer, text: str) -> None:
+    """Start `mmdagent-llm plugin` in ``folder`` as MMDAgent-EX would, say ``text``, wait for the
+    answer, then SIGKILL it (as MMDAgent-EX quitting) and wait until its pipeline is gone."""
+    folder.mkdir(exist_ok=True)
+    cfg_path = write_config(folder, llm={"history_file": ""})
+    cfg = config_mod.load(cfg_path)
+    env = {k: v for k, v in pipeline_env(cfg_path, server.base_url).items() if k != "MMDAGENT_LLM_CONFIG"}
+    with open(folder / "plugin.log", "ab") as log:
+        avatar = SimulatedMMDAgent("mmdagent-llm plugin", mdf_dir=folder, env=env, stderr=log).start()
+        try:
+            wait_ready(cfg, ["bridge"], 30)
+            bridge_sees_pipeline(cfg, 40)
+            avatar.send("RECOG_EVENT_START")
+            avatar.send(f"RECOG_EVENT_STOP|{text}")
+            assert avatar.wait_inbox_line("SYNTH_EVENT_STOP|0", 30), (folder / "plugin.log").read_text()
+        finally:
+            avatar.kill()
+    deadline = time.monotonic() + 15
+    while processes_with(server.base_url) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not processes_with(server.base_url), "the plugin's pipeline outlived it"
+
+
+def test_each_content_has_its_own_conversation(tmp_path: Path, own_state):
+    server = ChatCompletionServer(ScriptedLLM(default="覚えました。")).start()
+    try:
+        plugin_turn(tmp_path / "content-a", server, "私はハナです。")
+        assert asked(server) == [("user", "私はハナです。")]
+        plugin_turn(tmp_path / "content-b", server, "私の名前は？")
+        assert asked(server) == [("user", "私の名前は？")]                     # nothing of content A
+        plugin_turn(tmp_path / "content-a", server, "私の名前は？")
+        assert asked(server) == [("user", "私はハナです。"), ("assistant", "覚えました。"), ("user", "私の名前は？")]
+    finally:
+        server.stop()
+    a = content_path("default", tmp_path / "content-a")
+    b = content_path("default", tmp_path / "content-b")
+    assert a != b and a.exists() and b.exists()
+    shown = subprocess.run([sys.executable, "-m", "stages.commands.cli", "history"], cwd=tmp_path / "content-a",
+                           env=here_only(), capture_output=True, text=True,
+                           encoding="utf-8", timeout=30)
+    assert f"{a}: 2 exchanges" in shown.stdout and "you:    私はハナです。" in shown.stdout
+    cleared = subprocess.run([sys.executable, "-m", "stages.commands.cli", "history", "--clear"],
+                             cwd=tmp_path / "content-a", env=here_only(),
+                             capture_output=True, text=True, timeout=30)
+    assert "cleared" in cleared.stdout and not a.exists() and b.exists()
+
+
+def here_only() -> dict[str, str]:
+    """The environment without MMDAGENT_LLM_CONFIG: ./mmdagent-llm.toml is found, as in a content."""
+    return {k: v for k, v in os.environ.items() if k != "MMDAGENT_LLM_CONFIG"}
+
+
+def console_turn(tmp_path: Path, env: dict[str, str], text: str, *args: str) -> str:
+    term = PtyProcess([str(BIN / "mmdagent-llm"), "console", *args], str(tmp_path), env)
+    try:
+        at = term.expect("you> ", 40)
+        term.send(f"{text}\r")
+        term.expect("avatar> ", 20, at)
+        term.send("/quit\r")
+        assert term.wait(30) == 0
+    finally:
+        term.close()
+    return term.text
+
+
+def test_the_console_starts_afresh_unless_asked_to_continue(tmp_path: Path, own_state):
+    server = ChatCompletionServer(ScriptedLLM(default="はい。")).start()
+    cfg_path = write_config(tmp_path, llm={"history_file": ""})
+    env = pipeline_env(cfg_path, server.base_url)
+    try:
+        first = console_turn(tmp_path, env, "私はハナです。")
+        assert "a new conversation" in first
+        second = console_turn(tmp_path, env, "覚えてる？")
+        assert asked(server) == [("user", "覚えてる？")] and "a new conversation" in second
+        third = console_turn(tmp_path, env, "私の名前は？", "--continue")
+        assert asked(server) == [("user", "覚えてる？"), ("assistant", "はい。"), ("user", "私の名前は？")]
+        assert f"continuing the conversation in {console_path('default')}: 1 earlier exchanges" in third
+    finally:
+        server.stop()
+        for pid in processes_with(str(cfg_path)):
+            os.kill(pid, signal.SIGKILL)
+    assert len(HistoryStore(console_path("default")).load()) == 2
