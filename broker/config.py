@@ -223,17 +223,30 @@ def endpoint(cfg: Config, name: str) -> str:
 
 
 def state_dir() -> Path:
-    """The user's state folder for this application (not created here).
+    """The user's state folder for this application (not created here): keys, histories,
+    transcripts, the plugin's run folders.
 
-    Windows: ``%LOCALAPPDATA%\\mmdagent-llm``; elsewhere ``$XDG_STATE_HOME/mmdagent-llm``
-    (an unset or relative ``XDG_STATE_HOME`` is ignored, as the XDG spec says) or
-    ``~/.local/state/mmdagent-llm``."""
+    ``$XDG_STATE_HOME/mmdagent-llm`` where ``XDG_STATE_HOME`` is set to an absolute path (an unset
+    or relative one is ignored, as the XDG spec says); else Windows ``%LOCALAPPDATA%\\mmdagent-llm``,
+    macOS ``~/Library/Application Support/mmdagent-llm``, elsewhere ``~/.local/state/mmdagent-llm``."""
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / APP_DIR
     if sys.platform == "win32":
         base = os.environ.get("LOCALAPPDATA")
         return (Path(base) if base else Path.home() / "AppData" / "Local") / APP_DIR
-    xdg = os.environ.get("XDG_STATE_HOME", "")
-    base_path = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "state"
-    return base_path / APP_DIR
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / APP_DIR
+    return Path.home() / ".local" / "state" / APP_DIR
+
+
+def log_dir() -> Path:
+    """Where the processes this application starts by itself write their logs (the console's
+    stages): macOS ``~/Library/Logs/mmdagent-llm`` (unless ``XDG_STATE_HOME`` is set), elsewhere
+    the state folder's ``logs``."""
+    if sys.platform == "darwin" and not os.environ.get("XDG_STATE_HOME", "").startswith("/"):
+        return Path.home() / "Library" / "Logs" / APP_DIR
+    return state_dir() / "logs"
 
 
 def safe_name(session: str) -> str:

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -119,14 +120,22 @@ def _end_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
 def supervised(folder: Path, env: dict[str, str], runner: str) -> Iterator[Path]:
     """Run the pipeline under ``supervisord`` (deploy/supervisord.conf) or ``honcho`` (Procfile).
 
-    The real files are copied into ``folder`` so their relative paths (logs, socket) land
-    there. Yields the folder holding the logs.
+    The real files are copied into ``folder``. supervisord's logs, socket and pid file go to
+    ``~/.local/state/mmdagent-llm/supervisor`` as the file says: ``HOME`` (set in ``env``, so
+    supervisorctl finds the socket too) is a short folder of this run whose
+    ``.local/state/mmdagent-llm/supervisor`` leads to ``folder/<runner>`` (a socket path must
+    stay under about 100 bytes). Yields the folder holding the logs.
     """
     run_dir = folder / runner
     run_dir.mkdir()
+    home = None
     if runner == "supervisord":
         conf = run_dir / "supervisord.conf"
         shutil.copy(ROOT / "deploy" / "supervisord.conf", conf)
+        home = Path(tempfile.mkdtemp(prefix="mmh-"))
+        (home / ".local" / "state" / "mmdagent-llm").mkdir(parents=True)
+        (home / ".local" / "state" / "mmdagent-llm" / "supervisor").symlink_to(run_dir)
+        env["HOME"] = str(home)
         cmd = [str(BIN / "supervisord"), "-c", str(conf)]
     else:
         shutil.copy(ROOT / "Procfile", run_dir / "Procfile")
@@ -139,6 +148,8 @@ def supervised(folder: Path, env: dict[str, str], runner: str) -> Iterator[Path]
     finally:
         _end_group(proc)
         log.close()
+        if home is not None:
+            shutil.rmtree(home, ignore_errors=True)
 
 
 def logs_text(run_dir: Path) -> str:

@@ -113,3 +113,18 @@ def test_version_help_and_options_after_the_subcommand():
         assert HELP[name][:30].lower() in page.lower().replace("\n", " "), name
     assert run("bus", "--session", "after-it").stdout.startswith("session 'after-it'")
     assert run("--session", "before-it", "bus").stdout.startswith("session 'before-it'")
+
+
+def test_paths_are_in_the_users_folders_never_here(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    env = dict(os.environ, HOME=str(tmp_path / "home"), XDG_STATE_HOME=str(tmp_path / "state"))
+    env.pop("MMDAGENT_LLM_CONFIG", None)
+    out = subprocess.run([sys.executable, "-m", "stages.commands.cli", "paths"], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    places = [line.split(None, 1)[1].rsplit("  ", 1)[-1].strip() for line in out.stdout.splitlines()[1:]]
+    assert len(places) >= 10
+    for place in places[1:]:
+        assert place.startswith((str(tmp_path / "state"), str(tmp_path / "home"))), place
+        assert not place.startswith(str(work))

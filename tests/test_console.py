@@ -62,7 +62,7 @@ def test_console_conversation_on_the_offline_default(tmp_path: Path):
         sentences = cutter.feed(offline_text(said)) + cutter.flush()
         for sentence in sentences:
             assert out.wait_for(f"avatar> {sentence}\n", 20), out.text
-        proc.stdin.write(b"\n")  # an empty line quits
+        proc.stdin.write(b"\n/quit\n")  # an empty line does nothing; /quit leaves
         proc.stdin.flush()
         assert proc.wait(20) == 0
     finally:
@@ -72,7 +72,9 @@ def test_console_conversation_on_the_offline_default(tmp_path: Path):
     assert out.text.count(OFFLINE_NOTICE.splitlines()[0]) == 1
     positions = [out.text.index(f"avatar> {s}") for s in sentences]
     assert positions == sorted(positions)
-    assert (tmp_path / "mmdagent-llm-console.log").exists()
+    assert not list(tmp_path.glob("*.log"))                          # nothing in the current folder
+    from broker.config import log_dir
+    assert (log_dir() / "console-default.log").exists()
     left = processes_with(str(cfg_path))
     for pid in left:
         os.kill(pid, 9)
@@ -92,7 +94,7 @@ def test_console_shows_why_a_turn_failed(tmp_path: Path):
         proc.stdin.write("聞こえますか\n".encode())
         proc.stdin.flush()
         assert out.wait_for("(mmdagent-llm: unreachable: no connection to the LLM server (OPENAI_BASE_URL))", 30), out.text
-        proc.stdin.write(b"\n")
+        proc.stdin.write(b"/quit\n")
         proc.stdin.flush()
         assert proc.wait(20) == 0
     finally:
@@ -117,7 +119,7 @@ def test_console_checks_the_key_at_start(tmp_path: Path):
         assert out.wait_for("(mmdagent-llm: the API key was refused (OPENAI_API_KEY): run `mmdagent-llm doctor`)",
                             30), out.text
         assert "avatar>" not in out.text
-        proc.stdin.write(b"\n")
+        proc.stdin.write(b"/quit\n")
         proc.stdin.flush()
         assert proc.wait(20) == 0
     finally:

@@ -16,6 +16,7 @@ import pytest
 from stages.commands import cli
 from broker import config as config_mod
 from broker import curve, sessions
+from broker.config import log_dir
 from stages.commands.launcher import stage_command
 from tests.e2e import launched
 from tests.harness import BIN, pipeline_env, write_config
@@ -115,7 +116,7 @@ def test_a_second_console_refuses_at_once_and_says_how_to_run_beside(tmp_path: P
         assert "session 'kiosk' is running already" in done.stderr
         assert f"broker pid {world.pipeline.procs['broker'].pid}" in done.stderr
         assert "mmdagent-llm --session console console" in done.stderr
-        assert not (folder / "mmdagent-llm-console.log").exists()   # it started nothing
+        assert not (log_dir() / "console-kiosk.log").exists()   # it started nothing
         print(f"the second console refused after {took:.1f} s")
 
         # another session whose ports meet kiosk's: refused too, naming kiosk's broker

@@ -28,6 +28,7 @@ PROCESSES = {
     "status": "stages.commands.status:main",
     "avatar": "stages.commands.avatar:main",
     "history": "stages.commands.history:main",
+    "paths": "stages.commands.paths:main",
 }
 OBSERVERS = {
     "transcript": "stages.observers.transcript:main",
@@ -51,6 +52,7 @@ HELP = {
     "avatar": "a simulated MMDAgent-EX in this terminal, running a plugin command (default: attach to the "
               "running pipeline)",
     "history": "show (or --clear) the conversation the LLM is given: this content's, or --console's",
+    "paths": "where everything of the session lives: configuration, keys, histories, transcripts, logs",
     "observe": "run an observer: transcript, captions, subtitles (OBS) or metrics",
     "transcript": "print the session's transcript readably",
     "config": "print the configuration in effect and where each value comes from (--defaults: every key, "
@@ -144,6 +146,8 @@ def _main(argv: list[str] | None) -> int:
         target, extra = "stages.commands.transcript:main", {"follow": args.follow}
     elif args.command == "doctor" and args.notice:
         extra = {"notice": True}
+    elif args.command == "paths":
+        extra = {"config_file": getattr(args, "config", None)}
     elif args.command == "history":
         extra = {"console": args.console, "clear": args.clear}
     elif args.command == "console":

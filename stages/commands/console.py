@@ -1,7 +1,7 @@
 """``mmdagent-llm console``: talk to the pipeline in a terminal, without MMDAgent-EX.
 
-It starts the pipeline's stages (logs go to ``mmdagent-llm-console.log`` in the current
-folder), then plays MMDAgent-EX with :class:`stages.commands.avatar_sim.SimulatedMMDAgent`: it
+It starts the pipeline's stages (their logs go to ``console-<session>.log`` in the user's log
+folder, :func:`broker.config.log_dir`; ``mmdagent-llm paths`` shows where), then plays MMDAgent-EX with :class:`stages.commands.avatar_sim.SimulatedMMDAgent`: it
 launches ``mmdagent-llm bridge`` as the plugin, sends ``RECOG_EVENT_START`` and
 ``RECOG_EVENT_STOP|<what you typed>``, shows each sentence when the avatar would start
 saying it, holds it for a speaking time derived from its length, and answers with the same
@@ -30,14 +30,13 @@ from pathlib import Path
 
 
 from broker import config as config_mod
-from broker import sessions
+from broker import curve, sessions
 from stages.commands.avatar import Terminal, converse, show_bus
 from stages.commands.avatar_sim import SimulatedMMDAgent
 from stages.commands.launcher import PIPELINE, Pipeline, start_doctor, wait_ready
 from stages.commands.plugin import JOIN_WAIT
 from stages.llm import history_store
 
-LOG_NAME = "mmdagent-llm-console.log"
 
 
 def _history(cfg: config_mod.Config, resume: bool, env: dict[str, str]) -> Path | None:
@@ -71,7 +70,7 @@ def main(cfg: config_mod.Config, resume: bool = False) -> int:
     if refusal:
         print(f"mmdagent-llm console: {refusal}", file=sys.stderr)
         return 1
-    log_path = Path.cwd() / LOG_NAME
+    log_path = curve.private_dir(config_mod.log_dir()) / f"console-{config_mod.safe_name(cfg['bus']['session'])}.log"
     log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")  # ours only
     print(f"mmdagent-llm console: starting the pipeline (logs: {log_path})", flush=True)
     term = Terminal()
