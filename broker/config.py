@@ -38,7 +38,8 @@ ENDPOINTS = (
 
 
 # keys whose value is one of a few words
-CHOICES = {("bus", "transport"): ("tcp", "ipc"), ("turn", "barge_in"): ("interrupt", "ignore")}
+CHOICES = {("bus", "transport"): ("tcp", "ipc"), ("turn", "barge_in"): ("interrupt", "ignore"),
+           ("plugin", "pipeline"): ("auto", "supervisord", "builtin")}
 
 # the allowed range of every number (inclusive; None: no bound). A number not listed must be >= 0.
 _PORT = (0, 65535)
@@ -226,15 +227,16 @@ def state_dir() -> Path:
     """The user's state folder for this application (not created here): keys, histories,
     transcripts, the plugin's run folders.
 
-    ``$XDG_STATE_HOME/mmdagent-llm`` where ``XDG_STATE_HOME`` is set to an absolute path (an unset
-    or relative one is ignored, as the XDG spec says); else Windows ``%LOCALAPPDATA%\\mmdagent-llm``,
-    macOS ``~/Library/Application Support/mmdagent-llm``, elsewhere ``~/.local/state/mmdagent-llm``."""
-    xdg = os.environ.get("XDG_STATE_HOME", "")
-    if xdg and Path(xdg).is_absolute():
-        return Path(xdg) / APP_DIR
+    Windows ``%LOCALAPPDATA%\\mmdagent-llm``; elsewhere ``$XDG_STATE_HOME/mmdagent-llm`` where
+    ``XDG_STATE_HOME`` is set to an absolute path (an unset or relative one is ignored, as the XDG
+    spec says); else macOS ``~/Library/Application Support/mmdagent-llm``, others
+    ``~/.local/state/mmdagent-llm``."""
     if sys.platform == "win32":
         base = os.environ.get("LOCALAPPDATA")
         return (Path(base) if base else Path.home() / "AppData" / "Local") / APP_DIR
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / APP_DIR
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Application Support" / APP_DIR
     return Path.home() / ".local" / "state" / APP_DIR

@@ -285,3 +285,12 @@ def test_save_failures_are_logged_once_per_reason_and_never_raise(tmp_path, capl
     h.add("q3", "a3")
     assert len(HistoryStore(blocker / "sub" / "h.json").load()) == 4
     assert any("saved again" in r.getMessage() for r in caplog.records)
+
+
+def test_macos_uses_application_support_and_its_logs_folder(tmp_path, monkeypatch):
+    from broker.config import log_dir, state_dir
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert state_dir() == tmp_path / "Library" / "Application Support" / "mmdagent-llm"
+    assert log_dir() == tmp_path / "Library" / "Logs" / "mmdagent-llm"

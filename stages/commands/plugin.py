@@ -27,7 +27,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -40,6 +39,7 @@ from broker import config as config_mod
 from broker import curve, sessions
 from stages.bridge import mmd_line
 from broker.config import safe_name, state_dir
+from stages.commands.keeper import Keeper, die_with_parent
 from stages.llm.history_store import content_path
 from broker.liveness import PIPELINE
 from broker.runtime import OWNER_ENV, alive, setup_logging
@@ -75,16 +75,12 @@ def supervisord_conf(run: Path, owner: int) -> str:
     return text
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)
+def _run_folder(cfg: config_mod.Config) -> Path:
+    return curve.private_dir(state_dir() / f"run-{safe_name(cfg['bus']['session'])}")  # logs: ours only
 
 
-def start_pipeline(cfg: config_mod.Config) -> subprocess.Popen:
-    run = curve.private_dir(state_dir() / f"run-{safe_name(cfg['bus']['session'])}")  # logs: ours only
-    conf = run / "supervisord.conf"
-    conf.write_text(supervisord_conf(run, os.getpid()), encoding="utf-8")
+def _stage_env(cfg: config_mod.Config) -> dict[str, str]:
+    """The environment of the stages the plugin starts (they run in another folder)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env[OWNER_ENV] = str(os.getpid())
     found = config_mod.user_config_path()
@@ -93,18 +89,32 @@ def start_pipeline(cfg: config_mod.Config) -> subprocess.Popen:
     history_env = f"{config_mod.ENV_PREFIX}LLM_HISTORY_FILE"
     if not cfg["llm"]["history_file"] and history_env not in env:  # this content's own conversation
         env[history_env] = str(content_path(cfg["bus"]["session"], Path.cwd()))
+    return env
+
+
+def start_pipeline(cfg: config_mod.Config) -> subprocess.Popen:
+    run = _run_folder(cfg)
+    conf = run / "supervisord.conf"
+    conf.write_text(supervisord_conf(run, os.getpid()), encoding="utf-8")
     log.info("no pipeline running: starting one under supervisord (logs in %s)", run)
-    return subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-c", str(conf)], cwd=run, env=env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-c", str(conf)], cwd=run,
+                            env=_stage_env(cfg), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
                             umask=0o077,  # its logs and files: the user's only
-                            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
+
+
+def start_keeper(cfg: config_mod.Config) -> Keeper:
+    run = _run_folder(cfg)
+    log.info("no pipeline running: starting one, kept by this process (logs in %s)", run)
+    return Keeper(_stage_env(cfg), run).start()
 
 
 def main(cfg: config_mod.Config) -> int:
     setup_logging("bridge")
     session = cfg["bus"]["session"]
     on_bus = sessions.present(cfg, JOIN_WAIT)
-    supervisor = None
+    supervisor = keeper = None
     if "bridge" in on_bus:  # a session has one bridge: a second would take half of its commands
         log.error("session %r has a bridge already (pid %s): each avatar needs a session of its own. Set "
                   "[bus] session = \"<name>\" in this content's mmdagent-llm.toml to run beside it",
@@ -119,8 +129,9 @@ def main(cfg: config_mod.Config) -> int:
             log.error("%s", clash)
             _notify(f"mmdagent-llm: session {session!r} cannot start: its ports are taken (see the log)")
             return 1
-        if sys.platform == "win32":  # supervisord does not run on Windows
-            log.error("no pipeline running: start it first (honcho start, in the repository folder)")
+        mode = cfg["plugin"]["pipeline"]
+        if mode == "builtin" or (mode == "auto" and sys.platform == "win32"):  # no supervisord on Windows
+            keeper = start_keeper(cfg)
         else:
             supervisor = start_pipeline(cfg)
     from stages.bridge.bridge import Bridge, exit_now
@@ -133,6 +144,8 @@ def main(cfg: config_mod.Config) -> int:
         if doctor.poll() is None:
             doctor.kill()
             doctor.wait(5)
+        if keeper is not None:
+            keeper.stop()
         if supervisor is not None:
             supervisor.terminate()
             try:
