@@ -51,7 +51,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("segmenter", "max_bytes"): (16, 1900), ("segmenter", "pause_release"): (0.01, 10),
     ("speech", "start_timeout"): (0.1, 600), ("speech", "stop_timeout_base"): (0.1, 3600),
     ("speech", "cut_timeout"): (0.1, 600), ("turn", "listen_timeout"): (0.1, 3600), ("turn", "max_age"): (0.1, 86400),
-    ("turn", "stall_timeout"): (0.1, 86400), ("transcript", "max_bytes"): (1000, None), ("transcript", "keep"): (1, 100),
+    ("turn", "stall_timeout"): (0.1, 86400), ("transcript", "max_bytes"): (100, None), ("transcript", "keep"): (1, 100),
     ("captions", "size"): (0.1, 100), ("captions", "line_chars"): (1, 200), ("captions", "max_lines"): (1, 20),
     ("subtitles", "port"): _PORT, ("metrics", "port"): _PORT,
 }

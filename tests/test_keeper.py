@@ -17,7 +17,7 @@ from tests.e2e import ScriptedLLM, bridge_sees_pipeline
 from tests.harness import BusWatcher, pipeline_env, processes_with, write_config
 
 
-def test_the_builtin_pipeline_answers_restarts_and_dies_with_the_plugin(tmp_path: Path):
+def test_the_builtin_pipeline_answers_restarts_and_dies_with_the_plugin(tmp_path: Path, own_state):
     server = ChatCompletionServer(ScriptedLLM(default="はい、聞こえます。")).start()
     mdf = tmp_path / "content"
     mdf.mkdir()
@@ -61,5 +61,7 @@ def test_the_builtin_pipeline_answers_restarts_and_dies_with_the_plugin(tmp_path
         log.close()
     assert not left, f"left behind: {left}"
     print(f"all {len(stages)} processes gone {gone_after:.2f} s after the plugin's SIGKILL")
+    logs = list((own_state / "mmdagent-llm" / "run-default").glob("*.log"))
+    assert len(logs) == 4 and not [f for f in logs if f.stat().st_mode & 0o077]   # the owner's only
     text = (tmp_path / "plugin.log").read_text(errors="replace")
     assert "segmenter exited with status -9" in text and "starting it again" in text

@@ -60,7 +60,7 @@ class Keeper:
         path = self.run / f"{name}.log"
         if path.exists() and path.stat().st_size > MAX_LOG_BYTES:
             path.unlink()
-        return open(path, "ab")
+        return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")  # the owner's only
 
     def _spawn(self, name: str) -> None:
         with self._log_file(name) as err:
