@@ -29,7 +29,7 @@ from typing import IO
 
 from broker.liveness import PIPELINE
 from broker.runtime import OWNER_ENV
-from stages.commands.launcher import stage_command
+from stages.commands.launcher import stage_command, stop_all
 
 log = logging.getLogger("mmdagent_llm")
 
@@ -101,16 +101,7 @@ class Keeper:
         self.stopping.set()
         if self._thread.is_alive():
             self._thread.join(2)
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        deadline = time.monotonic() + timeout
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_all(self.procs.values(), timeout)
 
 
 def die_with_parent() -> None:

@@ -31,6 +31,21 @@ def start_doctor(stderr: IO[bytes] | int | None = None) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=stderr)
 
 
+def stop_all(procs: Iterable[subprocess.Popen], timeout: float = 5.0) -> None:
+    """Ask every process to stop (SIGTERM), then kill what is left after ``timeout``."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 class Pipeline:
     def __init__(self, env: dict[str, str] | None = None, stderr: IO[bytes] | int | None = None,
                  names: Iterable[str] = PIPELINE) -> None:
@@ -46,17 +61,7 @@ class Pipeline:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM every stage, then SIGKILL what is left after ``timeout``."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        deadline = time.monotonic() + timeout
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_all(self.procs.values(), timeout)
 
     def __enter__(self) -> "Pipeline":
         return self.start()
