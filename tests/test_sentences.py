@@ -33,8 +33,10 @@ def words(text: str) -> str:
     ("彼は「明日は晴れるよ。」と言いました。そうですか。とにかく行こう！",
      ["彼は「明日は晴れるよ。」と言いました。", "そうですか。", "とにかく行こう！"]),
     ("「本当？」って聞いたの。うん。", ["「本当？」って聞いたの。", "うん。"]),
-    # a run of end marks is one end; symbol-only pieces are not spoken
-    ("えっ！？……そうなの。！", ["えっ！？……", "そうなの。！"]),
+    # 。！？ with nothing open end the sentence at once; the marks after it are not spoken
+    ("えっ！？……そうなの。！", ["えっ！", "そうなの。"]),
+    # inside a bracket a run of end marks is one end, and the closer stays with it
+    ("「えっ！？……」そうなの。", ["「えっ！？……」", "そうなの。"]),
     # numbers, domains, abbreviations, initials and e-mail addresses are never cut
     ("It costs 1,000 yen. Mr. Smith uses Node.js at example.com. Write to a.b@example.com. J. K. Rowling wrote it.",
      ["It costs 1,000 yen.", "Mr. Smith uses Node.js at example.com.", "Write to a.b@example.com.",
@@ -136,13 +138,26 @@ def test_url_text_never_reaches_speech() -> None:
 
 def test_a_pause_releases_a_finished_sentence_but_not_an_unfinished_one():
     cutter = SentenceCutter()
-    assert cutter.feed("はい、わかりました。") == []      # waits for the character after 。
-    assert cutter.ripe() == ["はい、わかりました。"]
+    assert cutter.feed("はい、わかりました。") == ["はい、わかりました。"]  # 。 with nothing open: at once
+    assert cutter.feed("Version 3.") == []                # may be 3.14: waits for the next character
+    assert cutter.ripe() == ["Version 3."]
     assert cutter.feed("次は") == [] and cutter.ripe() == [] and cutter.has_pending()
     assert cutter.feed("ですね。それで") == ["次はですね。"]
     assert cutter.feed(" it is done.") == [] and cutter.ripe() == ["それで it is done."]
     assert not cutter.has_pending()
     assert cutter.feed("「それは」") == [] and cutter.ripe() == ["「それは」"]
+
+
+@pytest.mark.parametrize("text, released", [
+    ("こんにちは。", ["こんにちは。"]), ("元気ですか？", ["元気ですか？"]), ("すごい！", ["すごい！"]),
+    ("Really?", ["Really?"]), ("Great!", ["Great!"]),
+    ("「晴れるよ。", []),            # the bracket is open: 」と may follow
+    ("彼は「晴れるよ。」", []),       # と or って may follow the closer
+    ("It costs 3.", []),             # 3.14
+    ('He said "yes!', []),           # the quote is open
+])
+def test_a_certain_end_is_released_without_waiting_for_the_next_token(text: str, released: list[str]):
+    assert SentenceCutter().feed(text) == released
 
 
 @pytest.mark.parametrize("text", [

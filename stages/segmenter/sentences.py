@@ -11,10 +11,14 @@ same for any split of the answer into tokens (the property tests check exactly t
    they are.
 2. :class:`SentenceCutter` cuts the filtered text:
 
-   - End marks ``。．｡！？!?…‥`` and newline; a run of them is one end (``？！``, ``……``), and
-     closing marks right after stay with the sentence (``」』）】〕〉》”’"')]``).
-   - The cut waits for the next character, and does not happen when that is the quoting particle
-     ``と``/``って`` after a closing mark (``「晴れるよ。」と言った。`` is one sentence).
+   - ``。｡！？!?`` with no bracket or quote open end the sentence at once (:data:`CERTAIN_ENDS`):
+     nothing that follows can change that cut, so it does not wait for the next token (a mark or
+     closing bracket that follows is not spoken and is dropped with the next segment's start).
+   - Other end marks (``．…‥``, and any inside an open bracket or quote), with newline: a run of
+     them is one end (``……``), closing marks right after stay with the sentence
+     (``」』）】〕〉》”’"')]``); the cut waits for the next character, and does not happen when that
+     is the quoting particle ``と``/``って`` after a closing mark (``「晴れるよ。」と言った。`` is
+     one sentence).
    - ASCII ``.`` ends a sentence only before whitespace, a non-ASCII character or the end, and
      not after a known abbreviation (``Mr.``) or an initial; so ``3.14``, ``Node.js``,
      ``example.com`` and e-mail addresses are never cut.
@@ -43,6 +47,10 @@ SOFT_MARKS = frozenset("、，,")
 #: never spoken at the start of a segment: dropped there (``はい！、それで`` -> ``はい！`` + ``それで``)
 LEADING_JUNK = SOFT_MARKS | frozenset("。｡！？!?…‥:;：；・」』）】〕〉》”’)]")
 QUOTING_PARTICLES = ("と", "って")
+#: end marks after which, with no bracket or quote open, the sentence is over whatever comes
+#: next: cut at once instead of waiting for the next token (``.`` still waits: ``3.14``)
+CERTAIN_ENDS = frozenset("。｡！？!?")
+_PAIRS = ("「」", "『』", "（）", "【】", "〔〕", "〈〉", "《》", "“”", "()", "[]")
 ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "no", "fig", "approx",
                            "inc", "ltd", "co", "e.g", "i.e", "cf", "p.s", "a.m", "p.m"})
 
@@ -51,9 +59,12 @@ _URL = re.compile(r"(?:https?|ftp)://[\x21-\x7e]*[\w/#=~-]|www\.[\w-]+(?:\.[\w-]
 _LINE_MARKER = re.compile(r"^[ \t]*(?:#{1,6}[ \t]*|>[ \t]*|[-*+][ \t]+|(\d{1,3})[.)][ \t]+)")
 # what a line may start with while it is still unknown whether it is a markdown marker
 _LINE_UNDECIDED = re.compile(r"[ \t]*(?:#{1,6}|>|[-*+]|\d{1,3}[.)]?)?[ \t]*")
-_INLINE = re.compile(r"\*+|`+|~~+|__+|!\[|[\[\]•]")
+# (no "!["): a "!" is never part of a marker, so "Great!" can be released before "[" might come
+_INLINE = re.compile(r"\*+|`+|~~+|__+|[\[\]•]")
 _EMPTY_PARENS = re.compile(r"\(\)")
 _HELD_RUN = re.compile(r"[\x21-\x7e]+\Z")
+# a held run that is a plain word ending in ? or ! can be no marker, URL or number: released
+_PLAIN_END = re.compile(r"[A-Za-z0-9'-]*[?!]+")
 
 
 def _is_emoji(ch: str) -> bool:
@@ -117,7 +128,7 @@ class SpeechFilter:
     def _safe_end(self, tail: str) -> int:
         end = len(tail)
         held = _HELD_RUN.search(tail)
-        if held:  # may be the start of a marker, URL or number
+        if held and not _PLAIN_END.fullmatch(held.group()):  # may be the start of a marker, URL or number
             end = held.start()
         # What would be released of the last line may still turn out to be a marker (or its
         # leading blanks): hold the line, from its newline, until its start is decided.
@@ -194,6 +205,8 @@ class SentenceCutter:
             if ch == "\n":
                 return i
             if ch in END_MARKS or ch == ".":
+                if ch in CERTAIN_ENDS and not _open_quote(text[:i]):
+                    return i + 1
                 if ch in ".．" and not _period_may_end(text, i):
                     continue
                 end = i + 1
@@ -223,6 +236,11 @@ class SentenceCutter:
                         continue
                 return i + 1
         return len(text) if final and text else None
+
+
+def _open_quote(text: str) -> bool:
+    """Whether a bracket or quote opened in ``text`` is still open (a closing mark may follow)."""
+    return text.count('"') % 2 == 1 or any(text.count(a) > text.count(b) for a, b in _PAIRS)
 
 
 def _period_may_end(text: str, i: int) -> bool:
