@@ -4,9 +4,11 @@
   (XPUB). Subscriptions flow back from XPUB to XSUB, so filtering happens at the publisher.
 - Work queues ``tokens``, ``segments``, ``commands``: the producer PUSHes to ``<q>_in``
   (PULL here), the consumer PULLs from ``<q>_out`` (PUSH here). An item is read from
-  ``<q>_in`` only when ``<q>_out`` can take it, so while a consumer is down items wait
-  queued instead of being dropped, and the producer feels the back-pressure. Each forwarded
-  item is also published on the bus (observers see the whole pipeline from one socket).
+  ``<q>_in`` only when ``<q>_out`` can take it (libzmq's proxy polls the backend for room
+  first), so while a consumer is down items wait queued instead of being dropped, and the
+  producer feels the back-pressure. Each forwarded item is also published on the bus (the
+  proxy's capture socket, a PUB into ``events_in``: observers see the whole pipeline from one
+  socket; a copy is dropped, never waited for, if nobody can take it).
 - Once a second the broker publishes its own ``heartbeat.broker``.
 - Every endpoint is a CURVE server, and a ZAP authenticator admits only the client keys of
   the session's key folder (``[bus] curve_dir``, or the session's own: :mod:`broker.curve`).
@@ -16,14 +18,16 @@
   :data:`broker.wire.MAX_FRAME_BYTES` is disconnected by ZeroMQ (``ZMQ_MAXMSGSIZE``), so a
   rogue's huge frame reaches no stage.
 
-One thread, one poll loop: at our rates (tens of messages a second) this costs tens of
-microseconds a hop and keeps ordering obvious.
+Forwarding is libzmq's own: one ``zmq.proxy_steerable`` per flow (the bus, each queue), each
+on its own thread, in C with the GIL released; no Python runs per message. The main thread
+only beats the heartbeat and waits for the stop request, then sends each proxy ``TERMINATE``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 import zmq
@@ -31,7 +35,7 @@ import zmq
 from broker import wire
 from broker import config as config_mod
 from broker import curve, sessions
-from broker.runtime import install_signal_handlers, setup_logging, stop_requested, watch_owner
+from broker.runtime import connect, install_signal_handlers, setup_logging, stop_requested, watch_owner
 
 QUEUES = ("tokens", "segments", "commands")
 log = logging.getLogger("mmdagent_llm")
@@ -40,7 +44,6 @@ log = logging.getLogger("mmdagent_llm")
 def run(cfg: config_mod.Config) -> int:
     setup_logging("broker")
     ctx = zmq.Context.instance()
-    sockets: list[zmq.Socket] = []
     try:  # every socket a CURVE server, only the session's client keys admitted
         secure = curve.server_options(cfg)
         auth = curve.start_authenticator(ctx, cfg)  # before any bind: no window without checks
@@ -58,7 +61,6 @@ def run(cfg: config_mod.Config) -> int:
         except zmq.ZMQError as exc:
             why = sessions.conflict(cfg, "the broker", held=[addr]) or f"cannot bind {name} at {addr}: {exc}"
             raise SystemExit(f"mmdagent-llm broker: {why}")
-        sockets.append(sock)
         return sock
 
     xsub = bind(zmq.XSUB, "events_in")
@@ -67,57 +69,57 @@ def run(cfg: config_mod.Config) -> int:
     pushes = {q: bind(zmq.PUSH, f"{q}_out") for q in QUEUES}
     for q in QUEUES:
         pushes[q].sndhwm = 10000
-    pending: dict[str, list[bytes] | None] = {q: None for q in QUEUES}
+    flows = [("bus", xsub, xpub, None)] + [(q, pulls[q], pushes[q], connect(cfg, zmq.PUB, "events_in", ctx=ctx))
+                                           for q in QUEUES]
+    controls = []
+    threads = []
+    for name, front, back, capture in flows:
+        control = ctx.socket(zmq.PAIR)
+        control.bind(f"inproc://broker-{name}-{id(control)}")
+        peer = ctx.socket(zmq.PAIR)
+        peer.connect(control.last_endpoint.decode())
+        controls.append(control)
+        thread = threading.Thread(target=_proxy, args=(name, front, back, capture, peer), name=f"proxy-{name}",
+                                  daemon=True)
+        threads.append(thread)
+    beat = connect(cfg, zmq.PUB, "events_in", ctx=ctx)
     sender = wire.Sender("broker", cfg["bus"]["session"])
     install_signal_handlers()
     watch_owner()
+    for thread in threads:
+        thread.start()
     sessions.record_broker(cfg)
     log.info("session %r listening: %s", cfg["bus"]["session"],
              ", ".join(config_mod.endpoint(cfg, n) for n in config_mod.ENDPOINTS))
-
-    next_beat = 0.0
     try:
+        next_beat = 0.0
         while not stop_requested():
-            poller = zmq.Poller()
-            poller.register(xsub, zmq.POLLIN)
-            poller.register(xpub, zmq.POLLIN)
-            for q in QUEUES:
-                if pending[q] is None:
-                    poller.register(pulls[q], zmq.POLLIN)
-                else:
-                    poller.register(pushes[q], zmq.POLLOUT)
             now = time.monotonic()
             if now >= next_beat:
-                beat = sender.make("heartbeat", {"stage": "broker", "pid": os.getpid(), "ready": True, "info": {}})
-                xpub.send_multipart(wire.encode(beat), zmq.NOBLOCK)
+                env = sender.make("heartbeat", {"stage": "broker", "pid": os.getpid(), "ready": True, "info": {}})
+                beat.send_multipart(wire.encode(env), zmq.NOBLOCK)
                 next_beat = now + 1.0
-            events = dict(poller.poll(timeout=max(1, int((next_beat - now) * 1000))))
-            if xsub in events:
-                xpub.send_multipart(xsub.recv_multipart(), zmq.NOBLOCK)
-            if xpub in events:
-                xsub.send_multipart(xpub.recv_multipart())  # a (un)subscription
-            for q in QUEUES:
-                if pulls[q] in events:
-                    pending[q] = pulls[q].recv_multipart()
-                if pending[q] is not None:
-                    _forward(q, pending, pushes[q], xpub)
+            time.sleep(min(0.1, max(0.0, next_beat - now)))
     finally:
-        for sock in sockets:
+        for control in controls:
+            control.send(b"TERMINATE")
+        for thread in threads:
+            thread.join(2)
+        for sock in [*controls, beat]:
             sock.close(linger=0)
         auth.stop()
     log.info("stopped")
     return 0
 
 
-def _forward(q: str, pending: dict[str, list[bytes] | None], push: zmq.Socket, xpub: zmq.Socket) -> None:
-    frames = pending[q]
-    assert frames is not None
+def _proxy(name: str, front: zmq.Socket, back: zmq.Socket, capture: zmq.Socket | None, control: zmq.Socket) -> None:
+    """One flow, forwarded by libzmq until ``TERMINATE``; its sockets are closed on this thread."""
     try:
-        push.send_multipart(frames, zmq.NOBLOCK)
-    except zmq.Again:
-        return  # no consumer connected, or it is full: keep the item, stop reading this queue
-    pending[q] = None
-    try:
-        xpub.send_multipart(frames, zmq.NOBLOCK)
-    except zmq.Again:
-        pass  # the bus copy is for observers; XPUB drops at its high-water mark by design
+        zmq.proxy_steerable(front, back, capture, control)
+    except zmq.ZMQError as exc:
+        if exc.errno != zmq.ETERM:
+            log.error("the %s proxy stopped: %s", name, exc)
+    finally:
+        for sock in (front, back, capture, control):
+            if sock is not None:
+                sock.close(linger=0)

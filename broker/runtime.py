@@ -244,6 +244,10 @@ class Stage:
         watch_owner()
         log.info("started, pid %d, broker at %s", os.getpid(), config_mod.endpoint(self.cfg, "events_in"))
         next_beat = time.monotonic()
+        poller = zmq.Poller()  # one for the whole loop: no allocation per message
+        for sock in (self.sub, self.pull, *self.extra):
+            if sock is not None:
+                poller.register(sock, zmq.POLLIN)
         try:
             while not stop_requested():
                 now = time.monotonic()
@@ -253,12 +257,6 @@ class Stage:
                     next_beat = now + (1.0 if self.ready else 0.1)
                 deadline = min(d for d in (next_beat, self.next_deadline(), self.liveness.next_deadline())
                                if d is not None)
-                poller = zmq.Poller()
-                poller.register(self.sub, zmq.POLLIN)
-                if self.pull is not None:
-                    poller.register(self.pull, zmq.POLLIN)
-                for sock in self.extra:
-                    poller.register(sock, zmq.POLLIN)
                 events = dict(poller.poll(timeout=max(0, int((deadline - now) * 1000)) + 1))
                 for sock, callback in list(self.extra.items()):
                     if sock in events:
