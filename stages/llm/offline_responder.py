@@ -107,6 +107,7 @@ class ConnectionRecord:
     closed: float | None = None       # the response ended: complete, cut, failed or abandoned
     closed_by_client: bool = False    # the client hung up before the response was complete
     outcome: str = ""                 # done, status, error_event, cut, client_closed, stopped, error: ...
+    sent: list[tuple[float, str]] = field(default_factory=list)  # (when written, text) of each token
 
 
 class _ClientGone(Exception):
@@ -257,6 +258,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(_framed(b": keep-alive\n\n"))
             elif isinstance(step, Token):
                 self._event(chunk({"content": step.text}, None, usage))
+                self.record.sent.append((time.monotonic(), step.text))
                 count += 1
             else:  # an ErrorEvent, or a Status too late for the headers: the error ends the answer
                 message = step.message if isinstance(step, ErrorEvent) else "script error: Status after output"

@@ -1,0 +1,262 @@
+"""Every performance figure in one table: ``python -m tests.bench [--turns 20] [--rounds 3]``.
+
+The LLM is the local streaming server (the real openai client on both sides), answering each
+turn with three sentences in tokens of 1-3 characters, 30 ms apart. The same token streams go,
+in the same run and alternating round by round, to:
+
+- the pipeline (real stage processes, the fake MMDAgent-EX running ``mmdagent-llm bridge``);
+- the single-process baseline, :mod:`tests.seed_baseline` (the official streaming sample).
+
+Figures, each as the median of the rounds' medians with the spread of those medians:
+
+- **over the limit**: from the moment the server sent the character that completes the first
+  sentence to that sentence's ``SYNTH_START`` read from the plugin's stdout (p50, p99);
+- **hops** (pipeline only): the arrival in ``llm`` of the token that completed the first
+  sentence to its ``SYNTH_START`` flushed on the bridge's stdout (p50, p99);
+- **between sentences**: ``SYNTH_EVENT_STOP`` written to the plugin's stdin to the next
+  ``SYNTH_START`` read from its stdout (p50, p99);
+- **first SYNTH_START** after ``RECOG_EVENT_STOP`` (p50), and turns lost;
+- **footprint** (resident memory of every process of the side) and **idle CPU** (over 10 s with
+  nothing said, % of one core);
+- **start-up**: the one-line plugin from a cold start (no pipeline running) to a bridge that
+  reports the whole pipeline reachable.
+
+Reported, never asserted (the CI suite has no timing assertions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from broker import config as config_mod
+from stages.commands.avatar_sim import SimulatedMMDAgent
+from stages.commands.launcher import wait_ready
+from stages.llm.offline_responder import ChatCompletionServer, Token
+from tests.e2e import bridge_sees_pipeline, launched
+from tests.harness import pipeline_env, write_config
+
+GAP = 0.03
+ANSWERS = ["はい、今日はとても良い天気ですね。散歩に行きたくなります。何か予定はありますか？",
+           "それは面白い質問ですね！少し考えてみます。たぶん答えは三つあります。",
+           "こんにちは。元気にしていましたか？私はずっとここで待っていました。"]
+# speech slow enough that the whole answer has streamed before the first sentence ends: "between
+# sentences" is then the handoff alone, never a wait for the LLM
+AVATAR = {"seconds_per_char": 0.05, "min_speech": 0.3}
+
+
+class Streams:
+    """The server's reply: each turn's answer in 1-3 character tokens, ``GAP`` apart."""
+
+    def __init__(self) -> None:
+        self.turn = 0
+        self.answers: list[str] = []
+
+    def __call__(self, body: dict) -> list[Token]:
+        if body.get("max_tokens") == 1:  # the start-up check
+            return [Token("OK", 0.0)]
+        answer = ANSWERS[self.turn % len(ANSWERS)]
+        rng = random.Random(self.turn)
+        self.turn += 1
+        self.answers.append(answer)
+        out, i = [], 0
+        while i < len(answer):
+            n = rng.randint(1, 3)
+            out.append(Token(answer[i:i + n], GAP))
+            i += n
+        return out
+
+
+def completing_time(record, sentence: str, answer: str) -> float:
+    """When the server sent the character that completes ``sentence`` (its first appearance)."""
+    end = answer.index(sentence) + len(sentence)
+    sent = 0
+    for at, text in record.sent:
+        sent += len(text)
+        if sent >= end:
+            return at
+    raise ValueError("the sentence was never completed")
+
+
+def talk_turns(avatar: SimulatedMMDAgent, server: ChatCompletionServer, streams: Streams, turns: int) -> dict:
+    out: dict[str, list[float]] = {"over": [], "between": [], "first": [], "lost": []}
+    for i in range(turns):
+        got, inbox = len(avatar.received), len(avatar.inbox)
+        conns = len(server.connections)
+        avatar.send("RECOG_EVENT_START")
+        avatar.send(f"RECOG_EVENT_STOP|質問です {i}")
+        answer = ANSWERS[streams.turn % len(ANSWERS)]
+
+        def done() -> bool:  # the answer was streamed whole, and every sentence spoken to its end
+            record = next((c for c in server.connections[conns:] if c.sent), None)
+            starts = sum(1 for r in avatar.received[got:] if r.line.startswith("SYNTH_START|"))
+            stops = sum(1 for r in avatar.inbox[inbox:] if r.line.startswith("SYNTH_EVENT_STOP"))
+            return record is not None and record.closed is not None and starts and stops >= starts
+
+        deadline = time.monotonic() + 20
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # a last sentence may still be on its way
+        if not done():
+            out["lost"].append(1.0)
+            continue
+        starts = [r for r in avatar.received[got:] if r.line.startswith("SYNTH_START|")]
+        stops = [r for r in avatar.inbox[inbox:] if r.line.startswith("SYNTH_EVENT_STOP")]
+        recog = next(r.t for r in avatar.inbox[inbox:] if r.line.startswith("RECOG_EVENT_STOP|"))
+        record = next(c for c in server.connections[conns:] if c.sent)
+        first = starts[0].line.split("|", 3)[3]
+        out["over"].append(starts[0].t - completing_time(record, first, answer))
+        out["first"].append(starts[0].t - recog)
+        out["between"] += [nxt.t - stop.t for stop, nxt in zip(stops, starts[1:])]
+    return out
+
+
+def rss_and_cpu(pids: list[int], idle: float) -> tuple[float, float]:
+    """Resident MB of ``pids``, and their CPU over ``idle`` seconds as % of one core."""
+    def cpu() -> float:
+        total = 0
+        for pid in pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
+    rss = sum(int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                       if line.startswith("VmRSS:"))) for pid in pids) / 1024
+    before = cpu()
+    time.sleep(idle)
+    return rss, (cpu() - before) / idle * 100
+
+
+def descendants(pid: int) -> list[int]:
+    out = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out += descendants(int(entry.name))
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+def pipeline_round(turns: int, idle: float) -> dict:
+    streams = Streams()
+    server = ChatCompletionServer(streams).start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="mmdagent-llm-bench-") as tmp:
+            with launched(Path(tmp), server=server, avatar_kwargs=AVATAR) as world:
+                since = len(world.bus.envelopes)
+                out = talk_turns(world.avatar, server, streams, turns)
+                hops = [e.ts - e.origin for e in world.bus.envelopes[since:] if e.kind == "written"
+                        and e.body.get("type") == "SYNTH_START" and e.body.get("args", [""])[-1] in
+                        {s.line.split("|", 3)[3] for s in world.avatar.received if s.line.startswith("SYNTH_START|")}]
+                firsts = {}
+                for e in world.bus.envelopes[since:]:
+                    if e.kind == "written" and e.body.get("type") == "SYNTH_START":
+                        firsts.setdefault(e.turn, e.ts - e.origin)
+                out["hops"] = list(firsts.values()) or hops
+                pids = [p.pid for p in world.pipeline.procs.values()] + [world.avatar.pid]
+                out["rss"], out["idle_cpu"] = rss_and_cpu(pids, idle)
+    finally:
+        server.stop()
+    return out
+
+
+def baseline_round(turns: int, idle: float) -> dict:
+    streams = Streams()
+    server = ChatCompletionServer(streams).start()
+    env = dict(os.environ, OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY="none",
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            avatar = SimulatedMMDAgent(f"{sys.executable} -u -m tests.seed_baseline", mdf_dir=tmp, env=env,
+                                       stderr=open(os.devnull, "wb"), **AVATAR).start()
+            try:
+                out = talk_turns(avatar, server, streams, turns)
+                out["rss"], out["idle_cpu"] = rss_and_cpu(descendants(avatar.pid), idle)
+            finally:
+                avatar.kill()
+    finally:
+        server.stop()
+    return out
+
+
+def startup(rounds: int) -> list[float]:
+    """The plugin from a cold start to a bridge that sees the whole pipeline."""
+    times = []
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory(prefix="mmdagent-llm-cold-") as tmp:
+            folder = Path(tmp)
+            cfg_path = write_config(folder, llm={"history_file": "none"}, bus={"session": f"cold-{os.getpid()}-{len(times)}"})
+            cfg = config_mod.load(cfg_path)
+            env = {k: v for k, v in pipeline_env(cfg_path, None).items() if k != "MMDAGENT_LLM_CONFIG"}
+            began = time.monotonic()
+            avatar = SimulatedMMDAgent("mmdagent-llm plugin", mdf_dir=folder, env=env,
+                                       stderr=open(os.devnull, "wb")).start()
+            try:
+                wait_ready(cfg, ["bridge"], 30)
+                bridge_sees_pipeline(cfg, 30)
+                times.append(time.monotonic() - began)
+            finally:
+                avatar.kill()
+                time.sleep(3)  # its pipeline goes with it
+    return times
+
+
+def pct(values: list[float], q: float) -> float:
+    ms = sorted(values)
+    return ms[min(len(ms) - 1, round(q * (len(ms) - 1)))] if ms else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--turns", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--idle", type=float, default=10.0)
+    args = parser.parse_args()
+    sides = {"pipeline": [], "baseline": []}
+    for r in range(args.rounds):
+        sides["pipeline"].append(pipeline_round(args.turns, args.idle))
+        sides["baseline"].append(baseline_round(args.turns, args.idle))
+        print(f"round {r + 1} done", file=sys.stderr, flush=True)
+    cold = startup(args.rounds)
+
+    def fig(side: str, key: str, q: float, scale: float = 1000) -> tuple[float, float, float]:
+        per = [pct(run[key], q) * scale for run in sides[side] if run.get(key)]
+        return (statistics.median(per), min(per), max(per)) if per else (float("nan"),) * 3
+
+    def one(side: str, key: str) -> tuple[float, float, float]:
+        per = [run[key] for run in sides[side]]
+        return statistics.median(per), min(per), max(per)
+
+    rows = [("over the limit p50 (ms)", "over", 0.5, 1000), ("over the limit p99 (ms)", "over", 0.99, 1000),
+            ("hops p50 (ms)", "hops", 0.5, 1000), ("hops p99 (ms)", "hops", 0.99, 1000),
+            ("between sentences p50 (ms)", "between", 0.5, 1000), ("between sentences p99 (ms)", "between", 0.99, 1000),
+            ("first SYNTH_START p50 (ms)", "first", 0.5, 1000)]
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    print(f"\nmachine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
+          f"Python {platform.python_version()}; {args.rounds} rounds x {args.turns} turns per side, tokens of 1-3 "
+          f"characters {GAP * 1000:.0f} ms apart")
+    print(f"{'figure':<30} {'pipeline (spread)':>26} {'baseline (spread)':>26} {'ratio':>7}")
+    for name, key, q, scale in rows:
+        p, b = fig("pipeline", key, q, scale), fig("baseline", key, q, scale)
+        ratio = p[0] / b[0] if b[0] == b[0] and b[0] else float("nan")
+        print(f"{name:<30} {p[0]:>9.2f} ({p[1]:.2f}-{p[2]:.2f}) {b[0]:>9.2f} ({b[1]:.2f}-{b[2]:.2f}) {ratio:>7.2f}")
+    for name, key in (("resident memory (MB)", "rss"), ("idle CPU (% of a core)", "idle_cpu")):
+        p, b = one("pipeline", key), one("baseline", key)
+        ratio = p[0] / b[0] if b[0] else float("nan")
+        print(f"{name:<30} {p[0]:>9.2f} ({p[1]:.2f}-{p[2]:.2f}) {b[0]:>9.2f} ({b[1]:.2f}-{b[2]:.2f}) {ratio:>7.2f}")
+    lost = {s: sum(len(run["lost"]) for run in sides[s]) for s in sides}
+    print(f"{'turns lost':<30} {lost['pipeline']:>9} {'':>16} {lost['baseline']:>9}")
+    print(f"{'plugin cold start (s)':<30} {statistics.median(cold):>9.2f} ({min(cold):.2f}-{max(cold):.2f})")
+
+
+if __name__ == "__main__":
+    main()
