@@ -100,11 +100,16 @@ def talk_turns(avatar: SimulatedMMDAgent, server: ChatCompletionServer, streams:
             stops = sum(1 for r in avatar.inbox[inbox:] if r.line.startswith("SYNTH_EVENT_STOP"))
             return record is not None and record.closed is not None and starts and stops >= starts
 
-        deadline = time.monotonic() + 20
-        while not done() and time.monotonic() < deadline:
+        deadline, calm = time.monotonic() + 20, None
+        while time.monotonic() < deadline:  # done, and still done 0.5 s later: no sentence was pending
+            if not done():
+                calm = None
+            elif calm is None:
+                calm = time.monotonic()
+            elif time.monotonic() - calm >= 0.5:
+                break
             time.sleep(0.02)
-        time.sleep(0.3)  # a last sentence may still be on its way
-        if not done():
+        else:
             out["lost"].append(1.0)
             continue
         starts = [r for r in avatar.received[got:] if r.line.startswith("SYNTH_START|")]
@@ -115,6 +120,36 @@ def talk_turns(avatar: SimulatedMMDAgent, server: ChatCompletionServer, streams:
         out["over"].append(starts[0].t - completing_time(record, first, answer))
         out["first"].append(starts[0].t - recog)
         out["between"] += [nxt.t - stop.t for stop, nxt in zip(stops, starts[1:])]
+    return out
+
+
+HOPS = (("llm: token in -> pushed", "p_llm"), ("-> segmenter cut the segment", "p_seg"),
+        ("-> sequencer sent the command", "p_seq"), ("-> bridge wrote SYNTH_START", "p_bridge"))
+
+
+def hop_profile(envs: list) -> dict[str, list[float]]:
+    """Where the hops' time goes, from each envelope's ``ts`` (when its stage made it), for the
+    first sentence of each turn: the token that completed it, the segment, the command, the line."""
+    out: dict[str, list[float]] = {key: [] for _, key in HOPS}
+    by_turn: dict[int, dict] = {}
+    for e in envs:
+        first = by_turn.setdefault(e.turn, {})
+        if e.kind == "segment" and e.body.get("index") == 0:
+            first.setdefault("segment", e)
+        elif e.kind == "command" and e.body.get("type") == "SYNTH_START":
+            first.setdefault("command", e)
+        elif e.kind == "written" and e.body.get("type") == "SYNTH_START":
+            first.setdefault("written", e)
+        elif e.kind == "token":
+            first.setdefault("tokens", {})[e.origin] = e
+    for first in by_turn.values():
+        seg, cmd, line = first.get("segment"), first.get("command"), first.get("written")
+        token = first.get("tokens", {}).get(seg.origin) if seg else None
+        if not (seg and cmd and line and token):
+            continue
+        for key, value in (("p_llm", token.ts - token.origin), ("p_seg", seg.ts - token.ts),
+                           ("p_seq", cmd.ts - seg.ts), ("p_bridge", line.ts - cmd.ts)):
+            out[key].append(value)
     return out
 
 
@@ -161,6 +196,7 @@ def pipeline_round(turns: int, idle: float) -> dict:
                     if e.kind == "written" and e.body.get("type") == "SYNTH_START":
                         firsts.setdefault(e.turn, e.ts - e.origin)
                 out["hops"] = list(firsts.values()) or hops
+                out.update(hop_profile(world.bus.envelopes[since:]))
                 pids = [p.pid for p in world.pipeline.procs.values()] + [world.avatar.pid]
                 out["rss"], out["idle_cpu"] = rss_and_cpu(pids, idle)
     finally:
@@ -253,6 +289,10 @@ def main() -> None:
         p, b = one("pipeline", key), one("baseline", key)
         ratio = p[0] / b[0] if b[0] else float("nan")
         print(f"{name:<30} {p[0]:>9.2f} ({p[1]:.2f}-{p[2]:.2f}) {b[0]:>9.2f} ({b[1]:.2f}-{b[2]:.2f}) {ratio:>7.2f}")
+    print("where the pipeline's hops go (first sentence of each turn, p50 / p99 ms):")
+    for name, key in HOPS:
+        p50, p99 = fig("pipeline", key, 0.5), fig("pipeline", key, 0.99)
+        print(f"  {name:<34} {p50[0]:>7.3f} / {p99[0]:.3f}")
     lost = {s: sum(len(run["lost"]) for run in sides[s]) for s in sides}
     print(f"{'turns lost':<30} {lost['pipeline']:>9} {'':>16} {lost['baseline']:>9}")
     print(f"{'plugin cold start (s)':<30} {statistics.median(cold):>9.2f} ({min(cold):.2f}-{max(cold):.2f})")
