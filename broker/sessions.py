@@ -176,8 +176,14 @@ def present(cfg: config_mod.Config, wait: float) -> dict[str, dict[str, Any]]:
     """Who is on the session's bus: the last heartbeat body of each process name heard.
 
     Returns as soon as the broker and a bridge were heard, else after ``wait`` seconds (every
-    process beats once a second). Empty when the session is not running.
+    process beats once a second). Empty when the session is not running; at once when its bus
+    is on this machine (loopback tcp, ipc) and nothing listens where its broker would: a cold
+    start does not wait for heartbeats that cannot come.
     """
+    bus = cfg["bus"]
+    local = bus["transport"] == "ipc" or config_mod.is_loopback(bus["host"])
+    if local and _can_bind(config_mod.endpoint(cfg, "events_out")):
+        return {}
     heard: dict[str, dict[str, Any]] = {}
     sub = connect(cfg, zmq.SUB, "events_out", ("heartbeat.",))
     deadline = time.monotonic() + wait

@@ -223,13 +223,14 @@ def baseline_round(turns: int, idle: float) -> dict:
     return out
 
 
-def startup(rounds: int) -> list[float]:
-    """The plugin from a cold start to a bridge that sees the whole pipeline."""
+def startup(rounds: int, pipeline: str = "auto") -> list[float]:
+    """The plugin from a cold start to a bridge that sees the whole pipeline (``[plugin] pipeline``)."""
     times = []
     for _ in range(rounds):
         with tempfile.TemporaryDirectory(prefix="mmdagent-llm-cold-") as tmp:
             folder = Path(tmp)
-            cfg_path = write_config(folder, llm={"history_file": "none"}, bus={"session": f"cold-{os.getpid()}-{len(times)}"})
+            cfg_path = write_config(folder, llm={"history_file": "none"}, plugin={"pipeline": pipeline},
+                                    bus={"session": f"cold-{os.getpid()}-{len(times)}"})
             cfg = config_mod.load(cfg_path)
             env = {k: v for k, v in pipeline_env(cfg_path, None).items() if k != "MMDAGENT_LLM_CONFIG"}
             began = time.monotonic()
@@ -262,6 +263,7 @@ def main() -> None:
         sides["baseline"].append(baseline_round(args.turns, args.idle))
         print(f"round {r + 1} done", file=sys.stderr, flush=True)
     cold = startup(args.rounds)
+    cold_builtin = startup(args.rounds, "builtin")
 
     def fig(side: str, key: str, q: float, scale: float = 1000) -> tuple[float, float, float]:
         per = [pct(run[key], q) * scale for run in sides[side] if run.get(key)]
@@ -295,7 +297,8 @@ def main() -> None:
         print(f"  {name:<34} {p50[0]:>7.3f} / {p99[0]:.3f}")
     lost = {s: sum(len(run["lost"]) for run in sides[s]) for s in sides}
     print(f"{'turns lost':<30} {lost['pipeline']:>9} {'':>16} {lost['baseline']:>9}")
-    print(f"{'plugin cold start (s)':<30} {statistics.median(cold):>9.2f} ({min(cold):.2f}-{max(cold):.2f})")
+    print(f"{'plugin cold start (s)':<30} {statistics.median(cold):>9.2f} ({min(cold):.2f}-{max(cold):.2f})"
+          f"   builtin keeper: {statistics.median(cold_builtin):.2f} ({min(cold_builtin):.2f}-{max(cold_builtin):.2f})")
 
 
 if __name__ == "__main__":
