@@ -246,6 +246,38 @@ def startup(rounds: int, pipeline: str = "auto") -> list[float]:
     return times
 
 
+def long_answer(chars: int = 20000, gap: float = 0.001) -> dict[str, float]:
+    """A ``chars``-character answer streamed at ``gap`` s per token: does the segmenter keep up?
+    Returns tokens, the stream's length, the segmenter's lag after the last token (its last
+    segment's creation minus the last token's arrival in llm) and its throughput."""
+    text = "".join(ANSWERS) * (chars // len("".join(ANSWERS)) + 1)
+    text = text[:chars]
+    rng = random.Random(7)
+    tokens, i = [], 0
+    while i < len(text):
+        n = rng.randint(1, 3)
+        tokens.append(Token(text[i:i + n], gap))
+        i += n
+    server = ChatCompletionServer(lambda body: [Token("OK", 0.0)] if body.get("max_tokens") == 1 else tokens).start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="mmdagent-llm-long-") as tmp:
+            with launched(Path(tmp), server=server, avatar_kwargs={"seconds_per_char": 0.0001, "min_speech": 0.01},
+                          segmenter={"max_bytes": 600}) as world:
+                world.avatar.send("RECOG_EVENT_START")
+                world.avatar.send("RECOG_EVENT_STOP|長く話して")
+                assert world.bus.wait_for(lambda envs: any(e.kind == "turn_end" and e.sender == "segmenter"
+                                                           for e in envs), 120), "the long answer did not end"
+                envs = list(world.bus.envelopes)
+    finally:
+        server.stop()
+    toks = [e for e in envs if e.kind == "token" and e.sender == "llm"]
+    segs = [e for e in envs if e.kind == "segment"]
+    span = segs[-1].ts - toks[0].origin
+    return {"tokens": len(toks), "stream_s": toks[-1].origin - toks[0].origin,
+            "lag_ms": (segs[-1].ts - toks[-1].origin) * 1000, "tokens_per_s": len(toks) / span,
+            "segments": len(segs)}
+
+
 def pct(values: list[float], q: float) -> float:
     ms = sorted(values)
     return ms[min(len(ms) - 1, round(q * (len(ms) - 1)))] if ms else float("nan")
@@ -264,6 +296,7 @@ def main() -> None:
         print(f"round {r + 1} done", file=sys.stderr, flush=True)
     cold = startup(args.rounds)
     cold_builtin = startup(args.rounds, "builtin")
+    long = long_answer()
 
     def fig(side: str, key: str, q: float, scale: float = 1000) -> tuple[float, float, float]:
         per = [pct(run[key], q) * scale for run in sides[side] if run.get(key)]
@@ -297,6 +330,9 @@ def main() -> None:
         print(f"  {name:<34} {p50[0]:>7.3f} / {p99[0]:.3f}")
     lost = {s: sum(len(run["lost"]) for run in sides[s]) for s in sides}
     print(f"{'turns lost':<30} {lost['pipeline']:>9} {'':>16} {lost['baseline']:>9}")
+    print(f"20,000-character answer at 1 ms per token: {long['tokens']} tokens in {long['stream_s']:.1f} s, "
+          f"{long['segments']} segments; the segmenter's last segment {long['lag_ms']:.1f} ms after the last token; "
+          f"{long['tokens_per_s']:.0f} tokens/s through llm and segmenter")
     print(f"{'plugin cold start (s)':<30} {statistics.median(cold):>9.2f} ({min(cold):.2f}-{max(cold):.2f})"
           f"   builtin keeper: {statistics.median(cold_builtin):.2f} ({min(cold_builtin):.2f}-{max(cold_builtin):.2f})")
 
