@@ -45,7 +45,6 @@ class Keeper:
         self.procs: dict[str, subprocess.Popen] = {}
         self.started: dict[str, float] = {}
         self.backoff: dict[str, float] = {name: 1.0 for name in names}
-        self.restarts: dict[str, int] = {name: 0 for name in names}
         self.stopping = threading.Event()
         self.job = _kill_on_close_job() if sys.platform == "win32" else None
         self._thread = threading.Thread(target=self._watch, name="keeper", daemon=True)
@@ -84,7 +83,6 @@ class Keeper:
                 if name in due:
                     if now >= due[name]:
                         del due[name]
-                        self.restarts[name] += 1
                         self._spawn(name)
                     continue
                 code = proc.poll()

@@ -90,6 +90,7 @@ class Subtitles(Stage):
         self.s = cfg["subtitles"]
         self.model = cfg["speech"]["model"]
         self.board = Board()
+        self.closed = False  # set on close: every page's stream ends
         self.showing: tuple[int, int] | None = None
         self.user_until: float | None = None
         page = PAGE % {k: html.escape(str(self.s[k])).replace(";", "")
@@ -125,7 +126,6 @@ class Subtitles(Stage):
         except OSError:
             pass  # the page went away
 
-    closed = False
 
     def on_event(self, env: wire.Envelope) -> None:
         if env.kind == "turn_start":
