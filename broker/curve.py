@@ -34,14 +34,16 @@ import stat
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from broker import config as config_mod
 from broker.config import safe_name, state_dir
+
+if TYPE_CHECKING:
+    from zmq.auth.thread import ThreadAuthenticator
 
 log = logging.getLogger("mmdagent_llm")
 
@@ -291,6 +293,7 @@ def start_authenticator(ctx: zmq.Context, cfg: config_mod.Config) -> ThreadAuthe
         raise config_mod.ConfigError(f"{clients}: a *.key file there is not a CURVE certificate") from None
     if not keys:
         raise config_mod.ConfigError(f"{clients}: no client public key (*.key): nobody could connect")
+    from zmq.auth.thread import ThreadAuthenticator  # imports asyncio (~8 MB): the broker's alone
     auth = ThreadAuthenticator(ctx, log=logging.getLogger("mmdagent_llm.zap"))
     auth.start()
     auth.configure_curve_callback(domain="*", credentials_provider=_KnownClients(keys, clients))

@@ -9,7 +9,9 @@
   producer feels the back-pressure. Each forwarded item is also published on the bus (the
   proxy's capture socket, a PUB into ``events_in``: observers see the whole pipeline from one
   socket; a copy is dropped, never waited for, if nobody can take it).
-- Once a second the broker publishes its own ``heartbeat.broker``.
+- Once a second the broker publishes its own ``heartbeat.broker``; ten times a second for its
+  first ``EAGER_BEATS`` seconds, so that stages starting with it (a cold start) learn it is up
+  at once, not up to a second after they subscribed.
 - Every endpoint is a CURVE server, and a ZAP authenticator admits only the client keys of
   the session's key folder (``[bus] curve_dir``, or the session's own: :mod:`broker.curve`).
 - Once every endpoint is bound it records itself in the session's ``broker.json``; if an
@@ -27,6 +29,9 @@ from __future__ import annotations
 
 import logging
 import os
+import select
+import signal
+import socket
 import threading
 import time
 
@@ -38,6 +43,7 @@ from broker import curve, sessions
 from broker.runtime import connect, install_signal_handlers, setup_logging, stop_requested, watch_owner
 
 QUEUES = ("tokens", "segments", "commands")
+EAGER_BEATS = 3.0
 log = logging.getLogger("mmdagent_llm")
 
 
@@ -85,6 +91,11 @@ def run(cfg: config_mod.Config) -> int:
     beat = connect(cfg, zmq.PUB, "events_in", ctx=ctx)
     sender = wire.Sender("broker", cfg["bus"]["session"])
     install_signal_handlers()
+    # a signal writes a byte here before its handler runs: the main thread sleeps until the
+    # next heartbeat or a stop, not in short naps (idle CPU)
+    wake, wake_w = socket.socketpair()
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno())
     watch_owner()
     for thread in threads:
         thread.start()
@@ -92,15 +103,19 @@ def run(cfg: config_mod.Config) -> int:
     log.info("session %r listening: %s", cfg["bus"]["session"],
              ", ".join(config_mod.endpoint(cfg, n) for n in config_mod.ENDPOINTS))
     try:
-        next_beat = 0.0
+        next_beat, eager_until = 0.0, time.monotonic() + EAGER_BEATS
         while not stop_requested():
             now = time.monotonic()
             if now >= next_beat:
                 env = sender.make("heartbeat", {"stage": "broker", "pid": os.getpid(), "ready": True, "info": {}})
                 beat.send_multipart(wire.encode(env), zmq.NOBLOCK)
-                next_beat = now + 1.0
-            time.sleep(min(0.1, max(0.0, next_beat - now)))
+                next_beat = now + (0.1 if now < eager_until else 1.0)
+            if select.select([wake], [], [], max(0.0, next_beat - now))[0]:
+                wake.recv(64)  # the signal's byte; its handler decides whether to stop
     finally:
+        signal.set_wakeup_fd(-1)
+        wake.close()
+        wake_w.close()
         for control in controls:
             control.send(b"TERMINATE")
         for thread in threads:

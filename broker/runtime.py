@@ -1,8 +1,9 @@
 """What every stage process shares: logging, signals, and :class:`Stage`, the socket loop.
 
 A stage connects to the broker (it never binds), so it can be restarted alone:
-- a SUB on ``events_out`` with the stage's topics, plus every ``heartbeat.``: its own tells
-  it is ready, the others feed :class:`broker.liveness.Liveness` (``on_peer``);
+- a SUB on ``events_out`` with the stage's topics, plus its own ``heartbeat.<name>``, which
+  tells it is ready, and, if it :attr:`Stage.watches_peers`, every other ``heartbeat.``, which
+  feeds :class:`broker.liveness.Liveness` (``on_peer``);
 - a PUB on ``events_in`` for bus events;
 - optionally a PULL on its input queue ``<q>_out`` and a PUSH on its output queue ``<q>_in``.
 
@@ -23,14 +24,15 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
+import struct
 import sys
 import threading
 import time
 from typing import Any, Callable
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from broker import wire
 from broker import config as config_mod
@@ -94,12 +96,14 @@ def watch_owner() -> None:
         return
 
     def watch() -> None:
-        while not _stop:
-            if not alive(owner):
-                logging.getLogger("mmdagent_llm").info("pid %d that started us is gone: stopping", owner)
-                request_stop()
-                return
-            time.sleep(0.5)
+        try:  # Linux: a pidfd turns readable when the process ends, so idle costs no wake-ups
+            select.select([os.pidfd_open(owner)], [], [])
+        except (AttributeError, OSError):  # elsewhere (or an old kernel): ask twice a second
+            while not _stop and alive(owner):
+                time.sleep(0.5)
+        if not _stop:
+            logging.getLogger("mmdagent_llm").info("pid %d that started us is gone: stopping", owner)
+            request_stop()
 
     threading.Thread(target=watch, name="owner", daemon=True).start()
 
@@ -147,6 +151,9 @@ class Stage:
     topics: tuple[str, ...] = ()       # bus topics (prefixes) to receive in on_event
     input_queue: str | None = None     # work queue to receive in on_work
     output_queue: str | None = None    # work queue that push() sends to
+    # whether on_peer/on_heartbeat matter here: a stage that ignores its peers subscribes to its
+    # own heartbeat alone, and is not woken five times a second by the others' (idle CPU)
+    watches_peers = True
 
     def __init__(self, cfg: config_mod.Config) -> None:
         self.cfg = cfg
@@ -155,7 +162,8 @@ class Stage:
         self.bad_frames: dict[str, int] = {}
         self.ctx = zmq.Context.instance()
         self.pub = connect(cfg, zmq.PUB, "events_in", ctx=self.ctx)
-        self.sub = connect(cfg, zmq.SUB, "events_out", (*self.topics, "heartbeat."), self.ctx)
+        beats = "heartbeat." if self.watches_peers else f"heartbeat.{self.name}"
+        self.sub = connect(cfg, zmq.SUB, "events_out", (*self.topics, beats), self.ctx)
         peers = tuple(n for n in (*PIPELINE, "bridge") if n != self.name)
         self.liveness = Liveness(peers, cfg["bus"]["peer_timeout"])
         self.pull = connect(cfg, zmq.PULL, f"{self.input_queue}_out", ctx=self.ctx) if self.input_queue else None
@@ -171,7 +179,9 @@ class Stage:
     def _on_handshake(self) -> None:
         """Say once, plainly, why we cannot get onto the bus (not every 100 ms retry)."""
         while self._handshake.poll(0):
-            event = recv_monitor_message(self._handshake)["event"]
+            # a monitor message's first frame: uint16 event, int32 value (zmq_socket_monitor);
+            # parsed here because zmq.utils.monitor imports asyncio, ~8 MB in every stage
+            event = struct.unpack("=hi", self._handshake.recv_multipart()[0][:6])[0]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._handshake_failed.clear()
             elif event not in self._handshake_failed:

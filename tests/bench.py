@@ -27,21 +27,29 @@ Reported, never asserted (the CI suite has no timing assertions).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
 import random
+import select
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Iterator
+
+import zmq
 
 from broker import config as config_mod
+from broker.runtime import connect
 from stages.commands.avatar_sim import SimulatedMMDAgent
-from stages.commands.launcher import wait_ready
+from stages.commands.launcher import stop_all, wait_ready
 from stages.llm.offline_responder import ChatCompletionServer, Token
 from tests.e2e import bridge_sees_pipeline, launched
-from tests.harness import pipeline_env, write_config
+from tests.harness import ROOT, pipeline_env, write_config
 
 GAP = 0.03
 ANSWERS = ["はい、今日はとても良い天気ですね。散歩に行きたくなります。何か予定はありますか？",
@@ -153,19 +161,23 @@ def hop_profile(envs: list) -> dict[str, list[float]]:
     return out
 
 
-def rss_and_cpu(pids: list[int], idle: float) -> tuple[float, float]:
-    """Resident MB of ``pids``, and their CPU over ``idle`` seconds as % of one core."""
+def rss_and_cpu(pids: list[int], idle: float) -> tuple[float, float, float]:
+    """Resident MB of ``pids`` (summed RSS, and PSS: each shared page counted once, split among
+    the processes sharing it, so the sum is what the group really holds), and their CPU over
+    ``idle`` seconds as % of one core."""
     def cpu() -> float:
         total = 0
         for pid in pids:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])
         return total / os.sysconf("SC_CLK_TCK")
-    rss = sum(int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                       if line.startswith("VmRSS:"))) for pid in pids) / 1024
+    def field(path: str, name: str) -> int:
+        return sum(int(next(line.split()[1] for line in Path(path.format(pid)).read_text().splitlines()
+                            if line.startswith(name))) for pid in pids)
+    rss, pss = field("/proc/{}/status", "VmRSS:") / 1024, field("/proc/{}/smaps_rollup", "Pss:") / 1024
     before = cpu()
     time.sleep(idle)
-    return rss, (cpu() - before) / idle * 100
+    return rss, pss, (cpu() - before) / idle * 100 if idle else 0.0
 
 
 def descendants(pid: int) -> list[int]:
@@ -180,12 +192,27 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def pipeline_round(turns: int, idle: float) -> dict:
+@contextmanager
+def bus_tap(env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """:mod:`tests.bus_tap`, an observer process subscribed to the whole bus, once it is tapping."""
+    tap = subprocess.Popen([sys.executable, "-m", "tests.bus_tap"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True)
+    try:
+        ready, _, _ = select.select([tap.stdout], [], [], 10)  # heartbeats come every second
+        assert ready and tap.stdout.readline().strip() == "ready", "the bus tap did not start"
+        yield tap
+    finally:
+        stop_all([tap])
+
+
+def pipeline_round(turns: int, idle: float, observer: bool = False) -> dict:
+    """``turns`` turns through the pipeline; ``observer``: with :func:`bus_tap` tapping the bus."""
     streams = Streams()
     server = ChatCompletionServer(streams).start()
     try:
         with tempfile.TemporaryDirectory(prefix="mmdagent-llm-bench-") as tmp:
-            with launched(Path(tmp), server=server, avatar_kwargs=AVATAR) as world:
+            with launched(Path(tmp), server=server, avatar_kwargs=AVATAR) as world, \
+                    (bus_tap(world.env) if observer else nullcontext()):
                 since = len(world.bus.envelopes)
                 out = talk_turns(world.avatar, server, streams, turns)
                 hops = [e.ts - e.origin for e in world.bus.envelopes[since:] if e.kind == "written"
@@ -198,7 +225,7 @@ def pipeline_round(turns: int, idle: float) -> dict:
                 out["hops"] = list(firsts.values()) or hops
                 out.update(hop_profile(world.bus.envelopes[since:]))
                 pids = [p.pid for p in world.pipeline.procs.values()] + [world.avatar.pid]
-                out["rss"], out["idle_cpu"] = rss_and_cpu(pids, idle)
+                out["rss"], out["pss"], out["idle_cpu"] = rss_and_cpu(pids, idle)
     finally:
         server.stop()
     return out
@@ -215,7 +242,7 @@ def baseline_round(turns: int, idle: float) -> dict:
                                        stderr=open(os.devnull, "wb"), **AVATAR).start()
             try:
                 out = talk_turns(avatar, server, streams, turns)
-                out["rss"], out["idle_cpu"] = rss_and_cpu(descendants(avatar.pid), idle)
+                out["rss"], out["pss"], out["idle_cpu"] = rss_and_cpu(descendants(avatar.pid), idle)
             finally:
                 avatar.kill()
     finally:
@@ -223,7 +250,7 @@ def baseline_round(turns: int, idle: float) -> dict:
     return out
 
 
-def startup(rounds: int, pipeline: str = "auto") -> list[float]:
+def startup(rounds: int, pipeline: str = "builtin") -> list[float]:
     """The plugin from a cold start to a bridge that sees the whole pipeline (``[plugin] pipeline``)."""
     times = []
     for _ in range(rounds):
@@ -278,6 +305,117 @@ def long_answer(chars: int = 20000, gap: float = 0.001) -> dict[str, float]:
             "segments": len(segs)}
 
 
+def conversation(turns: int, block: int = 100) -> list[dict]:
+    """One conversation of ``turns`` short turns (answers of 2 sentences, tokens 2 ms apart, the
+    llm keeping its history in memory, trimmed by ``[llm] history_turns``). Per block of
+    ``block`` turns: the first ``SYNTH_START`` after ``RECOG_EVENT_STOP`` (p50, ms), the
+    pipeline's CPU per turn (ms), its summed RSS at the block's end (MB), and how many messages
+    the llm's last request of the block carried. Flat figures: nothing grows with the turns."""
+    answer = "はい、わかりました。ほかに何かありますか？"
+    sizes: list[int] = []
+
+    def reply(body: dict) -> list[Token]:
+        if body.get("max_tokens") == 1:
+            return [Token("OK", 0.0)]
+        sizes.append(len(body.get("messages") or []))
+        return [Token(answer[i:i + 2], 0.002) for i in range(0, len(answer), 2)]
+
+    server = ChatCompletionServer(reply).start()
+    blocks: list[dict] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="mmdagent-llm-conv-") as tmp:
+            with launched(Path(tmp), server=server, avatar_kwargs={"seconds_per_char": 0.001, "min_speech": 0.01},
+                          llm={"history_file": "none"}) as world:
+                avatar = world.avatar
+                pids = [p.pid for p in world.pipeline.procs.values()] + [avatar.pid]
+
+                def cpu() -> float:
+                    return sum(sum(int(x) for x in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
+                               for pid in pids) / os.sysconf("SC_CLK_TCK")
+                firsts, cpu_at = [], cpu()
+                for i in range(turns):
+                    got, since, inbox = len(avatar.received), len(world.bus.envelopes), len(avatar.inbox)
+                    avatar.send("RECOG_EVENT_START")
+                    avatar.send(f"RECOG_EVENT_STOP|質問 {i}")
+                    first = avatar.wait_line("SYNTH_START|", 10, after=got)
+                    assert first is not None, f"turn {i} was not answered"
+                    asked = next(r.t for r in avatar.inbox[inbox:] if r.line.startswith("RECOG_EVENT_STOP|"))
+                    firsts.append(first.t - asked)
+                    assert world.bus.wait_for(lambda envs: any(e.kind == "spoken" for e in envs[since:]), 10), \
+                        f"turn {i} did not end"
+                    if (i + 1) % block == 0:
+                        rss, _, _ = rss_and_cpu(pids, 0)
+                        now = cpu()
+                        blocks.append({"turns": i + 1, "first_ms": statistics.median(firsts) * 1000,
+                                       "cpu_ms": (now - cpu_at) / block * 1000, "rss": rss, "messages": sizes[-1]})
+                        firsts, cpu_at = [], now
+    finally:
+        server.stop()
+    return blocks
+
+
+def _echo(cfg_path: str) -> None:
+    """The far end of :func:`transport_floor`: whatever comes from ``tokens`` goes back on ``segments``."""
+    cfg = config_mod.load(cfg_path)
+    pull, push = connect(cfg, zmq.PULL, "tokens_out"), connect(cfg, zmq.PUSH, "segments_in")
+    while (frames := pull.recv_multipart())[-1] != b"stop":
+        push.send_multipart(frames)
+
+
+def _direct_echo(into: str, back: str) -> None:
+    ctx = zmq.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    pull.bind(into)
+    push.connect(back)
+    while (frames := pull.recv_multipart())[-1] != b"stop":
+        push.send_multipart(frames)
+
+
+def transport_floor(samples: int = 1000) -> dict[str, list[float]]:
+    """What moving one message costs on this machine with no stage logic at all: ping-pong of a
+    300-byte message between two Python processes, 5 ms apart (each end asleep in between, as
+    stages are between tokens); half the round trip is one pass. Through the real broker (its C
+    proxy, CURVE, tcp) and, for comparison, directly (PUSH to PULL, no broker, no CURVE, ipc)."""
+    out: dict[str, list[float]] = {}
+    fork = multiprocessing.get_context("fork")
+    with tempfile.TemporaryDirectory(prefix="mmdagent-llm-floor-") as tmp:
+        cfg_path = write_config(Path(tmp), bus={"session": f"floor-{os.getpid()}"})
+        cfg = config_mod.load(cfg_path)
+        broker = subprocess.Popen([sys.executable, "-m", "stages.commands.cli", "broker"], cwd=ROOT,
+                                  env=pipeline_env(cfg_path, None), stderr=subprocess.DEVNULL)
+        echo = fork.Process(target=_echo, args=(str(cfg_path),), daemon=True)
+        direct = fork.Process(target=_direct_echo, args=(f"ipc://@{tmp}-in", f"ipc://@{tmp}-back"), daemon=True)
+        ctx = zmq.Context()
+        try:
+            wait_ready(cfg, ["broker"], 20)
+            echo.start()
+            direct.start()
+            push, pull = connect(cfg, zmq.PUSH, "tokens_in", ctx=ctx), connect(cfg, zmq.PULL, "segments_out", ctx=ctx)
+            dpush, dpull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+            dpull.bind(f"ipc://@{tmp}-back")
+            dpush.connect(f"ipc://@{tmp}-in")
+            for name, a, b in (("broker", push, pull), ("direct", dpush, dpull)):
+                times = []
+                for i in range(samples + 50):  # the first 50 only warm the connections up
+                    began = time.perf_counter()
+                    a.send_multipart([b"tokens.x", b"x" * 300])
+                    assert b.poll(5000), f"the {name} echo did not answer"
+                    b.recv_multipart()
+                    if i >= 50:
+                        times.append((time.perf_counter() - began) / 2)
+                    time.sleep(0.005)
+                a.send_multipart([b"tokens.x", b"stop"])
+                out[name] = times
+        finally:
+            ctx.destroy(linger=0)
+            stop_all([broker])
+            for proc in (echo, direct):
+                proc.join(2)
+                if proc.is_alive():
+                    proc.kill()
+    return out
+
+
 def pct(values: list[float], q: float) -> float:
     ms = sorted(values)
     return ms[min(len(ms) - 1, round(q * (len(ms) - 1)))] if ms else float("nan")
@@ -288,15 +426,19 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--idle", type=float, default=10.0)
+    parser.add_argument("--conversation", type=int, default=1000, help="turns of the long conversation (0: skip)")
     args = parser.parse_args()
-    sides = {"pipeline": [], "baseline": []}
+    sides: dict[str, list[dict]] = {"pipeline": [], "observed": [], "baseline": []}
     for r in range(args.rounds):
         sides["pipeline"].append(pipeline_round(args.turns, args.idle))
+        sides["observed"].append(pipeline_round(args.turns, args.idle, observer=True))
         sides["baseline"].append(baseline_round(args.turns, args.idle))
         print(f"round {r + 1} done", file=sys.stderr, flush=True)
     cold = startup(args.rounds)
-    cold_builtin = startup(args.rounds, "builtin")
+    cold_supervisord = startup(args.rounds, "supervisord")
     long = long_answer()
+    floor = transport_floor()
+    talk = conversation(args.conversation) if args.conversation else []
 
     def fig(side: str, key: str, q: float, scale: float = 1000) -> tuple[float, float, float]:
         per = [pct(run[key], q) * scale for run in sides[side] if run.get(key)]
@@ -306,6 +448,11 @@ def main() -> None:
         per = [run[key] for run in sides[side]]
         return statistics.median(per), min(per), max(per)
 
+    def row(name: str, p: tuple, o: tuple, b: tuple) -> None:
+        ratio = p[0] / b[0] if b[0] == b[0] and b[0] else float("nan")
+        cells = [f"{v[0]:>8.2f} ({v[1]:.2f}-{v[2]:.2f})" if v[0] == v[0] else f"{'-':>8}" for v in (p, o, b)]
+        print(f"{name:<30} {cells[0]:>24} {cells[1]:>24} {cells[2]:>24} {ratio:>6.2f}")
+
     rows = [("over the limit p50 (ms)", "over", 0.5, 1000), ("over the limit p99 (ms)", "over", 0.99, 1000),
             ("hops p50 (ms)", "hops", 0.5, 1000), ("hops p99 (ms)", "hops", 0.99, 1000),
             ("between sentences p50 (ms)", "between", 0.5, 1000), ("between sentences p99 (ms)", "between", 0.99, 1000),
@@ -314,27 +461,34 @@ def main() -> None:
                 if line.startswith("model name")), platform.processor())
     print(f"\nmachine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
           f"Python {platform.python_version()}; {args.rounds} rounds x {args.turns} turns per side, tokens of 1-3 "
-          f"characters {GAP * 1000:.0f} ms apart")
-    print(f"{'figure':<30} {'pipeline (spread)':>26} {'baseline (spread)':>26} {'ratio':>7}")
+          f"characters {GAP * 1000:.0f} ms apart. Each figure: median of the rounds (min-max of the rounds)")
+    print(f"{'figure':<30} {'pipeline':>24} {'+ observer of everything':>24} {'seed baseline':>24} {'ratio':>6}")
     for name, key, q, scale in rows:
-        p, b = fig("pipeline", key, q, scale), fig("baseline", key, q, scale)
-        ratio = p[0] / b[0] if b[0] == b[0] and b[0] else float("nan")
-        print(f"{name:<30} {p[0]:>9.2f} ({p[1]:.2f}-{p[2]:.2f}) {b[0]:>9.2f} ({b[1]:.2f}-{b[2]:.2f}) {ratio:>7.2f}")
-    for name, key in (("resident memory (MB)", "rss"), ("idle CPU (% of a core)", "idle_cpu")):
-        p, b = one("pipeline", key), one("baseline", key)
-        ratio = p[0] / b[0] if b[0] else float("nan")
-        print(f"{name:<30} {p[0]:>9.2f} ({p[1]:.2f}-{p[2]:.2f}) {b[0]:>9.2f} ({b[1]:.2f}-{b[2]:.2f}) {ratio:>7.2f}")
+        row(name, fig("pipeline", key, q, scale), fig("observed", key, q, scale), fig("baseline", key, q, scale))
+    for name, key in (("resident memory, RSS sum (MB)", "rss"), ("resident memory, PSS sum (MB)", "pss"),
+                      ("idle CPU (% of a core)", "idle_cpu")):
+        row(name, one("pipeline", key), one("observed", key), one("baseline", key))
+    lost = {s: sum(len(run["lost"]) for run in sides[s]) for s in sides}
+    print(f"{'turns lost':<30} {lost['pipeline']:>24} {lost['observed']:>24} {lost['baseline']:>24}")
     print("where the pipeline's hops go (first sentence of each turn, p50 / p99 ms):")
     for name, key in HOPS:
         p50, p99 = fig("pipeline", key, 0.5), fig("pipeline", key, 0.99)
         print(f"  {name:<34} {p50[0]:>7.3f} / {p99[0]:.3f}")
-    lost = {s: sum(len(run["lost"]) for run in sides[s]) for s in sides}
-    print(f"{'turns lost':<30} {lost['pipeline']:>9} {'':>16} {lost['baseline']:>9}")
+    print("the transport's floor, no stage logic (one pass, p50 / p99 ms):")
+    for name, label in (("broker", "through the broker (C proxy, CURVE, tcp)"), ("direct", "direct PUSH->PULL (no broker, ipc)")):
+        print(f"  {label:<44} {pct(floor[name], 0.5) * 1000:>6.3f} / {pct(floor[name], 0.99) * 1000:.3f}")
     print(f"20,000-character answer at 1 ms per token: {long['tokens']} tokens in {long['stream_s']:.1f} s, "
           f"{long['segments']} segments; the segmenter's last segment {long['lag_ms']:.1f} ms after the last token; "
           f"{long['tokens_per_s']:.0f} tokens/s through llm and segmenter")
-    print(f"{'plugin cold start (s)':<30} {statistics.median(cold):>9.2f} ({min(cold):.2f}-{max(cold):.2f})"
-          f"   builtin keeper: {statistics.median(cold_builtin):.2f} ({min(cold_builtin):.2f}-{max(cold_builtin):.2f})")
+    print(f"{'plugin cold start (s)':<30} {statistics.median(cold):>8.2f} ({min(cold):.2f}-{max(cold):.2f})"
+          f"   under supervisord: {statistics.median(cold_supervisord):.2f} "
+          f"({min(cold_supervisord):.2f}-{max(cold_supervisord):.2f})")
+    if talk:
+        print(f"a {args.conversation}-turn conversation, per {talk[0]['turns']} turns: first SYNTH_START p50 (ms) | "
+              f"pipeline CPU per turn (ms) | RSS sum at the end (MB) | messages in the llm's request")
+        for block in talk:
+            print(f"  turns {block['turns'] - talk[0]['turns'] + 1:>4}-{block['turns']:<5} {block['first_ms']:>8.1f} "
+                  f"{block['cpu_ms']:>8.1f} {block['rss']:>8.1f} {block['messages']:>6}")
 
 
 if __name__ == "__main__":

@@ -110,6 +110,9 @@ def test_the_start_up_check_does_not_delay_the_first_answer(tmp_path: Path):
     """The check's request hangs for 12 s; the plugin answers a turn meanwhile."""
     avatar, server, cfg_path, stop = _plugin_beside(tmp_path, [Stall(12.0)])
     try:
+        # the check starts DOCTOR_DELAY after the plugin: its request comes first
+        assert server.wait_for(lambda srv: srv.requests, 20)
+        assert server.requests and server.requests[0].get("max_tokens") == 1, "the start-up check did not run"
         avatar.send("RECOG_EVENT_START")
         avatar.send("RECOG_EVENT_STOP|こんにちは")
         said = avatar.wait_line("SYNTH_START|", 20)

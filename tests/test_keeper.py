@@ -1,5 +1,5 @@
-"""The plugin's supervisord-free pipeline (what Windows uses), selected on Linux with
-``[plugin] pipeline = "builtin"``: it answers, brings a killed stage back, and nothing of it
+"""The plugin's supervisord-free pipeline (the default; what Windows always uses), selected here
+explicitly with ``[plugin] pipeline = "builtin"``: it answers, brings a killed stage back, and nothing of it
 remains within 5 s of the plugin being SIGKILLed (as MMDAgent-EX ends it)."""
 
 from __future__ import annotations

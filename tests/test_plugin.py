@@ -49,7 +49,7 @@ def wait_gone(mark: str, timeout: float) -> list[int]:
 def plugin_env(tmp: Path, mark: str) -> tuple[dict[str, str], config_mod.Config]:
     mdf = tmp / "content"
     mdf.mkdir(exist_ok=True)
-    cfg_path = write_config(mdf)
+    cfg_path = write_config(mdf, plugin={"pipeline": "supervisord"})  # the built-in keeper: test_keeper
     env = {k: v for k, v in pipeline_env(cfg_path, None).items() if k != config_mod.ENV_CONFIG}
     env["XDG_STATE_HOME"] = str(tmp / "state")   # where the plugin writes its supervisord run folder
     env["TEST_MMDAGENT_MARK"] = mark          # inherited by everything the plugin starts
@@ -149,13 +149,15 @@ def test_a_second_plugin_of_the_same_session_refuses(tmp_path: Path):
 
 
 def test_a_plugin_of_another_session_runs_beside(tmp_path: Path):
-    """Two avatars, two sessions: two pipelines, each with its own bus, each answering its own."""
+    """Two avatars, two sessions: two pipelines (one under supervisord, one kept by the built-in keeper),
+    each with its own bus, each answering its own."""
     mark = f"mark-{uuid.uuid4().hex}"
     env, cfg = plugin_env(tmp_path, mark)
     with two_avatars(tmp_path, mark, env, cfg, bus={"session": "gene"}) as (first, second):
         bridge_sees_pipeline(config_mod.load(tmp_path / "other-content" / "mmdagent-llm.toml"), 40)
         ours = processes_with(mark)
-        assert sum("supervisor.supervisord" in cmdline(p) for p in ours) == 2
+        # the first under supervisord, the second (its own configuration) kept by its plugin
+        assert sum("supervisor.supervisord" in cmdline(p) for p in ours) == 1
         assert sum("stages.commands.cli broker" in cmdline(p) for p in ours) == 2
         for avatar, text in ((first, "メイさん"), (second, "ジェネさん")):
             avatar.send("RECOG_EVENT_START")

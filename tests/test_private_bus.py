@@ -147,7 +147,7 @@ def plugin_world(tmp: Path) -> Iterator[World]:
     mark = f"mark-{uuid.uuid4().hex}"
     mdf = tmp / "content"
     mdf.mkdir()
-    cfg_path = write_config(mdf)
+    cfg_path = write_config(mdf, plugin={"pipeline": "supervisord"})
     env = {k: v for k, v in pipeline_env(cfg_path, None).items() if k != config_mod.ENV_CONFIG}
     env["TEST_MMDAGENT_MARK"] = mark
     cfg = config_mod.load(cfg_path)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
 import json
 import os
 import sys
@@ -64,6 +63,8 @@ HELP = {
 
 
 def _version() -> str:
+    import importlib.metadata  # here, not at the top: every stage process starts through this module
+
     try:
         return importlib.metadata.version("mmdagent-llm")
     except importlib.metadata.PackageNotFoundError:

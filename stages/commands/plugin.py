@@ -9,20 +9,22 @@
 - If the session's endpoints are held by something else (another session that met it on the
   same ports, another program), it refuses at once: the reason and the way out go to stderr
   and, shortly, onto the avatar's screen (``NOTIFY_SHOW``), and it exits with status 1.
-- Otherwise it starts the pipeline under supervisord, with a configuration generated in
-  ``<state folder>/run-<session>/`` (logs there too), then runs the bridge. Utterances that
-  come before the stages are up wait for them (see :mod:`stages.bridge.turns`).
+- Otherwise it starts the pipeline, kept by a :class:`stages.commands.keeper.Keeper` in this
+  process (``[plugin] pipeline = "builtin"``, the default: the fastest start) or under a
+  supervisord of its own (``"supervisord"``, not on Windows) with a configuration generated in
+  ``<state folder>/run-<session>/``; logs go there either way. Then it runs the bridge.
+  Utterances that come before the stages are up wait for them (see :mod:`stages.bridge.turns`).
 - Everything it started ends with it, within a few seconds, however it ends. MMDAgent-EX kills
-  its plugin with SIGKILL, which no cleanup code survives, so: on Linux supervisord gets
-  SIGTERM from the kernel when the bridge dies (parent death signal); everywhere, a
-  ``watchdog`` program inside supervisord sends supervisord SIGTERM once the bridge's pid is
-  gone, and every stage started this way exits by itself when the bridge is gone
-  (``MMDAGENTLLM_OWNER_PID``, see :func:`broker.runtime.watch_owner`).
+  its plugin with SIGKILL, which no cleanup code survives, so: on Linux the keeper's stages (or
+  supervisord) get SIGTERM from the kernel when the bridge dies (parent death signal); on
+  Windows a job object ends them; everywhere, every stage started this way exits by itself
+  when the bridge is gone (``MMDAGENTLLM_OWNER_PID``, see :func:`broker.runtime.watch_owner`),
+  and under supervisord a ``watchdog`` program sends supervisord SIGTERM.
 - The conversation's history is this content's own (``[llm] history_file`` unset: a file keyed
   by the ``.mdf`` folder, :func:`stages.llm.history_store.content_path`); ``mmdagent-llm
   history``, run in that folder, shows or clears it.
-- In the background, ``mmdagent-llm doctor --notice`` checks the LLM server, the key and the
-  model; what it finds wrong appears on the avatar's screen (``NOTIFY_SHOW``) and in the log.
+- In the background, ``DOCTOR_DELAY`` seconds in, ``mmdagent-llm doctor --notice`` checks the
+  LLM server, the key and the model; what it finds wrong appears on the avatar's screen (``NOTIFY_SHOW``) and in the log.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +50,7 @@ from broker.runtime import OWNER_ENV, alive, setup_logging
 log = logging.getLogger("mmdagent_llm")
 
 JOIN_WAIT = 1.5  # seconds: the broker publishes a heartbeat every second
+DOCTOR_DELAY = 2.0  # seconds after start-up: the start-up check waits for the pipeline's start
 
 _PROGRAM = """
 [program:{name}]
@@ -129,21 +133,28 @@ def main(cfg: config_mod.Config) -> int:
             log.error("%s", clash)
             _notify(f"mmdagent-llm: session {session!r} cannot start: its ports are taken (see the log)")
             return 1
-        mode = cfg["plugin"]["pipeline"]
-        if mode == "builtin" or (mode == "auto" and sys.platform == "win32"):  # no supervisord on Windows
+        if cfg["plugin"]["pipeline"] == "builtin" or sys.platform == "win32":  # no supervisord on Windows
             keeper = start_keeper(cfg)
         else:
             supervisor = start_pipeline(cfg)
     from stages.bridge.bridge import Bridge, exit_now
     from stages.commands.launcher import start_doctor
-    doctor = start_doctor()  # its finding reaches the screen through the bridge (a notice)
+    # its finding reaches the screen through the bridge (a notice); it starts a little later, so
+    # that its own start (an LLM client to import) does not slow the pipeline's on 2 cores
+    doctor: list[subprocess.Popen] = []
+    timer = threading.Timer(DOCTOR_DELAY, lambda: doctor.append(start_doctor()))
+    timer.daemon = True
+    timer.start()
     code = 1
     try:
         code = Bridge(cfg).run()
     finally:
-        if doctor.poll() is None:
-            doctor.kill()
-            doctor.wait(5)
+        timer.cancel()
+        timer.join(5)
+        for proc in doctor:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
         if keeper is not None:
             keeper.stop()
         if supervisor is not None:

@@ -143,6 +143,7 @@ class _Worker(threading.Thread):
 class LlmStage(Stage):
     name = "llm"
     topics = ("turn_start", "cancel")
+    watches_peers = False
     output_queue = "tokens"
 
     def __init__(self, cfg: config_mod.Config) -> None:

@@ -26,6 +26,7 @@ log = logging.getLogger("mmdagent_llm")
 class SegmenterStage(Stage):
     name = "segmenter"
     topics = ("cancel",)
+    watches_peers = False
     input_queue = "tokens"
     output_queue = "segments"
 

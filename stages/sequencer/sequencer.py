@@ -28,6 +28,7 @@ import collections
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from broker import wire
 from broker import config as config_mod
@@ -48,6 +49,7 @@ class Segment:
 class SequencerStage(Stage):
     name = "sequencer"
     topics = ("mmd.SYNTH_EVENT_START", "mmd.SYNTH_EVENT_STOP", "cancel")
+    watches_peers = False
     input_queue = "segments"
     output_queue = "commands"
 
@@ -85,17 +87,22 @@ class SequencerStage(Stage):
         else:
             log.warning("ignored a %s on the segments queue", env.kind)
 
-    def _send_next(self, cause: float | None) -> None:
-        """Send the next queued segment if the model is idle; ``cause``: the event that freed it."""
-        if self.machine != SpeechState.IDLE or not self.queue:
-            return
-        seg = self.queue.popleft()
-        self.current = seg
-        origin = seg.origin if cause is None else max(seg.origin, cause)
-        self.push("command", {"type": "SYNTH_START", "args": [self.model, self.voice, seg.text], "segment": seg.index},
-                  turn=seg.turn, origin=origin)
-        self.machine.move(SpeechState.SENT, f"segment {seg.index} of turn {seg.turn}")
-        self._speech("sent", seg)
+    def _send_next(self, cause: float | None, then: Callable[[], None] | None = None) -> None:
+        """Send the next queued segment if the model is idle; ``cause``: the event that freed it.
+        ``then`` runs between the command and its ``speech`` ``sent``: bus events that must come
+        first on the bus but need not delay the avatar."""
+        seg = None
+        if self.machine == SpeechState.IDLE and self.queue:
+            seg = self.queue.popleft()
+            self.current = seg
+            origin = seg.origin if cause is None else max(seg.origin, cause)
+            self.push("command", {"type": "SYNTH_START", "args": [self.model, self.voice, seg.text],
+                                  "segment": seg.index}, turn=seg.turn, origin=origin)
+            self.machine.move(SpeechState.SENT, f"segment {seg.index} of turn {seg.turn}")
+        if then is not None:
+            then()
+        if seg is not None:
+            self._speech("sent", seg)
 
     def _check_spoken(self) -> None:
         if self.total is not None and self.done >= self.total and self.turn > self.cancelled:
@@ -147,14 +154,17 @@ class SequencerStage(Stage):
             self._finish("stopped", env.ts)
 
     def _finish(self, state: str, cause: float) -> None:
-        assert self.current is not None
-        self._speech(state, self.current)
-        if self.current.turn == self.turn and state in ("finished", "timeout"):
+        seg = self.current
+        assert seg is not None
+        if seg.turn == self.turn and state in ("finished", "timeout"):
             self.done += 1
         self.current = None
         self.machine.move(SpeechState.IDLE, state)
-        self._check_spoken()
-        self._send_next(cause)
+
+        def report() -> None:
+            self._speech(state, seg)
+            self._check_spoken()
+        self._send_next(cause, then=report)  # the next command first: the avatar is waiting on it
 
     # -- deadlines -------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
