@@ -170,7 +170,7 @@ class Stage:
         self.push_sock = connect(cfg, zmq.PUSH, f"{self.output_queue}_in", ctx=self.ctx) if self.output_queue else None
         if self.push_sock is not None:
             self.push_sock.sndtimeo = 2000
-        self.extra: dict[zmq.Socket, Callable[[], None]] = {}
+        self.extra: dict[zmq.Socket | int, Callable[[], None]] = {}  # sockets or raw fds to poll too
         self._twins: set[int] = set()  # other pids beating under our name (reported)
         self._handshake = self.sub.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(_HANDSHAKE_FAILURES))

@@ -71,7 +71,11 @@ KINDS: dict[str, str] = {
     "command": """A message for MMDAgent-EX (work queue ``commands``: sequencer -> bridge).
 
     body: ``type`` (str), ``args`` (list[str]), for speech ``segment`` (int, the segment's index
-    in its turn: the bridge writes them only in order, a gap means one was lost). The bridge
+    in its turn: the bridge writes them only in order, a gap means one was lost), and optionally
+    ``after`` (int): a *cue*, the next sentence sent ahead, to be written the moment segment
+    ``after`` of the same turn ends (its ``SYNTH_EVENT_STOP`` read by the bridge), or at once if
+    it has ended already; the bridge holds one cue, and drops it when the turn is cancelled or
+    another ``SYNTH_START`` is written first. The bridge
     writes only a ``type`` in ``[bridge] allow_types`` from a ``sender`` in ``[bridge]
     allow_senders`` (others are refused, logged once per type and counted in its heartbeat's
     ``refused``), cleans every field (no ``|``, CR, LF or control characters) and caps the line

@@ -122,11 +122,35 @@ def finish_with(world: World, text: str, answer: str = "はい。") -> int:
     return turn
 
 
+def cue_of(world: World, turn: int, index: int) -> wire.Envelope | None:
+    """The sequencer's cue (sent ahead, ``after``) for segment ``index`` of ``turn``, as mirrored on the bus."""
+    return next((e for e in world.bus.of("command", turn) if e.body.get("segment") == index
+                 and e.body.get("after") == index - 1), None)
+
+
+def test_the_next_sentence_is_written_straight_from_the_stop_of_the_one_before(world: World):
+    """No hop between sentences: each later SYNTH_START was cued ahead and written by the bridge
+    from the very SYNTH_EVENT_STOP line that ended the sentence before (the same origin)."""
+    mark = Mark(world)
+    world.llm.queue(tokens_of(ANSWER, delay=0.0))  # all of it streamed while the first is spoken
+    turn = utter(world, "質問ゼロ")
+    wait_spoken(world, turn)
+    assert mark.lines() == [VOICE + s for s in ("一文目です。", "二文目です。", "三文目です。")]
+    stops = [e for e in mark.envelopes() if e.kind == "mmd" and e.body["type"] == "SYNTH_EVENT_STOP"]
+    written = [e for e in world.bus.of("written", turn) if e.body["type"] == "SYNTH_START"]
+    for index in (1, 2):
+        assert cue_of(world, turn, index), f"segment {index} was not cued"
+        assert written[index].origin in {e.origin for e in stops}, f"segment {index} waited for a hop"
+    assert_clean(world, mark)
+
+
 def test_interruption_during_the_first_segment(world: World):
     mark = Mark(world)
     world.llm.queue(tokens_of(ANSWER))
     old = utter(world, "質問一")
     wait_speech(world, old, "一文目です。")
+    # the second sentence is held by the bridge (its cue), and must not survive the interruption
+    assert world.bus.wait_for(lambda _: cue_of(world, old, 1), WAIT)
     interrupt(world)
     finish_with(world, "割り込み一")
     assert mark.lines() == [VOICE + "一文目です。", "SYNTH_STOP|0", VOICE + "はい。"]

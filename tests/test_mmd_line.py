@@ -42,3 +42,42 @@ def test_any_text_gives_one_safe_line(voice, text):
     assert body.count("|") == 3
     assert not any(unicodedata.category(ch) in ("Cc", "Cs") for ch in body)
     assert "\u2028" not in body and "\u2029" not in body
+
+
+def _by_readline(stream: bytes, limit: int) -> list[bytes | int]:
+    """What a reader doing ``readline(limit)``, then skipping to the end of a cut line, gets."""
+    import io
+    f, out = io.BytesIO(stream), []
+    while chunk := f.readline(limit):
+        out.append(chunk)
+        if not chunk.endswith(b"\n"):
+            skipped = 0
+            while (more := f.readline(limit)) and (skipped := skipped + len(more)) and not more.endswith(b"\n"):
+                pass
+            if more.endswith(b"\n"):
+                out.append(skipped)
+    return out
+
+
+@settings(max_examples=300)
+@given(st.lists(st.sampled_from([b"SYNTH_EVENT_STOP|0\n", b"x" * 7, b"\n", b"ab\r\n", b"\xe3\x81\x82", b"y" * 20]),
+                max_size=30), st.lists(st.integers(1, 40), max_size=40))
+def test_line_splitter_cuts_as_readline_does_whatever_the_pipe_delivers(parts, sizes):
+    stream, limit = b"".join(parts), 16
+    splitter, got, at = mmd_line.LineSplitter(limit), [], 0
+    for size in sizes + [len(stream)]:
+        got += splitter.feed(stream[at:at + size])
+        at += size
+    got += splitter.end()
+    assert got == _by_readline(stream, limit)
+
+
+def test_line_splitter_examples():
+    s = mmd_line.LineSplitter(8)
+    assert s.feed(b"ab\ncd") == [b"ab\n"]
+    assert s.feed(b"\n") == [b"cd\n"]
+    assert s.feed(b"0123456789") == [b"01234567"]        # cut at the limit
+    assert s.feed(b"abc\nok\n") == [6, b"ok\n"]            # its rest, "89abc\n", skipped and counted
+    assert s.end() == []
+    s.feed(b"tail")
+    assert s.end() == [b"tail"]                            # the last line had no newline

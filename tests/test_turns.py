@@ -198,6 +198,59 @@ def test_a_segment_that_skips_one_is_a_gap():
     tc.on_written("SYNTH_START", ["0", "mei_voice_normal", "一。"], tc.turn)
     assert not tc.segment_gap(tc.turn, 1) and tc.segment_gap(tc.turn, 2)
     assert not tc.segment_gap(tc.turn - 1, 5)  # not the current turn: accepts() decides
+    assert tc.written_already(tc.turn, 0) and not tc.written_already(tc.turn, 1)
+
+
+NEXT = ["0", "mei_voice_normal", "二。"]
+
+
+def test_a_cue_waits_for_the_end_of_the_speech_playing_then_is_written_from_its_stop():
+    tc = controller()
+    say(tc, "質問")
+    speak(tc, "一。")
+    assert tc.on_cue(NEXT, tc.turn, after=0) == []                       # held: segment 0 still plays
+    assert tc.on_line("SYNTH_EVENT_START", ["1"], 0.0) == []            # another model's speech
+    assert tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0) == [Write("SYNTH_START", NEXT)]
+    tc.on_written("SYNTH_START", NEXT, tc.turn)
+    assert tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0) == []             # released once
+
+
+def test_a_cue_is_written_at_once_when_its_speech_has_ended_or_is_not_the_one_playing():
+    tc = controller()
+    say(tc, "質問")
+    speak(tc, "一。")
+    tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0)        # the stop crossed the cue on its way
+    assert tc.on_cue(NEXT, tc.turn, after=0) == [Write("SYNTH_START", NEXT)]
+    tc = controller()
+    say(tc, "質問")
+    speak(tc, "一。")
+    assert tc.on_cue(NEXT, tc.turn, after=3) == [Write("SYNTH_START", NEXT)]  # not after the one playing
+
+
+def test_a_stop_before_our_speech_started_does_not_release_the_cue():
+    """The SYNTH_EVENT_STOP of speech cut off before ours: ours (segment 0) has not started."""
+    tc = controller()
+    say(tc, "質問")
+    tc.on_written("SYNTH_START", ["0", "mei_voice_normal", "一。"], tc.turn)
+    assert tc.on_cue(NEXT, tc.turn, after=0) == []
+    assert tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0) == []
+    assert tc.cued == NEXT
+
+
+@pytest.mark.parametrize("then", ["interrupt", "new utterance", "failure notice"])
+def test_a_cue_is_dropped_by_a_cancel_a_new_turn_or_another_synth_start(then: str):
+    tc = controller()
+    say(tc, "質問")
+    speak(tc, "一。")
+    tc.on_cue(NEXT, tc.turn, after=0)
+    if then == "interrupt":
+        assert kinds(tc.on_line("RECOG_EVENT_START", [], 0.0)) == ["SYNTH_STOP", "cancel"]
+    elif then == "new utterance":
+        say(tc, "別の質問")
+    else:
+        tc.on_written("SYNTH_START", ["0", "mei_voice_normal", "ごめんなさい。"], tc.turn)
+    assert tc.cued is None
+    assert not [a for a in tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0) if isinstance(a, Write)]
 
 
 def test_speaking_right_after_the_last_sentence_ended_interrupts_nothing():

@@ -1,9 +1,11 @@
 """bridge: MMDAgent-EX's plugin process; its stdin/stdout to and from the bus.
 
 Started by MMDAgent-EX as ``Plugin_AnyScript_Command=mmdagent-llm bridge``:
-- stdin is read on its own thread, continuously, as bytes: MMDAgent-EX writes to us with a
-  blocking write from its main loop, so a bridge that stopped reading would freeze the
-  avatar. Each line is decoded as UTF-8 (invalid bytes become U+FFFD), a NUL byte becomes
+- stdin is read continuously, as bytes: MMDAgent-EX writes to us with a blocking write from
+  its main loop, so a bridge that stopped reading would freeze the avatar. Where a pipe can be
+  polled (not Windows) it is read in the stage's own loop, beside the bus, so a line is acted
+  on (a cued ``SYNTH_START`` written from a ``SYNTH_EVENT_STOP``) with no thread in between;
+  elsewhere a reader thread passes lines on. Each line is decoded as UTF-8 (invalid bytes become U+FFFD), a NUL byte becomes
   U+FFFD too (not dropped: the line keeps showing that something was there, and no NUL
   reaches a topic or a C reader of the bus), a trailing CR is dropped, and it is published
   on the bus as an ``mmd`` event, whatever its type, our own echoed output and a line with
@@ -18,8 +20,8 @@ Started by MMDAgent-EX as ``Plugin_AnyScript_Command=mmdagent-llm bridge``:
   time per type or sender, counted in the heartbeat's ``refused``.
 - each other ``command`` from the ``commands`` queue is written as one line and flushed, through
   :func:`stages.bridge.mmd_line.format_line`, which removes ``|``, CR, LF and control characters
-  from every field and caps the line at 2000 bytes. Nothing else is ever written to stdout;
-  logs go to stderr.
+  from every field and caps the line at 2000 bytes (a cue, ``after`` set, waits in turn control
+  for the speech playing to end). Nothing else is ever written to stdout; logs go to stderr.
 - turn control (:mod:`stages.bridge.turns`) sees every line first: it opens turns (``turn_start``),
   cancels them (``cancel``), writes ``SYNTH_STOP`` itself on an interruption, and keeps
   ``SYNTH_START`` of a cancelled or old turn from being written.
@@ -75,12 +77,34 @@ class Bridge(Stage):
         self.turns = TurnController(cfg["turn"], cfg["speech"]["model"], cfg["speech"]["voice"],
                                     startup_grace=cfg["bus"]["peer_timeout"])
         self.clock = TurnClock()
+        self._inbox: zmq.Socket | None = None
+        self._splitter = mmd_line.LineSplitter(MAX_IN_BYTES)
+        if stdin is None and sys.platform != "win32":
+            self.extra[self.stdin.fileno()] = self._read_fd
+            return
         self._inbox = self.ctx.socket(zmq.PAIR)
         address = f"inproc://bridge-stdin-{id(self)}"
         self._inbox.bind(address)
         self.extra[self._inbox] = self._on_stdin
         self._reader = threading.Thread(target=self._read_stdin, args=(address,), name="stdin", daemon=True)
         self._reader.start()
+
+    def _read_fd(self) -> None:
+        try:
+            data = os.read(self.stdin.fileno(), MAX_IN_BYTES)
+        except OSError as exc:
+            log.error("stdin read failed: %s", exc)
+            data = b""
+        if not data:
+            for line in self._splitter.end():
+                self._take(line)
+            self._take(b"")
+            return
+        for item in self._splitter.feed(data):
+            if isinstance(item, int):
+                self._bad("line too long", f"over {MAX_IN_BYTES} bytes: cut, {item} more bytes skipped")
+            elif not self._take(item):
+                return
 
     def _read_stdin(self, address: str) -> None:
         out = self.ctx.socket(zmq.PAIR)
@@ -110,31 +134,36 @@ class Bridge(Stage):
                 return skipped
 
     def _on_stdin(self) -> None:
-        while self._inbox.poll(0):
-            raw = self._inbox.recv()
-            if raw == b"":
-                log.info("end of input from MMDAgent-EX: exiting")
-                request_stop()
+        while self._inbox is not None and self._inbox.poll(0):
+            if not self._take(self._inbox.recv()):
                 return
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text = raw.decode("utf-8", errors="replace")
-                self._bad("invalid UTF-8", "undecodable bytes replaced by U+FFFD")
-            if "\x00" in text:
-                text = text.replace("\x00", "\ufffd")
-                self._bad("NUL bytes", "replaced by U+FFFD")
-            text = text.rstrip("\n").rstrip("\r")
-            if not text:
-                self._bad("empty line", "skipped")
-                continue
-            if text.startswith("|"):
-                self._bad("empty type", "published with type \"\"")
-            self.lines_in += 1
-            arrived = time.time()
-            msg_type, args = mmd_line.parse_line(text)
-            self._carry_out(self.turns.on_line(msg_type, args, arrived), arrived,
-                            then=lambda: self.publish("mmd", {"type": msg_type, "args": args}, origin=arrived))
+
+    def _take(self, raw: bytes) -> bool:
+        """One line from MMDAgent-EX (``b""``: the end of input); False once input has ended."""
+        if raw == b"":
+            log.info("end of input from MMDAgent-EX: exiting")
+            request_stop()
+            return False
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("utf-8", errors="replace")
+            self._bad("invalid UTF-8", "undecodable bytes replaced by U+FFFD")
+        if "\x00" in text:
+            text = text.replace("\x00", "\ufffd")
+            self._bad("NUL bytes", "replaced by U+FFFD")
+        text = text.rstrip("\n").rstrip("\r")
+        if not text:
+            self._bad("empty line", "skipped")
+            return True
+        if text.startswith("|"):
+            self._bad("empty type", "published with type \"\"")
+        self.lines_in += 1
+        arrived = time.time()
+        msg_type, args = mmd_line.parse_line(text)
+        self._carry_out(self.turns.on_line(msg_type, args, arrived), arrived,
+                        then=lambda: self.publish("mmd", {"type": msg_type, "args": args}, origin=arrived))
+        return True
 
     def _carry_out(self, actions: list[Action], origin: float, then: Callable[[], None] | None = None) -> None:
         """Writes first (SYNTH_STOP is what the user waits for), then ``then``, then bus events."""
@@ -169,10 +198,17 @@ class Bridge(Stage):
             log.info("dropped a %s of turn %d: not the current turn (%d)", msg_type, env.turn, self.turns.turn)
             return
         segment = env.body.get("segment")
+        if type(segment) is int and self.turns.written_already(env.turn, segment):
+            log.info("turn %d: segment %d was written already (from its cue): not again", env.turn, segment)
+            return
         if type(segment) is int and self.turns.segment_gap(env.turn, segment):
             log.warning("turn %d: segment %d came where %d was due: one was lost", env.turn, segment,
                         self.turns.next_segment)
             self._carry_out(self.turns.on_stage_lost("broker", force=True), time.time())
+            return
+        after = env.body.get("after")
+        if msg_type == "SYNTH_START" and type(after) is int:  # a cue: due when the speech playing ends
+            self._carry_out(self.turns.on_cue([str(a) for a in args], env.turn, after), env.origin)
             return
         self._write(msg_type, [str(a) for a in args], env.turn, env.origin)
 
@@ -265,7 +301,8 @@ class Bridge(Stage):
                 "turns": [{"turn": t.turn, **t.as_ms()} for t in self.clock.last(LAST_TURNS)]}
 
     def close(self) -> None:
-        self._inbox.close(linger=0)
+        if self._inbox is not None:
+            self._inbox.close(linger=0)
 
 
 def main(cfg) -> int:

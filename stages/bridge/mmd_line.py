@@ -59,3 +59,48 @@ def parse_line(line: str) -> tuple[str, list[str]]:
     """``"TYPE|a|b"`` -> ``("TYPE", ["a", "b"])``. Never fails: anything is a message of some type."""
     msg_type, *args = line.split("|")
     return msg_type, args
+
+
+class LineSplitter:
+    """MMDAgent-EX's byte stream, as it comes from a pipe, cut into lines.
+
+    :meth:`feed` returns the lines ``data`` completed, each with its ``b"\\n"``, and at most
+    ``limit`` bytes: a longer one is returned cut at ``limit`` (no ``b"\\n"``) and the rest of it
+    is skipped; once that rest has ended, its length (with the ``b"\\n"``) follows as an ``int``.
+    The same cuts as ``readline(limit)`` followed by reading to the end of the line.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.buf = b""
+        self.skipping: int | None = None  # bytes of a cut line's rest skipped so far
+
+    def feed(self, data: bytes) -> list[bytes | int]:
+        out: list[bytes | int] = []
+        buf = self.buf + data
+        while buf:
+            if self.skipping is not None:
+                end = buf.find(b"\n")
+                if end < 0:
+                    self.skipping += len(buf)
+                    buf = b""
+                    break
+                out.append(self.skipping + end + 1)
+                buf, self.skipping = buf[end + 1:], None
+                continue
+            end = buf.find(b"\n", 0, self.limit)
+            if end >= 0:
+                out.append(buf[:end + 1])
+                buf = buf[end + 1:]
+            elif len(buf) >= self.limit:
+                out.append(buf[:self.limit])
+                buf, self.skipping = buf[self.limit:], 0
+            else:
+                break
+        self.buf = buf
+        return out
+
+    def end(self) -> list[bytes]:
+        """At the end of input: the last line, if it had no ``b"\\n"``."""
+        rest, self.buf = self.buf, b""
+        return [rest] if rest and self.skipping is None else []

@@ -23,6 +23,10 @@ order. States and moves: :data:`stages.states.CONVERSATION_TRANSITIONS`.
   segments of the turn whose ``SYNTH_EVENT_START`` came: what history should keep).
 - :meth:`TurnController.accepts` lets through only speech of the current, uncancelled turn: a
   ``SYNTH_START`` of an old turn still in the queue is never written.
+- A *cue* (:meth:`TurnController.on_cue`: the sequencer's next ``SYNTH_START``, sent ahead) is
+  held until the speech now playing ends, then written at once from its ``SYNTH_EVENT_STOP``:
+  between two sentences there is no hop at all. A cancel, a new turn or any ``SYNTH_START``
+  written first drops it.
 
 Crashes and restarts (the bridge is told by :mod:`broker.liveness`):
 
@@ -111,6 +115,7 @@ class TurnController:
         self.next_segment = 0         # index of the current turn's next segment to write
         self.total_segments: int | None = None  # how many it has, once the segmenter knows
         self.done_by: set[str] = set()  # stages whose part of the current turn is complete
+        self.cued: list[str] | None = None  # args of the SYNTH_START to write when the speech ends
 
     # -- input ---------------------------------------------------------------------------
     def on_line(self, msg_type: str, args: list[str], origin: float, now: float | None = None) -> list[Action]:
@@ -128,15 +133,28 @@ class TurnController:
                 if self.voice.outstanding is not None and self.machine == C.ANSWERING:
                     self.voice.spoken.append(self.voice.outstanding)
             elif msg_type == "SYNTH_EVENT_STOP":
+                ended = self.voice.speaking  # else the end of speech cut off before ours started
                 self.voice.speaking = False
                 self.voice.outstanding = None
                 self.voice.quiet_since = now
+                if ended and self.cued is not None and self.machine == C.ANSWERING:
+                    args, self.cued = self.cued, None
+                    return [Write("SYNTH_START", args)]
         return []
+
+    def on_cue(self, args: list[str], turn: int, after: int) -> list[Action]:
+        """The next ``SYNTH_START`` of ``turn`` (already accepted), due when segment ``after``
+        ends: held while that segment is the last one written and still audible, else written now."""
+        if turn == self.turn and self.next_segment == after + 1 and self.voice.audible:
+            self.cued = args
+            return []
+        return [Write("SYNTH_START", args)]
 
     def on_written(self, msg_type: str, args: list[str], turn: int = 0) -> None:
         """A line the bridge wrote to MMDAgent-EX (``turn``: the turn it belongs to, 0 if none)."""
         if msg_type == "SYNTH_START" and args[:1] == [self.model] and len(args) >= 3:
             self.voice.outstanding = args[2]
+            self.cued = None  # a cue is for the sentence after the one playing: this replaced it
             if turn == self.turn:
                 self.next_segment += 1
 
@@ -235,9 +253,15 @@ class TurnController:
         return [Publish("turn_start", {"text": self.user_text}, self.turn, self.asked_origin)]
 
     def segment_gap(self, turn: int, segment: int) -> bool:
-        """A speech command of the current turn whose segment index is not the next one due:
+        """A speech command of the current turn whose segment index is past the next one due:
         an earlier segment was lost on the way (the broker died holding it)."""
-        return turn == self.turn and segment != self.next_segment
+        return turn == self.turn and segment > self.next_segment
+
+    def written_already(self, turn: int, segment: int) -> bool:
+        """A speech command of the current turn for a segment written already: the sequencer's
+        plain copy of a cue that its ``SYNTH_EVENT_STOP`` released just before (a race with the
+        sequencer's timeout). Writing it again would say the sentence twice."""
+        return turn == self.turn and segment < self.next_segment
 
     def on_stage_lost(self, name: str, now: float | None = None, force: bool = False) -> list[Action]:
         """Stage ``name`` died (gone, or restarted): what it held of the current turn is lost.
@@ -312,6 +336,7 @@ class TurnController:
         self.next_segment = 0
         self.total_segments = None
         self.done_by = set()
+        self.cued = None
         self.machine.move(C.HOLDING, f"turn {self.turn}")
 
     def _release_held(self, now: float) -> list[Action]:
@@ -355,6 +380,7 @@ class TurnController:
             actions.append(Write("SYNTH_STOP", [self.model]))
         if stopped:
             self.voice.outstanding = None
+        self.cued = None
         self.cancelled = self.turn
         log.info("turn %d cancelled (%s)%s", self.turn, reason, ": SYNTH_STOP sent" if stopped and stop else "")
         actions.append(Publish("cancel", {"reason": reason, "stopped": stopped, "spoken": list(self.voice.spoken)},

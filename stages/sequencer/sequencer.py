@@ -17,7 +17,14 @@ Segments of a turn older than the newest one seen, or of a cancelled turn, are d
 spoken. On ``cancel`` with ``stopped`` (the bridge wrote ``SYNTH_STOP``), the segment being
 spoken moves to STOPPING until its ``SYNTH_EVENT_STOP`` (or ``cut_timeout``): that event ends
 the stopped speech, never the next sentence. Once every segment of a turn is spoken (after
-its ``turn_end``), ``spoken`` is published. ``origin`` of
+its ``turn_end``), ``spoken`` is published.
+
+The next segment of the same turn does not wait for ``SYNTH_EVENT_STOP`` to travel here: while
+one is SENT or SPEAKING, the next is pushed ahead as a *cue* (``after``: the index of the one
+playing), which the bridge holds and writes the moment it reads that ``SYNTH_EVENT_STOP``, with
+no hop between the two sentences. When the stop reaches us the cued segment is the current one
+(SENT). If the playing one times out instead, the cue is pushed again, plain, to be written now;
+a cancel drops it (the bridge drops its copy too). ``origin`` of
 each command is the input that caused it: the token for a segment sent at once, the
 ``SYNTH_EVENT_STOP`` (or timeout) for one that waited its turn.
 """
@@ -60,6 +67,7 @@ class SequencerStage(Stage):
         self.machine: Machine[SpeechState] = Machine(f"speech[{self.model}]", SPEECH_TRANSITIONS, SpeechState.IDLE)
         self.queue: collections.deque[Segment] = collections.deque()
         self.current: Segment | None = None
+        self.cued: Segment | None = None  # the next segment, pushed ahead for the bridge to hold
         self.turn = 0
         self.cancelled = 0
         self.total: int | None = None  # segments of self.turn, once its turn_end came
@@ -81,6 +89,7 @@ class SequencerStage(Stage):
         if env.kind == "segment":
             self.queue.append(Segment(env.turn, int(env.body.get("index", 0)), str(env.body.get("text", "")), env.origin))
             self._send_next(None)
+            self._cue_next()
         elif env.kind == "turn_end":
             self.total = int(env.body.get("segments", 0))
             self._check_spoken()
@@ -95,14 +104,28 @@ class SequencerStage(Stage):
         if self.machine == SpeechState.IDLE and self.queue:
             seg = self.queue.popleft()
             self.current = seg
-            origin = seg.origin if cause is None else max(seg.origin, cause)
-            self.push("command", {"type": "SYNTH_START", "args": [self.model, self.voice, seg.text],
-                                  "segment": seg.index}, turn=seg.turn, origin=origin)
+            self._command(seg, seg.origin if cause is None else max(seg.origin, cause))
             self.machine.move(SpeechState.SENT, f"segment {seg.index} of turn {seg.turn}")
         if then is not None:
             then()
         if seg is not None:
             self._speech("sent", seg)
+            self._cue_next()
+
+    def _cue_next(self) -> None:
+        """Push the next segment of the current one's turn ahead, as the bridge's cue."""
+        cur = self.current
+        if (self.cued is not None or cur is None or not self.queue or self.queue[0].turn != cur.turn
+                or self.machine not in (SpeechState.SENT, SpeechState.SPEAKING)):
+            return
+        self.cued = self.queue.popleft()
+        self._command(self.cued, self.cued.origin, after=cur.index)
+
+    def _command(self, seg: Segment, origin: float, after: int | None = None) -> None:
+        body = {"type": "SYNTH_START", "args": [self.model, self.voice, seg.text], "segment": seg.index}
+        if after is not None:
+            body["after"] = after
+        self.push("command", body, turn=seg.turn, origin=origin)
 
     def _check_spoken(self) -> None:
         if self.total is not None and self.done >= self.total and self.turn > self.cancelled:
@@ -128,6 +151,9 @@ class SequencerStage(Stage):
             self._send_next(None)
 
     def _drop_queued(self, up_to_turn: int) -> None:
+        if self.cued is not None and self.cued.turn <= up_to_turn:  # the bridge drops its copy
+            self._speech("dropped", self.cued)
+            self.cued = None
         keep = collections.deque()
         for seg in self.queue:
             if seg.turn <= up_to_turn:
@@ -164,7 +190,17 @@ class SequencerStage(Stage):
         def report() -> None:
             self._speech(state, seg)
             self._check_spoken()
-        self._send_next(cause, then=report)  # the next command first: the avatar is waiting on it
+        cued, self.cued = self.cued, None
+        if cued is None:
+            self._send_next(cause, then=report)  # the next command first: the avatar is waiting on it
+            return
+        if state != "finished":  # no SYNTH_EVENT_STOP reached the bridge either: it writes it now
+            self._command(cued, max(cued.origin, cause))
+        self.current = cued  # the bridge wrote it on that SYNTH_EVENT_STOP
+        self.machine.move(SpeechState.SENT, f"segment {cued.index} of turn {cued.turn} (cued)")
+        report()
+        self._speech("sent", cued)
+        self._cue_next()
 
     # -- deadlines -------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
