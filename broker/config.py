@@ -38,7 +38,7 @@ ENDPOINTS = (
 
 # keys whose value is one of a few words
 CHOICES = {("bus", "transport"): ("tcp", "ipc"), ("turn", "barge_in"): ("interrupt", "ignore"),
-           ("plugin", "pipeline"): ("builtin", "supervisord")}
+           ("plugin", "pipeline"): ("builtin", "supervisord"), ("expression", "untagged"): ("keep", "neutral")}
 
 # the allowed range of every number (inclusive; None: no bound). A number not listed must be >= 0.
 _PORT = (0, 65535)
@@ -52,7 +52,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("speech", "cut_timeout"): (0.1, 600), ("turn", "listen_timeout"): (0.1, 3600), ("turn", "max_age"): (0.1, 86400),
     ("turn", "stall_timeout"): (0.1, 86400), ("transcript", "max_bytes"): (100, None), ("transcript", "keep"): (1, 100),
     ("captions", "size"): (0.1, 100), ("captions", "line_chars"): (1, 200), ("captions", "max_lines"): (1, 20),
-    ("subtitles", "port"): _PORT, ("metrics", "port"): _PORT,
+    ("subtitles", "port"): _PORT, ("metrics", "port"): _PORT, ("expression", "thinking_after"): (0.1, 60),
 }
 
 
@@ -101,7 +101,45 @@ def load(path: Path | None = None, sources: dict[tuple[str, str], str] | None = 
                               f"{_from(sources, section, key)}")
     _check_ranges(cfg, sources)
     _check_bus_access(cfg)
+    _check_expression(cfg["expression"], _from(sources, "expression", "names"))
     return cfg
+
+
+TAG_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_MOTION_KEYS = {"voice": str, "motion": str, "body": str, "play": str, "priority": (int, float)}
+_UNSAFE = re.compile(r"[|\x00-\x1f\x7f\u0085\u2028\u2029]")
+
+
+def _check_expression(exp: dict[str, Any], where: str) -> None:
+    """The vocabulary reaches MMDAgent-EX as message fields: names a tag can spell, voices and
+    files without ``|`` or control characters, files relative to the content folder and inside it."""
+    names = exp["names"]
+    if not isinstance(names, dict):
+        raise ConfigError(f"[expression] names must be a table of name = {{ voice = ..., motion = ... }}{where}")
+    for name, entry in names.items():
+        at = f"[expression.names] {name}"
+        if not TAG_NAME.fullmatch(name):
+            raise ConfigError(f"{at}: a name is a-z, 0-9 and _, starting with a letter, at most 32 characters{where}")
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{at}: expected a table such as {{ voice = \"mei_voice_happy\" }}{where}")
+        for key, value in entry.items():
+            if key not in _MOTION_KEYS:
+                raise ConfigError(f"{at}: unknown key {key!r} (known: {', '.join(_MOTION_KEYS)}){where}")
+            if not isinstance(value, _MOTION_KEYS[key]) or isinstance(value, bool):
+                raise ConfigError(f"{at}: {key} = {value!r} is not a {'number' if key == 'priority' else 'string'}{where}")
+            if isinstance(value, str) and (not value or _UNSAFE.search(value)):
+                raise ConfigError(f"{at}: {key} = {value!r}: empty, or a | or control character{where}")
+        motion = entry.get("motion", "")
+        if motion and (Path(motion).is_absolute() or ".." in Path(motion.replace("\\", "/")).parts or
+                       motion.startswith(("/", "\\")) or ":" in motion):
+            raise ConfigError(f"{at}: motion = {motion!r}: a path relative to the content folder, inside it{where}")
+        if entry.get("body", "PART") not in ("PART", "FULL") or entry.get("play", "ONCE") not in ("ONCE", "LOOP"):
+            raise ConfigError(f"{at}: body is PART or FULL, play is ONCE or LOOP{where}")
+    for key in ("listening", "thinking"):
+        if exp[key] and not names.get(exp[key], {}).get("motion"):
+            raise ConfigError(f"[expression] {key} = {exp[key]!r}: not a name with a motion in [expression.names]{where}")
+    if exp["untagged"] == "neutral" and "neutral" not in names:
+        raise ConfigError(f"[expression] untagged = \"neutral\" needs a name neutral in [expression.names]{where}")
 
 
 def _check_ranges(cfg: Config, sources: dict[tuple[str, str], str]) -> None:

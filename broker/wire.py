@@ -75,7 +75,9 @@ KINDS: dict[str, str] = {
     ``after`` (int): a *cue*, the next sentence sent ahead, to be written the moment segment
     ``after`` of the same turn ends (its ``SYNTH_EVENT_STOP`` read by the bridge), or at once if
     it has ended already; the bridge holds one cue, and drops it when the turn is cancelled or
-    another ``SYNTH_START`` is written first. The bridge
+    another ``SYNTH_START`` is written first; and optionally ``motion`` (list[str]): the
+    ``MOTION_ADD`` arguments of the sentence's gesture, written just before its ``SYNTH_START``
+    and only with it (so never for a sentence a barge-in dropped). The bridge
     writes only a ``type`` in ``[bridge] allow_types`` from a ``sender`` in ``[bridge]
     allow_senders`` (others are refused, logged once per type and counted in its heartbeat's
     ``refused``), cleans every field (no ``|``, CR, LF or control characters) and caps the line
@@ -106,8 +108,10 @@ KINDS: dict[str, str] = {
     lost). ``origin`` is when the llm process received it.""",
     "segment": """A speakable piece of the answer (work queue ``segments``: segmenter -> sequencer).
 
-    body: ``text`` (str, clean speech), ``index`` (int, 0-based within the turn).
-    ``origin`` is the arrival in llm of the token that completed the segment.""",
+    body: ``text`` (str, clean speech, its tags taken out), ``index`` (int, 0-based within the
+    turn), ``tags`` (list[str], the names of the known ``[name]`` tags of this sentence, in order:
+    see :mod:`stages.expression`). ``origin`` is the arrival in llm of the token that completed
+    the segment.""",
     "turn_end": """No more work items of this turn will follow (work queues ``tokens`` then ``segments``).
 
     body: ``reason`` (``done``, ``error``, or a cancel reason), ``segments`` (int, how many segments
@@ -128,7 +132,8 @@ KINDS: dict[str, str] = {
     ``started`` (SYNTH_EVENT_START came), ``finished`` (SYNTH_EVENT_STOP came), ``timeout``
     (no event in time: e.g. an unknown voice alias), ``dropped`` (never written: its turn was
     cancelled or superseded), ``interrupted`` (cut off by ``SYNTH_STOP``), ``stopped`` (the
-    cut-off speech's ``SYNTH_EVENT_STOP`` came, or ``cut_timeout`` passed).""",
+    cut-off speech's ``SYNTH_EVENT_STOP`` came, or ``cut_timeout`` passed); ``tags`` (the
+    segment's tag names) and ``voice`` (the voice alias its expression gave it).""",
     "heartbeat": """A stage is alive (bus, every stage, each second).
 
     body: ``stage`` (str), ``pid`` (int), ``ready`` (bool: its subscriptions are in place, it

@@ -63,14 +63,15 @@ AVATAR = {"seconds_per_char": 0.05, "min_speech": 0.3}
 class Streams:
     """The server's reply: each turn's answer in 1-3 character tokens, ``GAP`` apart."""
 
-    def __init__(self) -> None:
+    def __init__(self, tagged: bool = False) -> None:
         self.turn = 0
         self.answers: list[str] = []
+        self.tag = "[happy]" if tagged else ""  # --tagged: every answer starts with an expression tag
 
     def __call__(self, body: dict) -> list[Token]:
         if body.get("max_tokens") == 1:  # the start-up check
             return [Token("OK", 0.0)]
-        answer = ANSWERS[self.turn % len(ANSWERS)]
+        answer = self.tag + ANSWERS[self.turn % len(ANSWERS)]
         rng = random.Random(self.turn)
         self.turn += 1
         self.answers.append(answer)
@@ -100,7 +101,7 @@ def talk_turns(avatar: SimulatedMMDAgent, server: ChatCompletionServer, streams:
         conns = len(server.connections)
         avatar.send("RECOG_EVENT_START")
         avatar.send(f"RECOG_EVENT_STOP|質問です {i}")
-        answer = ANSWERS[streams.turn % len(ANSWERS)]
+        answer = streams.tag + ANSWERS[streams.turn % len(ANSWERS)]
 
         def done() -> bool:  # the answer was streamed whole, and every sentence spoken to its end
             record = next((c for c in server.connections[conns:] if c.sent), None)
@@ -205,9 +206,9 @@ def bus_tap(env: dict[str, str]) -> Iterator[subprocess.Popen]:
         stop_all([tap])
 
 
-def pipeline_round(turns: int, idle: float, observer: bool = False) -> dict:
+def pipeline_round(turns: int, idle: float, observer: bool = False, tagged: bool = False) -> dict:
     """``turns`` turns through the pipeline; ``observer``: with :func:`bus_tap` tapping the bus."""
-    streams = Streams()
+    streams = Streams(tagged)
     server = ChatCompletionServer(streams).start()
     try:
         with tempfile.TemporaryDirectory(prefix="mmdagent-llm-bench-") as tmp:
@@ -231,8 +232,8 @@ def pipeline_round(turns: int, idle: float, observer: bool = False) -> dict:
     return out
 
 
-def baseline_round(turns: int, idle: float) -> dict:
-    streams = Streams()
+def baseline_round(turns: int, idle: float, tagged: bool = False) -> dict:
+    streams = Streams(tagged)
     server = ChatCompletionServer(streams).start()
     env = dict(os.environ, OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY="none",
                PYTHONPATH=str(Path(__file__).resolve().parent.parent))
@@ -427,12 +428,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--idle", type=float, default=10.0)
     parser.add_argument("--conversation", type=int, default=1000, help="turns of the long conversation (0: skip)")
+    parser.add_argument("--tagged", action="store_true", help="every answer starts with [happy] (the seed speaks it)")
     args = parser.parse_args()
     sides: dict[str, list[dict]] = {"pipeline": [], "observed": [], "baseline": []}
     for r in range(args.rounds):
-        sides["pipeline"].append(pipeline_round(args.turns, args.idle))
-        sides["observed"].append(pipeline_round(args.turns, args.idle, observer=True))
-        sides["baseline"].append(baseline_round(args.turns, args.idle))
+        sides["pipeline"].append(pipeline_round(args.turns, args.idle, tagged=args.tagged))
+        sides["observed"].append(pipeline_round(args.turns, args.idle, observer=True, tagged=args.tagged))
+        sides["baseline"].append(baseline_round(args.turns, args.idle, tagged=args.tagged))
         print(f"round {r + 1} done", file=sys.stderr, flush=True)
     cold = startup(args.rounds)
     cold_supervisord = startup(args.rounds, "supervisord")

@@ -64,6 +64,8 @@ def write_config(folder: Path, *, transport: str = "tcp", **sections: dict) -> P
         "transcript": {"folder": str(folder / "transcripts")},
         "subtitles": {"port": free_base_port(1)},
         "metrics": {"port": free_base_port(1)},
+        # no listening or thinking motions unless a test asks: the exact lines stay those of speech
+        "expression": {"listening": "", "thinking": ""},
     }
     for name, items in sections.items():
         values.setdefault(name, {}).update(items)
@@ -82,6 +84,10 @@ def _toml(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
     return repr(value)
 
 

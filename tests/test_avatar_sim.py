@@ -153,8 +153,10 @@ def test_runs_in_the_mdf_folder_with_the_given_environment(launch, mdf):
     assert avatar.wait_line("ENV|", WAIT).line == "ENV|dango"
 
 
-def test_script_lines_are_echoed_back_and_answered(launch):
+def test_script_lines_are_echoed_back_and_answered(launch, mdf: Path):
     seen: list[str] = []
+    (mdf / "motion").mkdir()
+    (mdf / "motion" / "greet.vmd").write_bytes(b"vmd")
     avatar = launch(on_message=seen.append)
     say(avatar, "HELLO|x\nMOTION_ADD|0|greet|motion/greet.vmd|PART|ONCE\n")
     first = inbox_index(avatar, "HELLO|x")
@@ -330,3 +332,24 @@ def test_a_script_that_stops_reading_blocks_the_main_loop_and_kill_still_works(l
     started = time.monotonic()
     avatar.kill()
     assert time.monotonic() - started < 5
+
+
+def test_motions_follow_the_page_and_the_source(launch, mdf: Path):
+    """A missing file: silence. A ONCE motion ends with MOTION_EVENT_DELETE; a playing alias gets
+    the new motion swapped in; MOTION_DELETE ends it."""
+    (mdf / "m").mkdir()
+    for name in ("a.vmd", "b.vmd"):
+        (mdf / "m" / name).write_bytes(b"vmd")
+    avatar = launch(motion_seconds=0.3)
+    say(avatar, "MOTION_ADD|0|g|m/missing.vmd|PART|ONCE\nMOTION_ADD|0|g|m/a.vmd|PART|ONCE\n")
+    first = inbox_index(avatar, "MOTION_ADD|0|g|m/missing.vmd|PART|ONCE")
+    end = inbox_index(avatar, "MOTION_EVENT_DELETE|0|g", first) + 1
+    assert lines_between(avatar, first, end) == ["MOTION_ADD|0|g|m/a.vmd|PART|ONCE", "MOTION_EVENT_ADD|0|g",
+                                                 "MOTION_EVENT_DELETE|0|g"]
+    say(avatar, "MOTION_ADD|0|g|m/a.vmd|PART|LOOP\nMOTION_ADD|0|g|m/b.vmd|PART|LOOP\n")
+    assert avatar.wait_inbox(lambda lines: sum(r.line == "MOTION_EVENT_ADD|0|g" for r in lines) == 3, WAIT)
+    assert avatar.motions == {("0", "g"): "m/b.vmd"}      # swapped, still one alias
+    at = len(avatar.inbox)
+    say(avatar, "MOTION_DELETE|0|g\n")
+    assert avatar.wait_inbox(lambda lines: any(r.line == "MOTION_EVENT_DELETE|0|g" for r in lines[at:]), WAIT)
+    assert avatar.motions == {}

@@ -97,7 +97,7 @@ def test_bridge_does_not_import_the_llm_client():
 
 
 REFUSED_BY_DEFAULT = ["EXECUTE", "KEY_POST", "PLUGIN_ENABLE", "PLUGIN_DISABLE", "MODEL_ADD", "MODEL_DELETE",
-                      "KEYVALUE_SET", "MOTION_ADD", "OPEN_CONTENT", "CAMERA", "SYNTH_STARTX", "synth_start"]
+                      "KEYVALUE_SET", "MOTION_CHANGE", "OPEN_CONTENT", "CAMERA", "SYNTH_STARTX", "synth_start"]
 
 
 def _push_commands(cfg, commands: list[tuple[str, str, list[str]]]) -> None:
@@ -120,7 +120,7 @@ def _bridge_refused(bus: BusWatcher, want: dict[str, int]) -> dict[str, int]:
 
 
 def test_only_allowed_types_from_allowed_senders_are_written(bridge):
-    """Every type but SYNTH_START/SYNTH_STOP/NOTIFY_SHOW is refused, twice each; so is speech from a
+    """Every type outside the default allow_types is refused, twice each; so is speech from a
     stage that may not speak. Each refusal is logged once per type or sender and counted."""
     cfg, proc, bus = bridge
     commands = [("sequencer", t, ["x"]) for t in REFUSED_BY_DEFAULT for _ in range(2)]

@@ -375,7 +375,7 @@ def test_stage_survives_a_rogue_process_on_the_bus(tmp_path: Path):
             if consumer.poll(500):
                 items.append(wire.decode(consumer.recv_multipart()))
         assert [(e.kind, e.turn) for e in items] == [("segment", turn), ("turn_end", turn)]
-        assert items[0].body == {"text": "テストです。", "index": 0}
+        assert items[0].body == {"text": "テストです。", "index": 0, "tags": []}
         assert items[1].body["segments"] == 1
         done = time.time()  # every garbage frame sent before is behind us: the next beat counts all
         assert bus.wait_for(lambda envs: [e.kind for e in envs if e.turn == turn] == ["token", "turn_end",

@@ -202,13 +202,14 @@ def test_a_segment_that_skips_one_is_a_gap():
 
 
 NEXT = ["0", "mei_voice_normal", "二。"]
+CUE = [("SYNTH_START", NEXT)]
 
 
 def test_a_cue_waits_for_the_end_of_the_speech_playing_then_is_written_from_its_stop():
     tc = controller()
     say(tc, "質問")
     speak(tc, "一。")
-    assert tc.on_cue(NEXT, tc.turn, after=0) == []                       # held: segment 0 still plays
+    assert tc.on_speech(CUE, tc.turn, after=0) == []                       # held: segment 0 still plays
     assert tc.on_line("SYNTH_EVENT_START", ["1"], 0.0) == []            # another model's speech
     assert tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0) == [Write("SYNTH_START", NEXT)]
     tc.on_written("SYNTH_START", NEXT, tc.turn)
@@ -220,11 +221,11 @@ def test_a_cue_is_written_at_once_when_its_speech_has_ended_or_is_not_the_one_pl
     say(tc, "質問")
     speak(tc, "一。")
     tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0)        # the stop crossed the cue on its way
-    assert tc.on_cue(NEXT, tc.turn, after=0) == [Write("SYNTH_START", NEXT)]
+    assert tc.on_speech(CUE, tc.turn, after=0) == [Write("SYNTH_START", NEXT)]
     tc = controller()
     say(tc, "質問")
     speak(tc, "一。")
-    assert tc.on_cue(NEXT, tc.turn, after=3) == [Write("SYNTH_START", NEXT)]  # not after the one playing
+    assert tc.on_speech(CUE, tc.turn, after=3) == [Write("SYNTH_START", NEXT)]  # not after the one playing
 
 
 def test_a_stop_before_our_speech_started_does_not_release_the_cue():
@@ -232,9 +233,9 @@ def test_a_stop_before_our_speech_started_does_not_release_the_cue():
     tc = controller()
     say(tc, "質問")
     tc.on_written("SYNTH_START", ["0", "mei_voice_normal", "一。"], tc.turn)
-    assert tc.on_cue(NEXT, tc.turn, after=0) == []
+    assert tc.on_speech(CUE, tc.turn, after=0) == []
     assert tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0) == []
-    assert tc.cued == NEXT
+    assert tc.cued == CUE
 
 
 @pytest.mark.parametrize("then", ["interrupt", "new utterance", "failure notice"])
@@ -242,7 +243,7 @@ def test_a_cue_is_dropped_by_a_cancel_a_new_turn_or_another_synth_start(then: st
     tc = controller()
     say(tc, "質問")
     speak(tc, "一。")
-    tc.on_cue(NEXT, tc.turn, after=0)
+    tc.on_speech(CUE, tc.turn, after=0)
     if then == "interrupt":
         assert kinds(tc.on_line("RECOG_EVENT_START", [], 0.0)) == ["SYNTH_STOP", "cancel"]
     elif then == "new utterance":
@@ -265,3 +266,67 @@ def test_speaking_right_after_the_last_sentence_ended_interrupts_nothing():
     speak(tc, "答え。")
     tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0)  # the sequencer's "spoken" has not come yet
     assert tc.on_line("RECOG_EVENT_START", [], 0.0) == [] and tc.machine == C.LISTENING
+
+
+# -- motions around speech (stages.bridge.motions) ------------------------------------------
+
+def expressive() -> TurnController:
+    from stages.expression import Vocabulary
+    cfg = config.load(Path(os.devnull))
+    cfg["expression"].update(listening="listening", thinking="thinking", thinking_after=0.6)
+    tc = TurnController(dict(cfg["turn"], listen_timeout=5.0), model="0", voice="mei_voice_normal",
+                        vocabulary=Vocabulary(cfg))
+    tc.on_pipeline(True)
+    return tc
+
+
+def motion_writes(actions) -> list[list[str]]:
+    return [[a.type, a.args[1]] for a in actions if isinstance(a, Write) and a.type.startswith("MOTION_")]
+
+
+def test_listening_ends_when_it_was_only_a_noise():
+    from stages.expression import MOOD
+    tc = expressive()
+    assert motion_writes(tc.on_line("RECOG_EVENT_START", [], 0.0, now=0.0)) == [["MOTION_ADD", MOOD]]
+    tc.machine.since = 0.0
+    assert motion_writes(tc.on_tick(10.0)) == [["MOTION_DELETE", MOOD]]
+
+
+def test_thinking_replaces_listening_and_an_answer_without_a_word_ends_it():
+    from stages.expression import MOOD
+    tc = expressive()
+    say(tc, "質問", now=0.0)
+    release = tc.sent_at
+    assert motion_writes(tc.on_tick(release + 0.5)) == []
+    assert tc.on_tick(release + 0.7)[0].args[2] == "motions/action/mei/mei_imagine_right_normal.vmd"
+    tc.on_spoken(tc.turn)
+    assert motion_writes(tc.on_spoken_actions()) == [["MOTION_DELETE", MOOD]]
+
+
+def test_no_thinking_once_the_first_sentence_is_written_and_the_gesture_stops_with_a_barge_in():
+    from stages.expression import GESTURE, MOOD
+    tc = expressive()
+    say(tc, "質問", now=0.0)
+    lines = [("MOTION_ADD", ["0", GESTURE, "m.vmd", "PART", "ONCE", "ON", "OFF", "0"]), ("SYNTH_START", NEXT)]
+    first = tc.on_speech(lines, tc.turn)
+    assert [a.type for a in first] == ["MOTION_DELETE", "MOTION_ADD", "SYNTH_START"] and first[0].args[1] == MOOD
+    for a in first:
+        tc.on_written(a.type, a.args, tc.turn)
+    tc.on_line("SYNTH_EVENT_START", ["0"], 0.0)
+    assert motion_writes(tc.on_tick(tc.sent_at + 5.0)) == []                  # speech began: no thinking
+    actions = tc.on_line("RECOG_EVENT_START", [], 0.0)
+    assert [a.type for a in actions if isinstance(a, Write)][:2] == ["SYNTH_STOP", "MOTION_DELETE"]
+    tc.on_line("MOTION_EVENT_DELETE", ["0", GESTURE], 0.0)
+    assert tc.motions.gesture is False
+
+
+def test_a_motion_mmdagent_ex_never_started_is_logged_once_with_its_file(caplog):
+    tc = expressive()
+    for _ in range(2):
+        tc.on_written("MOTION_ADD", ["0", "x", "motions/none.vmd", "PART", "ONCE"], now=0.0)
+        tc.on_tick(3.0)
+    tc.on_written("MOTION_ADD", ["0", "x", "motions/ok.vmd", "PART", "ONCE"], now=0.0)
+    tc.on_line("MOTION_EVENT_ADD", ["0", "x"], 0.0)
+    tc.on_tick(3.0)
+    warned = [r.getMessage() for r in caplog.records if "did not start the motion" in r.getMessage()]
+    assert len(warned) == 1 and "motions/none.vmd" in warned[0]

@@ -46,6 +46,7 @@ from stages.bridge import mmd_line
 from broker.runtime import Stage, request_stop, setup_logging
 from broker.liveness import PIPELINE
 from stages.bridge.turns import Action, Publish, TurnController, Write
+from stages.expression import Vocabulary
 from stages.latency import TurnClock
 
 log = logging.getLogger("mmdagent_llm")
@@ -75,7 +76,7 @@ class Bridge(Stage):
         self.allow_senders = frozenset(cfg["bridge"]["allow_senders"])
         self._bad_lock = threading.Lock()  # the stdin thread counts cut lines
         self.turns = TurnController(cfg["turn"], cfg["speech"]["model"], cfg["speech"]["voice"],
-                                    startup_grace=cfg["bus"]["peer_timeout"])
+                                    startup_grace=cfg["bus"]["peer_timeout"], vocabulary=Vocabulary(cfg))
         self.clock = TurnClock()
         self._inbox: zmq.Socket | None = None
         self._splitter = mmd_line.LineSplitter(MAX_IN_BYTES)
@@ -168,7 +169,9 @@ class Bridge(Stage):
     def _carry_out(self, actions: list[Action], origin: float, then: Callable[[], None] | None = None) -> None:
         """Writes first (SYNTH_STOP is what the user waits for), then ``then``, then bus events."""
         for action in actions:
-            if isinstance(action, Write):
+            if isinstance(action, Write) and action.type.startswith("MOTION_") and action.type not in self.allow_types:
+                self._refuse(f"type {action.type}", f"a {action.type!r}: not in [bridge] allow_types (no motions)")
+            elif isinstance(action, Write):
                 self._write(action.type, action.args, self.turns.turn, origin)
         if then is not None:
             then()
@@ -206,9 +209,12 @@ class Bridge(Stage):
                         self.turns.next_segment)
             self._carry_out(self.turns.on_stage_lost("broker", force=True), time.time())
             return
-        after = env.body.get("after")
-        if msg_type == "SYNTH_START" and type(after) is int:  # a cue: due when the speech playing ends
-            self._carry_out(self.turns.on_cue([str(a) for a in args], env.turn, after), env.origin)
+        if msg_type == "SYNTH_START":  # with its gesture; a cue (after) waits for the speech playing to end
+            motion = env.body.get("motion")
+            lines = [("MOTION_ADD", [str(a) for a in motion])] if isinstance(motion, list) and motion else []
+            after = env.body.get("after")
+            self._carry_out(self.turns.on_speech(lines + [(msg_type, [str(a) for a in args])], env.turn,
+                                                 after if type(after) is int else None), env.origin)
             return
         self._write(msg_type, [str(a) for a in args], env.turn, env.origin)
 
@@ -236,6 +242,7 @@ class Bridge(Stage):
                             env.origin)
         elif env.kind == "spoken":
             self.turns.on_spoken(env.turn)
+            self._carry_out(self.turns.on_spoken_actions(), env.origin)
         elif env.kind == "broken":
             if env.turn == self.turns.turn:
                 self._carry_out(self.turns.on_stage_lost(str(env.body.get("stage")), force=True), time.time())

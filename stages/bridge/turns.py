@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.wire import CAUSES
+from stages.bridge.motions import Motions
+from stages.expression import Vocabulary
 from stages.states import CONVERSATION_TRANSITIONS, ConversationState as C, Machine
 
 log = logging.getLogger("mmdagent_llm")
@@ -91,7 +93,8 @@ class _Voice:
 
 
 class TurnController:
-    def __init__(self, turn_cfg: dict[str, Any], model: str, voice: str, startup_grace: float = 0.0) -> None:
+    def __init__(self, turn_cfg: dict[str, Any], model: str, voice: str, startup_grace: float = 0.0,
+                 vocabulary: Vocabulary | None = None) -> None:
         policy = turn_cfg["barge_in"]
         if policy not in POLICIES:
             raise ValueError(f"[turn] barge_in = {policy!r}: expected one of {', '.join(POLICIES)}")
@@ -115,7 +118,8 @@ class TurnController:
         self.next_segment = 0         # index of the current turn's next segment to write
         self.total_segments: int | None = None  # how many it has, once the segmenter knows
         self.done_by: set[str] = set()  # stages whose part of the current turn is complete
-        self.cued: list[str] | None = None  # args of the SYNTH_START to write when the speech ends
+        self.cued: list[tuple[str, list[str]]] | None = None  # lines to write when the speech ends
+        self.motions = Motions(vocabulary, model)  # listening, thinking, gestures (stages.bridge.motions)
 
     # -- input ---------------------------------------------------------------------------
     def on_line(self, msg_type: str, args: list[str], origin: float, now: float | None = None) -> list[Action]:
@@ -138,20 +142,27 @@ class TurnController:
                 self.voice.outstanding = None
                 self.voice.quiet_since = now
                 if ended and self.cued is not None and self.machine == C.ANSWERING:
-                    args, self.cued = self.cued, None
-                    return [Write("SYNTH_START", args)]
+                    lines, self.cued = self.cued, None
+                    return self._speech(lines)
+            elif msg_type.startswith("MOTION_EVENT_"):
+                self.motions.on_line(msg_type, args)
         return []
 
-    def on_cue(self, args: list[str], turn: int, after: int) -> list[Action]:
-        """The next ``SYNTH_START`` of ``turn`` (already accepted), due when segment ``after``
-        ends: held while that segment is the last one written and still audible, else written now."""
-        if turn == self.turn and self.next_segment == after + 1 and self.voice.audible:
-            self.cued = args
+    def on_speech(self, lines: list[tuple[str, list[str]]], turn: int, after: int | None = None) -> list[Action]:
+        """A sentence of ``turn`` (already accepted) to write: its gesture's ``MOTION_ADD`` if any,
+        then its ``SYNTH_START``. A cue (``after`` set) is held while segment ``after`` is the
+        last one written and still audible; anything else is written now."""
+        if after is not None and turn == self.turn and self.next_segment == after + 1 and self.voice.audible:
+            self.cued = lines
             return []
-        return [Write("SYNTH_START", args)]
+        return self._speech(lines)
 
-    def on_written(self, msg_type: str, args: list[str], turn: int = 0) -> None:
+    def _speech(self, lines: list[tuple[str, list[str]]]) -> list[Action]:
+        return [Write(t, a) for t, a in [*self.motions.before_speech(), *lines]]
+
+    def on_written(self, msg_type: str, args: list[str], turn: int = 0, now: float | None = None) -> None:
         """A line the bridge wrote to MMDAgent-EX (``turn``: the turn it belongs to, 0 if none)."""
+        self.motions.on_written(msg_type, args, time.monotonic() if now is None else now)
         if msg_type == "SYNTH_START" and args[:1] == [self.model] and len(args) >= 3:
             self.voice.outstanding = args[2]
             self.cued = None  # a cue is for the sentence after the one playing: this replaced it
@@ -198,6 +209,10 @@ class TurnController:
             self.machine.move(C.IDLE, f"turn {turn} spoken")
             self.voice.quiet_since = time.monotonic() if now is None else now
 
+    def on_spoken_actions(self) -> list[Action]:
+        """After :meth:`on_spoken`: a turn that ended without a word ends its thinking motion too."""
+        return [Write(t, a) for t, a in self.motions.end_mood()] if self.machine != C.ANSWERING else []
+
     def accepts(self, msg_type: str, turn: int) -> bool:
         """Whether a command from the queue may be written: speech only for the current turn."""
         if msg_type != "SYNTH_START" or turn == 0:
@@ -205,6 +220,11 @@ class TurnController:
         return turn == self.turn and turn > self.cancelled
 
     def next_deadline(self) -> float | None:
+        own = self._own_deadline()
+        motion = self.motions.next_deadline()
+        return min(d for d in (own, motion) if d is not None) if own or motion else None
+
+    def _own_deadline(self) -> float | None:
         state = self.machine.state
         if state == C.LISTENING:
             return self.machine.since + self.listen_timeout
@@ -215,15 +235,20 @@ class TurnController:
         return None
 
     def on_tick(self, now: float) -> list[Action]:
-        deadline = self.next_deadline()
+        answering = self.machine == C.ANSWERING and not self.next_segment
+        motions: list[Action] = [Write(t, a) for t, a in self.motions.on_tick(now, answering)]
+        deadline = self._own_deadline()
         if deadline is None or now < deadline:
-            return []
+            return motions
         state = self.machine.state
         if state == C.LISTENING:
             log.info("no RECOG_EVENT_STOP within [turn] listen_timeout = %.1f s of RECOG_EVENT_START: "
                      "taken as a noise", self.listen_timeout)
             self.machine.move(C.IDLE, "listen timeout")
-            return []
+            return motions + [Write(t, a) for t, a in self.motions.end_mood()]
+        return motions + self._tick_turn(state)
+
+    def _tick_turn(self, state: C) -> list[Action]:
         if state == C.HOLDING:
             return self._fail(f"the pipeline was not back within [turn] max_age = {self.cfg['max_age']} s",
                               self.asked_origin)
@@ -295,11 +320,11 @@ class TurnController:
                 return []
             actions = self._cancel("interrupted", origin)
             self.machine.move(C.LISTENING, "interrupted")
-            return actions
+            return actions + [Write(t, a) for t, a in self.motions.listening()]
         if state == C.IDLE:
             self.machine.move(C.LISTENING, "RECOG_EVENT_START")
-        else:
-            self.machine.since = time.monotonic()  # still listening: the noise timer starts again
+            return [Write(t, a) for t, a in self.motions.listening()]
+        self.machine.since = time.monotonic()  # still listening: the noise timer starts again
         return []
 
     def _recog_stop(self, text: str, origin: float, now: float) -> list[Action]:
@@ -344,6 +369,7 @@ class TurnController:
             return self._fail(f"the utterance is older than [turn] max_age = {self.cfg['max_age']} s",
                               self.asked_origin)
         self.progress_at = self.sent_at = now
+        self.motions.think_from(now)
         self.machine.move(C.ANSWERING, f"turn {self.turn} sent")
         return [Publish("turn_start", {"text": self.user_text}, self.turn, self.asked_origin)]
 
@@ -355,6 +381,7 @@ class TurnController:
             actions = self._cancel("failed", origin, stop=False)
         else:  # held, never sent: nothing to stop, but nothing of it may run later either
             self.cancelled = self.turn
+        actions += [Write(t, a) for t, a in self.motions.end_mood()]
         notice = self.cfg["failure_notice"]
         if notice:  # a SYNTH_START cuts off whatever the model says: no SYNTH_STOP needed first
             actions.append(Write("SYNTH_START", [self.model, self.voice_alias, notice]))
@@ -365,6 +392,7 @@ class TurnController:
         state = self.machine.state
         if on and state != C.AWAY:
             actions = self._cancel("away", origin) if state == C.ANSWERING else []
+            actions += [Write(t, a) for t, a in self.motions.end_mood()]
             if state == C.HOLDING:
                 log.info("turn %d: the held utterance is dropped: away", self.turn)
             self.machine.move(C.AWAY, "RECOG_EVENT_AWAY|ON")
@@ -378,6 +406,7 @@ class TurnController:
         stopped = self.voice.audible
         if stopped and stop:
             actions.append(Write("SYNTH_STOP", [self.model]))
+        actions += [Write(t, a) for t, a in self.motions.stop_gesture()]  # the gesture goes with the speech
         if stopped:
             self.voice.outstanding = None
         self.cued = None

@@ -61,7 +61,14 @@ Captions, as observed on the real app (the argument counts are exact; a wrong on
     ``|`` in the text changes the count, an unknown style, or (the simulator's choice) a size,
     height or frame count that is not a number: nothing. :attr:`captions` holds what is on
     screen (alias -> text argument as written).
-Cheap extras: ``MOTION_ADD`` -> ``MOTION_EVENT_ADD|model|alias``; ``TIMER_START|alias|sec`` ->
+  - ``MOTION_ADD|model|alias|file|...``: a file that exists (relative to the ``.mdf`` folder, or
+    absolute) -> ``MOTION_EVENT_ADD|model|alias`` at once, and, for ``ONCE`` (the default),
+    ``MOTION_EVENT_DELETE|model|alias`` ``motion_seconds`` later. A missing file: nothing.
+    From MMDAgent-EX's source (the page is silent): an alias that is playing gets the new motion
+    swapped in (``MOTION_EVENT_ADD`` again, its end timer starts over), and
+    ``MOTION_DELETE|model|alias`` of a playing alias ends it (``MOTION_EVENT_DELETE``, a frame
+    later). :attr:`motions` holds what plays (``(model, alias)`` -> file).
+Cheap extras: ``TIMER_START|alias|sec`` ->
 ``TIMER_EVENT_START``, then ``TIMER_EVENT_STOP`` after sec. Anything else is only echoed.
 """
 
@@ -146,13 +153,18 @@ class _Speech:
         self.pending: str | None = None  # the sentence that cut this one off
 
 
+#: the voice aliases of the official example content's main.ojt, and Flite's
+EXAMPLE_VOICES = ("mei_voice_normal", "mei_voice_angry", "mei_voice_bashful", "mei_voice_happy", "mei_voice_sad",
+                  "mei_voice_fast", "mei_voice_slow", "mei_voice_high", "mei_voice_low", "slt_voice_normal")
+
+
 class SimulatedMMDAgent:
     """Runs ``command`` as MMDAgent-EX's Plugin_AnyScript would and plays MMDAgent-EX around it."""
 
     def __init__(self, command: str, *, mdf_dir: str | os.PathLike, env: dict[str, str] | None = None,
-                 voices: Collection[str] = ("mei_voice_normal", "mei_voice_happy", "slt_voice_normal"),
+                 voices: Collection[str] = EXAMPLE_VOICES,
                  seconds_per_char: float = 0.2, min_speech: float = 0.3, start_delay: float = 0.03,
-                 stop_delay: float = 0.9, cut_delay: float = 1.1,
+                 stop_delay: float = 0.9, cut_delay: float = 1.1, motion_seconds: float = 1.0,
                  on_message: Callable[[str], None] | None = None,
                  on_speech: Callable[[str, str, bool], None] | None = None,
                  stderr: int | IO | None = None) -> None:
@@ -169,6 +181,9 @@ class SimulatedMMDAgent:
         self.inbox: list[Received] = []
         self.speaking: dict[str, str] = {}
         self.captions: dict[str, str] = {}      # alias -> the text argument on screen
+        self.motion_seconds = motion_seconds
+        self.motions: dict[tuple[str, str], str] = {}  # (model, alias) -> file playing
+        self._motion_runs: dict[tuple[str, str], int] = {}  # which MOTION_ADD plays it
         self.caption_styles: set[str] = set()
         self._caption_shown: dict[str, int] = {}  # alias -> which CAPTION_START shows it
         self._proc: subprocess.Popen | None = None
@@ -367,6 +382,11 @@ class SimulatedMMDAgent:
             with self._lock:
                 action()
 
+    def _motion_end(self, key: tuple[str, str], run: int) -> None:
+        if self._motion_runs.get(key) == run and key in self.motions:  # not swapped for another since
+            del self.motions[key]
+            self._post(f"MOTION_EVENT_DELETE|{key[0]}|{key[1]}")
+
     def _after(self, delay: float, action: Callable[[], None]) -> None:
         # the sequence number keeps equal deadlines in scheduling order: deterministic events
         with self._scond:
@@ -395,7 +415,16 @@ class SimulatedMMDAgent:
             if speech is not None and speech.phase != "stopping":
                 self._interrupt(args[0], speech, self.stop_delay)
         elif kind == "MOTION_ADD" and len(args) >= 3:
-            self._post(f"MOTION_EVENT_ADD|{args[0]}|{args[1]}")
+            if os.path.isfile(os.path.join(self.mdf_dir, args[2])):
+                key = (args[0], args[1])
+                self.motions[key] = args[2]
+                run = self._motion_runs[key] = self._motion_runs.get(key, 0) + 1
+                self._post(f"MOTION_EVENT_ADD|{args[0]}|{args[1]}")
+                if (args[4:5] or ["ONCE"])[0] != "LOOP":
+                    self._after(self.motion_seconds, lambda: self._motion_end(key, run))
+        elif kind == "MOTION_DELETE" and len(args) >= 2 and (args[0], args[1]) in self.motions:
+            key = (args[0], args[1])
+            self._after(0.03, lambda run=self._motion_runs[key]: self._motion_end(key, run))
         elif kind == "TIMER_START" and len(args) >= 2:
             try:
                 seconds = float(args[1])

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import openai
@@ -22,6 +23,7 @@ from broker import wire
 from broker import config as config_mod
 from stages.llm.llm import cause_of, redact
 from broker.runtime import connect, setup_logging
+from stages.expression import Vocabulary
 from stages.llm.offline_responder import OFFLINE_NOTICE
 
 log = logging.getLogger("mmdagent_llm")
@@ -45,6 +47,18 @@ FIXES = {
     "stream_error": "The server reported an error: read its message above.",
     "other": "Read the message above; the llm stage's log has the same.",
 }
+
+
+def check_motions(cfg: config_mod.Config, folder: Path, say: Callable[[str], None]) -> list[str]:
+    """In a content folder (it holds a ``.mdf``): ``say`` each configured motion file that is not
+    there (MMDAgent-EX would ignore it without a word). Returns those names."""
+    if not any(folder.glob("*.mdf")):
+        return []
+    missing = [name for name, file in Vocabulary(cfg).motion_files().items() if not (folder / file).is_file()]
+    for name in missing:
+        say(f"MISSING MOTION: [expression.names] {name}: {cfg['expression']['names'][name]['motion']} is not in "
+            f"{folder}: the avatar will not make that gesture (fix the path, or the name's motion)")
+    return missing
 
 
 def check(cfg: config_mod.Config, say: Callable[[str], None]) -> str | None:
@@ -80,10 +94,12 @@ def main(cfg: config_mod.Config, notice: bool = False) -> int:
     (stderr), and a failure is also published as an ``error`` ``notice`` on the bus, once the
     bridge is there to show it (see :func:`publish_notice`)."""
     if not notice:
+        check_motions(cfg, Path.cwd(), lambda line: print(line, flush=True))
         return 1 if check(cfg, lambda line: print(line, flush=True)) else 0
     setup_logging("doctor")
     sub = connect(cfg, zmq.SUB, "events_out", ("heartbeat.bridge", "notice"))  # meanwhile, it connects
     try:
+        check_motions(cfg, Path.cwd(), log.warning)
         cause = check(cfg, log.info)
         if cause is not None:
             publish_notice(cfg, sub, f"{wire.CAUSES[cause]}: run `mmdagent-llm doctor`")

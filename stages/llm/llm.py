@@ -33,6 +33,7 @@ import zmq
 
 from broker import wire
 from broker import config as config_mod
+from stages.expression import Vocabulary
 from stages.llm.history import History
 from stages.llm.history_store import store_for
 from stages.llm.llm_http import make_client
@@ -150,7 +151,8 @@ class LlmStage(Stage):
         super().__init__(cfg)
         c = cfg["llm"]
         store = store_for(cfg)
-        self.history = History(c["system_prompt"], c["history_turns"], c["history_tokens"], store=store)
+        prompt = "\n".join(p for p in (c["system_prompt"], Vocabulary(cfg).prompt) if p)  # + the tags it may write
+        self.history = History(prompt, c["history_turns"], c["history_tokens"], store=store)
         if store is not None and self.history.pairs:  # said, so nobody wonders what the LLM "remembers"
             log.info("continuing the conversation in %s: %d earlier exchanges (mmdagent-llm history --clear "
                      "to start afresh)", store.path, len(self.history.pairs))

@@ -14,13 +14,13 @@ event        other fields
 ============ ==================================================================================
 observer     ``pid``: this observer started (what came before it was not recorded)
 user         ``text``: the user's utterance opened the turn
-sentence     ``index``, ``text``, ``heard``: ``full`` (spoken to its end), ``cut`` (cut off by an
+sentence     ``index``, ``text``, ``tags`` (its expression tags' names), ``heard``: ``full`` (spoken to its end), ``cut`` (cut off by an
              interruption), ``never`` (not said: dropped, superseded, or no speech event came)
 interrupted  ``reason`` (``interrupted``, ``superseded``, ``away``), ``heard`` (the sentences
              that had begun)
 error        ``cause`` (see :data:`broker.wire.CAUSES`), ``error`` (one line, no secrets)
 turn         the turn is over: ``reason`` (``done``, ``error``, a cancel reason, ``stalled``),
-             ``answer`` (the LLM's text), ``sentences``, ``latency_ms`` (see
+             ``answer`` (the LLM's text, its ``[name]`` tags taken out), ``sentences``, ``latency_ms`` (see
              :mod:`stages.latency`: ``first_token``, ``first_synth``, ``first_speech``)
 stage        ``stage``, ``change`` (``restarted``, ``gone``, ``back``), ``pid``
 broken       ``stage``, ``reason``: a stage could not do its whole part of the turn
@@ -43,6 +43,7 @@ from broker import config as config_mod
 from broker import curve, wire
 from broker.runtime import Stage, setup_logging
 from stages.latency import TurnClock
+from stages.segmenter.tags import strip_tags
 
 log = logging.getLogger("mmdagent_llm")
 
@@ -96,6 +97,7 @@ class RotatingLines:
 @dataclass
 class _Turn:
     segments: dict[int, str] = field(default_factory=dict)
+    tags: dict[int, list[str]] = field(default_factory=dict)  # the expression tags of each sentence
     started: set[int] = field(default_factory=set)
     told: set[int] = field(default_factory=set)  # sentences already written
     answer: str = ""
@@ -145,6 +147,7 @@ class Transcript(Stage):
             return
         if env.kind == "segment" and type(body.get("index")) is int:
             turn.segments[body["index"]] = str(body.get("text", ""))
+            turn.tags[body["index"]] = [str(t) for t in body.get("tags") or []]
         elif env.kind == "speech":
             self._speech(n, turn, body)
         elif env.kind == "cancel":
@@ -166,6 +169,7 @@ class Transcript(Stage):
         if type(index) is not int or index in turn.told:
             return
         turn.segments.setdefault(index, str(body.get("text", "")))
+        turn.tags.setdefault(index, [str(t) for t in body.get("tags") or []])
         if state == "started":
             turn.started.add(index)
         heard = FINAL.get(str(state))
@@ -176,14 +180,15 @@ class Transcript(Stage):
 
     def _sentence(self, n: int, turn: _Turn, index: int, heard: str) -> None:
         turn.told.add(index)
-        self.record("sentence", n, index=index, text=turn.segments.get(index, ""), heard=heard)
+        self.record("sentence", n, index=index, text=turn.segments.get(index, ""), heard=heard,
+                    tags=turn.tags.get(index, []))
 
     def _close(self, n: int, reason: str) -> None:
         turn = self.turns.pop(n)
         for index in sorted(set(turn.segments) - turn.told):
             self._sentence(n, turn, index, "cut" if index in turn.started else "never")
         times = self.clock.turns.get(n)
-        self.record("turn", n, reason=reason, answer=turn.answer, sentences=len(turn.segments),
+        self.record("turn", n, reason=reason, answer=strip_tags(turn.answer), sentences=len(turn.segments),
                     latency_ms=times.as_ms() if times else {})
 
     def next_deadline(self) -> float | None:

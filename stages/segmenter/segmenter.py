@@ -1,6 +1,7 @@
 """segmenter: the ``tokens`` queue in, speakable ``segment`` items out, per turn.
 
-Cutting rules live in :mod:`stages.segmenter.sentences`; this stage only keeps one cutter per turn,
+Cutting rules live in :mod:`stages.segmenter.sentences`, expression tags are taken out by
+:mod:`stages.segmenter.tags` (an unknown or malformed one is logged once); this stage only keeps one cutter per turn,
 numbers the segments, and passes ``turn_end`` on with the segment count. When the stream
 pauses for ``pause_release`` seconds, a finished sentence that only waits for the character
 after its end mark is released (see :meth:`stages.segmenter.sentences.SentenceCutter.ripe`). Items of a turn
@@ -19,6 +20,7 @@ from broker import wire
 from broker import config as config_mod
 from broker.runtime import Stage, setup_logging
 from stages.segmenter.sentences import SentenceCutter
+from stages.segmenter.tags import TagReader, TaggedCutter
 
 log = logging.getLogger("mmdagent_llm")
 
@@ -40,6 +42,7 @@ class SegmenterStage(Stage):
         self.cancelled = 0
         self.last_token: wire.Envelope | None = None  # of the current turn, while text is held
         self.last_token_at = 0.0
+        self.ignored_tags: set[tuple[str, str]] = set()  # logged once each
 
     def on_event(self, env: wire.Envelope) -> None:
         if env.kind == "cancel" and env.turn > self.cancelled:
@@ -47,10 +50,10 @@ class SegmenterStage(Stage):
             if self.turn <= env.turn:  # nothing held of it may be released by a pause either
                 self.cutter, self.count, self.last_token = self._new_cutter(), 0, None
 
-    def _new_cutter(self) -> SentenceCutter:
+    def _new_cutter(self) -> TaggedCutter:
         c = self.cfg["segmenter"]
-        return SentenceCutter(first_soft_chars=c["first_soft_chars"], soft_cut_chars=c["soft_cut_chars"],
-                              max_bytes=c["max_bytes"])
+        return TaggedCutter(SentenceCutter(first_soft_chars=c["first_soft_chars"], soft_cut_chars=c["soft_cut_chars"],
+                                           max_bytes=c["max_bytes"]), TagReader(set(self.cfg["expression"]["names"])))
 
     def on_work(self, env: wire.Envelope) -> None:
         if env.turn < self.turn or env.turn <= self.cancelled:
@@ -94,10 +97,16 @@ class SegmenterStage(Stage):
             env, self.last_token = self.last_token, None
             self._emit(self.cutter.ripe(), env)
 
-    def _emit(self, segments: list[str], env: wire.Envelope) -> None:
-        for text in segments:
-            self.push("segment", {"text": text, "index": self.count}, turn=env.turn, origin=env.origin)
+    def _emit(self, segments: list[tuple[str, list[str]]], env: wire.Envelope) -> None:
+        for text, tags in segments:
+            self.push("segment", {"text": text, "index": self.count, "tags": tags}, turn=env.turn, origin=env.origin)
             self.count += 1
+        for tag in self.cutter.ignored:
+            if (tag.kind, tag.name) not in self.ignored_tags:  # the LLM may repeat it in every answer
+                self.ignored_tags.add((tag.kind, tag.name))
+                log.warning("turn %d: %s tag [%s] not spoken%s", env.turn, tag.kind, tag.name[:40],
+                            " (not in [expression.names])" if tag.kind == "unknown" else "")
+        self.cutter.ignored.clear()
 
 
 def main(cfg: config_mod.Config) -> int:

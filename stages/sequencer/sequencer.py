@@ -4,7 +4,9 @@ MMDAgent-EX cuts off the current speech when a new ``SYNTH_START`` comes for the
 so per model alias only one ``SYNTH_START`` is outstanding (see :mod:`stages.states`,
 speech machine):
 
-- a segment is sent when its model is IDLE, as ``SYNTH_START|<model>|<voice>|<text>``;
+- a segment is sent when its model is IDLE, as ``SYNTH_START|<model>|<voice>|<text>``, its
+  voice and gesture (``MOTION_ADD``, carried in the same command) chosen by its tags
+  (:class:`stages.expression.Vocabulary`);
 - ``SYNTH_EVENT_START|<model>`` marks it SPEAKING, ``SYNTH_EVENT_STOP|<model>`` ends it. A
   ``SYNTH_EVENT_STOP`` that comes while we still wait for the start belongs to speech that
   was cut off before ours (MMDAgent-EX sends one for the old sentence first) and is ignored;
@@ -40,6 +42,7 @@ from typing import Callable
 from broker import wire
 from broker import config as config_mod
 from broker.runtime import Stage, setup_logging
+from stages.expression import Vocabulary
 from stages.states import SPEECH_TRANSITIONS, Machine, SpeechState
 
 log = logging.getLogger("mmdagent_llm")
@@ -51,6 +54,9 @@ class Segment:
     index: int
     text: str
     origin: float
+    tags: tuple[str, ...] = ()
+    voice: str = ""
+    motion: list[str] | None = None  # MOTION_ADD arguments of its gesture
 
 
 class SequencerStage(Stage):
@@ -64,6 +70,7 @@ class SequencerStage(Stage):
         super().__init__(cfg)
         self.model = cfg["speech"]["model"]
         self.voice = cfg["speech"]["voice"]
+        self.vocabulary = Vocabulary(cfg)
         self.machine: Machine[SpeechState] = Machine(f"speech[{self.model}]", SPEECH_TRANSITIONS, SpeechState.IDLE)
         self.queue: collections.deque[Segment] = collections.deque()
         self.current: Segment | None = None
@@ -86,8 +93,12 @@ class SequencerStage(Stage):
         if env.turn > self.turn:
             self.turn, self.total, self.done = env.turn, None, 0
             self._drop_queued(env.turn - 1)
+            self.vocabulary.start_answer()
         if env.kind == "segment":
-            self.queue.append(Segment(env.turn, int(env.body.get("index", 0)), str(env.body.get("text", "")), env.origin))
+            tags = tuple(str(t) for t in env.body.get("tags") or ())
+            expression = self.vocabulary.sentence(list(tags))
+            self.queue.append(Segment(env.turn, int(env.body.get("index", 0)), str(env.body.get("text", "")),
+                                      env.origin, tags, expression.voice, expression.motion))
             self._send_next(None)
             self._cue_next()
         elif env.kind == "turn_end":
@@ -122,7 +133,9 @@ class SequencerStage(Stage):
         self._command(self.cued, self.cued.origin, after=cur.index)
 
     def _command(self, seg: Segment, origin: float, after: int | None = None) -> None:
-        body = {"type": "SYNTH_START", "args": [self.model, self.voice, seg.text], "segment": seg.index}
+        body = {"type": "SYNTH_START", "args": [self.model, seg.voice or self.voice, seg.text], "segment": seg.index}
+        if seg.motion:  # written just before the SYNTH_START, and only with it
+            body["motion"] = seg.motion
         if after is not None:
             body["after"] = after
         self.push("command", body, turn=seg.turn, origin=origin)
@@ -229,8 +242,8 @@ class SequencerStage(Stage):
         self._finish("timeout" if self.machine != SpeechState.STOPPING else "stopped", time.time())
 
     def _speech(self, state: str, seg: Segment) -> None:
-        self.publish("speech", {"model": self.model, "index": seg.index, "text": seg.text, "state": state},
-                     turn=seg.turn)
+        self.publish("speech", {"model": self.model, "index": seg.index, "text": seg.text, "state": state,
+                                "tags": list(seg.tags), "voice": seg.voice or self.voice}, turn=seg.turn)
 
 
 def main(cfg: config_mod.Config) -> int:
