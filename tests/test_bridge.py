@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ import zmq
 from broker import wire
 from broker import config as config_mod
 from stages.commands.launcher import Pipeline, wait_ready
-from broker.runtime import connect
+from broker import runtime
+from broker.runtime import connect, stop_requested
 from tests.harness import BIN, BusWatcher, pipeline_env, write_config
 
 
@@ -153,3 +155,28 @@ def test_the_configuration_can_allow_one_more_type_and_sender(bridge):
     out, _ = proc.communicate(timeout=10)
     assert out.decode("utf-8").splitlines() == ["MOTION_ADD|0|nod|motions/nod.vmd|PART|ONCE",
                                                 "SYNTH_START|0|mei_voice_normal|はい。"]
+
+
+def test_the_reader_thread_where_pipes_cannot_be_polled_takes_the_same_lines(tmp_path: Path):
+    """Windows reads stdin on a thread (its pipes cannot be polled): a bridge given its own
+    stdin takes that path here; its lines, a cut one and the end of input come through it."""
+    import io
+
+    from stages.bridge.bridge import MAX_IN_BYTES, Bridge
+    cfg = config_mod.load(write_config(tmp_path))
+    stdin = io.BytesIO(b"RECOG_EVENT_AWAY|ON\n" + b"X" * (MAX_IN_BYTES + 5) + b"\nRECOG_EVENT_AWAY|OFF\n")
+    bridge = Bridge(cfg, stdin=stdin, stdout=io.BytesIO())
+    try:
+        assert bridge._inbox is not None and not any(isinstance(k, int) for k in bridge.extra)
+        deadline = time.monotonic() + 10
+        while not stop_requested() and time.monotonic() < deadline:
+            if bridge._inbox.poll(100):
+                bridge._on_stdin()
+        assert stop_requested(), "the end of input never came through the thread"
+        assert bridge.lines_in == 3 and bridge.bad_input == {"line too long": 1}
+    finally:
+        runtime._stop = False  # this test ran a bridge inside the test process
+        bridge.close()
+        bridge.sub.disable_monitor()
+        for sock in (bridge._handshake, bridge.pub, bridge.sub, bridge.pull):
+            sock.close(linger=0)

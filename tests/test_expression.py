@@ -70,6 +70,8 @@ def test_each_sentence_gets_its_voice_and_gesture_motion_first(tmp_path: Path, u
                           voice("mei_voice_sad", "でも、もうすぐお別れです。"), voice(last, "またね。")]
     finished = [s for s in speech if s["state"] == "finished"]
     assert [s["tags"] for s in finished] == [["happy", "greeting"], [], ["sad"], []]   # [wink] unknown: no tag
+    # what captions and subtitles show is the speech events' text: the tags are not in it
+    assert [s["text"] for s in finished] == ["こんにちは！", "今日は晴れです。", "でも、もうすぐお別れです。", "またね。"]
     assert "unknown tag [wink] not spoken" in (tmp_path / "pipeline.log").read_text(encoding="utf-8")
     system = world.server.requests[-1]["messages"][0]["content"]
     assert "[happy] [sad] [greeting]" in system and "ジェネ" in system   # the prompt lists the names
