@@ -19,7 +19,11 @@ Figures, each as the median of the rounds' medians with the spread of those medi
 - **footprint** (resident memory of every process of the side) and **idle CPU** (over 10 s with
   nothing said, % of one core);
 - **start-up**: the one-line plugin from a cold start (no pipeline running) to a bridge that
-  reports the whole pipeline reachable.
+  reports the whole pipeline reachable (built-in keeper, and under supervisord);
+- the same pipeline figures while :mod:`tests.bus_tap`, an observer process, decodes every
+  message on the bus; the transport's floor (:func:`transport_floor`); a 20,000-character answer
+  (:func:`long_answer`); a long conversation (:func:`conversation`, ``--conversation N``).
+  ``--tagged`` starts every answer with an expression tag.
 
 Reported, never asserted (the CI suite has no timing assertions).
 """

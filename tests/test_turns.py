@@ -330,3 +330,14 @@ def test_a_motion_mmdagent_ex_never_started_is_logged_once_with_its_file(caplog)
     tc.on_tick(3.0)
     warned = [r.getMessage() for r in caplog.records if "did not start the motion" in r.getMessage()]
     assert len(warned) == 1 and "motions/none.vmd" in warned[0]
+
+
+def test_a_gesture_that_never_started_is_not_stopped_by_a_barge_in():
+    from stages.expression import GESTURE
+    tc = expressive()
+    say(tc, "質問", now=0.0)
+    tc.on_written("MOTION_ADD", ["0", GESTURE, "motions/none.vmd", "PART", "ONCE"], tc.turn, now=0.0)
+    speak(tc, "一。")
+    assert tc.motions.gesture
+    tc.on_tick(3.0)                                   # no MOTION_EVENT_ADD: the file is not there
+    assert [a.type for a in tc.on_line("RECOG_EVENT_START", [], 0.0) if isinstance(a, Write)] == ["SYNTH_STOP"]

@@ -72,6 +72,10 @@ class Motions:
         for alias, (file, deadline) in list(self.waiting.items()):
             if now >= deadline:
                 del self.waiting[alias]
+                if alias == GESTURE:  # it never played: nothing for a barge-in to stop
+                    self.gesture = False
+                elif alias == MOOD:
+                    self.mood = None
                 if file not in self.missing:
                     self.missing.add(file)
                     log.warning("MMDAgent-EX did not start the motion %r (no MOTION_EVENT_ADD within %.0f s): is "
