@@ -20,7 +20,7 @@ nothing in them can break a message line or leave the content folder); the LLM o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 GESTURE = "mmdagent_llm_gesture"  # motion alias of sentence gestures
 MOOD = "mmdagent_llm_mood"        # motion alias of the listening and thinking motions
@@ -48,7 +48,7 @@ class Vocabulary:
         """A new answer starts from the default voice."""
         self._voice = self.default_voice
 
-    def sentence(self, tags: list[str]) -> Expression:
+    def sentence(self, tags: Sequence[str]) -> Expression:
         """The voice and gesture of the answer's next sentence, whose tags are ``tags`` (known names)."""
         entries = [self.names[t] for t in tags if t in self.names]
         voice = next((e["voice"] for e in reversed(entries) if "voice" in e), None)

@@ -34,7 +34,6 @@ import argparse
 import multiprocessing
 import os
 import platform
-import random
 import select
 import statistics
 import subprocess
@@ -52,7 +51,7 @@ from broker.runtime import connect
 from stages.commands.avatar_sim import SimulatedMMDAgent
 from stages.commands.launcher import stop_all, wait_ready
 from stages.llm.offline_responder import ChatCompletionServer, Token
-from tests.e2e import bridge_sees_pipeline, launched
+from tests.e2e import bridge_sees_pipeline, launched, tokens_of
 from tests.harness import ROOT, pipeline_env, write_config
 
 GAP = 0.03
@@ -76,15 +75,9 @@ class Streams:
         if body.get("max_tokens") == 1:  # the start-up check
             return [Token("OK", 0.0)]
         answer = self.tag + ANSWERS[self.turn % len(ANSWERS)]
-        rng = random.Random(self.turn)
-        self.turn += 1
         self.answers.append(answer)
-        out, i = [], 0
-        while i < len(answer):
-            n = rng.randint(1, 3)
-            out.append(Token(answer[i:i + n], GAP))
-            i += n
-        return out
+        self.turn += 1
+        return tokens_of(answer, seed=self.turn - 1, delay=GAP, longest=3)
 
 
 def completing_time(record, sentence: str, answer: str) -> float:
@@ -284,12 +277,7 @@ def long_answer(chars: int = 20000, gap: float = 0.001) -> dict[str, float]:
     segment's creation minus the last token's arrival in llm) and its throughput."""
     text = "".join(ANSWERS) * (chars // len("".join(ANSWERS)) + 1)
     text = text[:chars]
-    rng = random.Random(7)
-    tokens, i = [], 0
-    while i < len(text):
-        n = rng.randint(1, 3)
-        tokens.append(Token(text[i:i + n], gap))
-        i += n
+    tokens = tokens_of(text, seed=7, delay=gap, longest=3)
     server = ChatCompletionServer(lambda body: [Token("OK", 0.0)] if body.get("max_tokens") == 1 else tokens).start()
     try:
         with tempfile.TemporaryDirectory(prefix="mmdagent-llm-long-") as tmp:

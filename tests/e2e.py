@@ -29,12 +29,12 @@ from tests.harness import BusWatcher, pipeline_env, supervised, wait_pipeline, w
 PLUGIN_COMMAND = "mmdagent-llm bridge"
 
 
-def tokens_of(text: str, seed: int = 1, delay: float = 0.005) -> list[Token]:
-    """``text`` cut into random 1-4 character tokens, as an LLM stream would arrive."""
+def tokens_of(text: str, seed: int = 1, delay: float = 0.005, longest: int = 4) -> list[Token]:
+    """``text`` cut into random 1-``longest`` character tokens, as an LLM stream would arrive."""
     rng = random.Random(seed)
     out, i = [], 0
     while i < len(text):
-        n = rng.randint(1, 4)
+        n = rng.randint(1, longest)
         out.append(Token(text[i:i + n], delay))
         i += n
     return out

@@ -68,3 +68,18 @@ class PtyProcess:
                 pass
             self.proc.wait(5)
         os.close(self.master)
+
+
+def one_exchange(argv: list[str], cwd: str, env: dict[str, str], text: str, ready: float = 40.0) -> str:
+    """Run ``argv`` (a conversation at a ``you> `` prompt) in a terminal: say ``text``, wait for
+    the ``avatar> `` answer, ``/quit``, and require a clean exit. Returns what the screen showed."""
+    term = PtyProcess(argv, cwd, env)
+    try:
+        at = term.expect("you> ", ready)
+        term.send(f"{text}\r")
+        term.expect("avatar> ", 30, at)
+        term.send("/quit\r")
+        assert term.wait(30) == 0
+    finally:
+        term.close()
+    return term.text

@@ -18,7 +18,7 @@ from stages.llm.history_store import HistoryStore, console_path, content_path
 from stages.llm.offline_responder import ChatCompletionServer
 from tests.e2e import ScriptedLLM, bridge_sees_pipeline
 from tests.harness import BIN, pipeline_env, processes_with, write_config
-from tests.pty_term import PtyProcess
+from tests.pty_term import one_exchange
 
 
 def asked(server: ChatCompletionServer) -> list[tuple[str, str]]:
@@ -79,16 +79,7 @@ def here_only() -> dict[str, str]:
 
 
 def console_turn(tmp_path: Path, env: dict[str, str], text: str, *args: str) -> str:
-    term = PtyProcess([str(BIN / "mmdagent-llm"), "console", *args], str(tmp_path), env)
-    try:
-        at = term.expect("you> ", 40)
-        term.send(f"{text}\r")
-        term.expect("avatar> ", 20, at)
-        term.send("/quit\r")
-        assert term.wait(30) == 0
-    finally:
-        term.close()
-    return term.text
+    return one_exchange([str(BIN / "mmdagent-llm"), "console", *args], str(tmp_path), env, text)
 
 
 def test_the_console_starts_afresh_unless_asked_to_continue(tmp_path: Path, own_state):

@@ -43,9 +43,10 @@ def expressive(tmp: Path, avatar: dict | None = None, **expression) -> Iterator[
     """The pipeline with :data:`NAMES`, its content folder holding :data:`FILES` (not the ghost's)."""
     server = ChatCompletionServer(ScriptedLLM(default="はい。")).start()
     try:
-        with launched(tmp, server=server, avatar_kwargs={"seconds_per_char": 0.01, "min_speech": 0.05,
-                                                        "stderr": open(tmp / "bridge.log", "wb"), **(avatar or {})},
-                      expression={"listening": "", "thinking": "", "names": NAMES, **expression}) as world:
+        with open(tmp / "bridge.log", "wb") as bridge_log, \
+                launched(tmp, server=server, avatar_kwargs={"seconds_per_char": 0.01, "min_speech": 0.05,
+                                                           "stderr": bridge_log, **(avatar or {})},
+                         expression={"listening": "", "thinking": "", "names": NAMES, **expression}) as world:
             (tmp / "content" / "motions").mkdir()
             for name in FILES:
                 (tmp / "content" / "motions" / name).write_bytes(b"Vocaloid Motion Data 0002")

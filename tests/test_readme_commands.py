@@ -18,7 +18,7 @@ import pytest
 
 from broker import config as config_mod
 from tests.harness import ROOT, _end_group, free_base_port, wait_pipeline
-from tests.pty_term import PtyProcess
+from tests.pty_term import one_exchange
 
 
 def blocks(section: str) -> list[list[str]]:
@@ -71,16 +71,7 @@ def run_until_ready(script: str, cwd: Path, env: dict[str, str]) -> subprocess.P
 
 
 def talk(copy: Path, env: dict[str, str], activate: str) -> str:
-    term = PtyProcess(["bash", "-c", f"{activate} && mmdagent-llm avatar"], str(copy), env)
-    try:
-        at = term.expect("you> ", 30)
-        term.send("こんにちは\r")
-        term.expect("avatar> ", 30, at)
-        term.send("/quit\r")
-        assert term.wait(20) == 0
-    finally:
-        term.close()
-    return term.text
+    return one_exchange(["bash", "-c", f"{activate} && mmdagent-llm avatar"], str(copy), env, "こんにちは", 30)
 
 
 def test_supervisord_as_the_readme_says(fresh: Path, env):

@@ -63,23 +63,22 @@ def test_console_in_a_terminal(tmp_path: Path):
 def test_ctrl_c_during_start_up_and_at_the_prompt(tmp_path: Path):
     cfg_path = write_config(tmp_path)
     env = pipeline_env(cfg_path, None)
-    early = PtyProcess([str(BIN / "mmdagent-llm"), "console"], str(tmp_path), env)
-    try:
-        early.expect("starting the pipeline", 20)
-        early.send("\x03")
-        code = early.wait(30)
-    finally:
-        early.close()
-    assert code == 130 and "interrupted" in early.text and "Traceback" not in early.text, early.text[-2000:]
+
+    def ctrl_c_once(seen: str, within: float) -> tuple[int, str]:
+        """The console, interrupted once ``seen`` is on screen: its exit status and screen."""
+        term = PtyProcess([str(BIN / "mmdagent-llm"), "console"], str(tmp_path), env)
+        try:
+            term.expect(seen, within)
+            term.send("\x03")
+            return term.wait(30), term.text
+        finally:
+            term.close()
+
+    code, text = ctrl_c_once("starting the pipeline", 20)
+    assert code == 130 and "interrupted" in text and "Traceback" not in text, text[-2000:]
     assert gone_within(str(cfg_path), 5)
-    late = PtyProcess([str(BIN / "mmdagent-llm"), "console"], str(tmp_path), env)
-    try:
-        late.expect("you> ", 40)
-        late.send("\x03")
-        code = late.wait(30)
-    finally:
-        late.close()
-    assert code in (0, 130) and "Traceback" not in late.text, late.text[-2000:]
+    code, text = ctrl_c_once("you> ", 40)
+    assert code in (0, 130) and "Traceback" not in text, text[-2000:]
     assert gone_within(str(cfg_path), 5)
 
 

@@ -220,9 +220,8 @@ class TurnController:
         return turn == self.turn and turn > self.cancelled
 
     def next_deadline(self) -> float | None:
-        own = self._own_deadline()
-        motion = self.motions.next_deadline()
-        return min(d for d in (own, motion) if d is not None) if own or motion else None
+        due = [d for d in (self._own_deadline(), self.motions.next_deadline()) if d is not None]
+        return min(due) if due else None
 
     def _own_deadline(self) -> float | None:
         state = self.machine.state

@@ -96,7 +96,7 @@ class SequencerStage(Stage):
             self.vocabulary.start_answer()
         if env.kind == "segment":
             tags = tuple(str(t) for t in env.body.get("tags") or ())
-            expression = self.vocabulary.sentence(list(tags))
+            expression = self.vocabulary.sentence(tags)
             self.queue.append(Segment(env.turn, int(env.body.get("index", 0)), str(env.body.get("text", "")),
                                       env.origin, tags, expression.voice, expression.motion))
             self._send_next(None)
