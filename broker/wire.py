@@ -93,11 +93,17 @@ KINDS: dict[str, str] = {
     "cancel": """A turn is cancelled: drop everything of it, now (bus, bridge).
 
     body: ``reason`` (``interrupted``: the user started speaking; ``superseded``: a newer
-    utterance came; ``away``: recognition paused), ``stopped`` (bool: ``SYNTH_STOP`` was written,
+    utterance came; ``away``: recognition paused; ``failed``: the turn ended with the failure
+    notice; ``restarted``: asked again under a new id before a word was said; ``gone``: a new
+    bridge started, so the one that asked for every turn up to ``turn`` has gone, with its
+    MMDAgent-EX: published by each bridge once it is ready, with ``turn`` just below its own
+    first turn id, so no stage waits for events a dead MMDAgent-EX cannot send), ``stopped`` (bool: ``SYNTH_STOP`` was written,
     so one more ``SYNTH_EVENT_STOP`` will come for the stopped speech), ``spoken`` (list[str]:
     the turn's segments whose ``SYNTH_EVENT_START`` came, i.e. what the user heard). It travels
     on the bus, which every stage reads before its work queue, so it never waits behind
-    queued tokens or segments. Every item of this turn or an older one is dropped after it.""",
+    queued tokens or segments. Every item of this turn or an older one is dropped after it. A
+    bridge publishes its latest cancel again when a pipeline process restarts (one that was down,
+    or a broker that was, would have missed it).""",
     "spoken": """Every segment of a turn has been spoken or given up (bus, sequencer).
 
     body: ``segments`` (int). Not sent for a cancelled turn. The bridge's turn control takes
@@ -146,7 +152,9 @@ KINDS: dict[str, str] = {
     ``bad_frames`` (map: :attr:`WireError.reason` -> count of refused messages received since
     start; empty when none; not in the broker's, which decodes nothing), ``duplicates`` (map:
     stage name -> the pids of two or more live processes of that name on the bus; empty when
-    none; not in the broker's). topic: ``heartbeat.<stage>``.""",
+    none; not in the broker's), ``owner`` (int: the pid whose end stops this process, the plugin
+    that started it; 0 when none: a plugin does not join a pipeline whose owner has ended, it is
+    on its way out). topic: ``heartbeat.<stage>``.""",
     "broken": """A stage could not do its whole part of a turn (bus, any stage).
 
     body: ``stage`` (str), ``reason`` (str). E.g. a segmenter restarted in the middle of a turn

@@ -341,3 +341,52 @@ def test_a_gesture_that_never_started_is_not_stopped_by_a_barge_in():
     assert tc.motions.gesture
     tc.on_tick(3.0)                                   # no MOTION_EVENT_ADD: the file is not there
     assert [a.type for a in tc.on_line("RECOG_EVENT_START", [], 0.0) if isinstance(a, Write)] == ["SYNTH_STOP"]
+
+
+# -- a bridge that goes away (MMDAgent-EX closed and opened again) -------------------------
+
+def test_a_new_bridge_cancels_every_turn_before_its_own_and_its_turns_come_after():
+    import time as _time
+    before = int(_time.time() * 1000)
+    tc = controller()
+    gone = tc.on_ready()
+    assert kinds(gone) == ["cancel"] and gone[0].body == {"reason": "gone", "stopped": False, "spoken": []}
+    assert before - 1 <= gone[0].turn < tc.epoch
+    say(tc, "こんにちは")
+    assert tc.turn > gone[0].turn
+    assert tc.on_stage_back() == gone                # published again to a stage that may have missed it
+
+
+def test_the_latest_cancel_is_published_again_when_a_stage_comes_back():
+    tc = controller()
+    tc.on_ready()
+    say(tc, "質問")
+    speak(tc, "一文目。")
+    cancel = [a for a in tc.on_line("RECOG_EVENT_START", [], 0.0) if isinstance(a, Publish)]
+    assert tc.on_stage_back() == cancel and cancel[0].body["reason"] == "interrupted"
+
+
+def test_speech_mmdagent_ex_never_answers_is_not_taken_as_going_on_forever():
+    # an unknown voice alias: no SYNTH_EVENT_START at all; with barge_in = ignore every later
+    # utterance would be discarded as echo if the bridge still counted the avatar as speaking
+    cfg = dict(config.load(Path(os.devnull))["turn"], barge_in="ignore", echo_grace=1.0)
+    limits = {"start_timeout": 3.0, "stop_timeout_base": 5.0, "stop_timeout_per_char": 0.5}
+    tc = TurnController(cfg, model="0", voice="typo_voice", speech_limits=limits)
+    tc.on_pipeline(True)
+    say(tc, "質問", now=0.0)
+    tc.on_written("SYNTH_START", ["0", "typo_voice", "答え。"], tc.turn, now=0.0)
+    assert tc.voice.audible and tc.next_deadline() <= 3.0
+    tc.on_tick(2.9)
+    assert tc.voice.audible
+    tc.on_tick(3.0)
+    assert not tc.voice.audible
+    tc.on_spoken(tc.turn, now=3.0)
+    assert kinds(say(tc, "次の質問", now=4.5)) == ["turn_start"]   # heard, not discarded as echo
+    # a speech that started but whose end never comes is bounded by its length
+    tc.on_written("SYNTH_START", ["0", "typo_voice", "あいうえお"], tc.turn, now=10.0)
+    tc.on_line("SYNTH_EVENT_START", ["0"], 0.0, now=10.1)
+    assert tc.next_deadline() == 10.1 + 5.0 + 0.5 * 5
+    tc.on_tick(17.5)
+    assert tc.voice.audible
+    tc.on_tick(17.6)
+    assert not tc.voice.audible

@@ -86,15 +86,29 @@ class _Voice:
     outstanding: str | None = None   # text of our SYNTH_START not yet ended by SYNTH_EVENT_STOP
     spoken: list[str] = field(default_factory=list)  # current turn's segments that started
     quiet_since: float = 0.0         # monotonic time the last speech ended
+    since: float = 0.0               # monotonic time of the last SYNTH_START written or SYNTH_EVENT_START read
 
     @property
     def audible(self) -> bool:
         return self.speaking or self.outstanding is not None
 
+    def deadline(self, limits: dict[str, Any] | None) -> float | None:
+        """When the speech in progress counts as over though no event said so: MMDAgent-EX sends
+        nothing at all for a ``SYNTH_START`` with an unknown voice (``[speech] start_timeout``), and
+        the end of a speech is bounded as the sequencer bounds it."""
+        if limits is None or not self.audible:
+            return None
+        if not self.speaking:
+            return self.since + limits["start_timeout"]
+        return self.since + limits["stop_timeout_base"] + limits["stop_timeout_per_char"] * len(self.outstanding or "")
+
+    def over(self, now: float) -> None:
+        self.speaking, self.outstanding, self.quiet_since = False, None, now
+
 
 class TurnController:
     def __init__(self, turn_cfg: dict[str, Any], model: str, voice: str, startup_grace: float = 0.0,
-                 vocabulary: Vocabulary | None = None) -> None:
+                 vocabulary: Vocabulary | None = None, speech_limits: dict[str, Any] | None = None) -> None:
         policy = turn_cfg["barge_in"]
         if policy not in POLICIES:
             raise ValueError(f"[turn] barge_in = {policy!r}: expected one of {', '.join(POLICIES)}")
@@ -120,6 +134,10 @@ class TurnController:
         self.done_by: set[str] = set()  # stages whose part of the current turn is complete
         self.cued: list[tuple[str, list[str]]] | None = None  # lines to write when the speech ends
         self.motions = Motions(vocabulary, model)  # listening, thinking, gestures (stages.bridge.motions)
+        self.speech_limits = speech_limits  # [speech] timeouts: how long a speech may go without its events
+        # every turn id of this bridge is at least this; all below belong to bridges gone before it
+        self.epoch = int(time.time() * 1000)
+        self.last_cancel: Publish | None = None  # published again to a process that may have missed it
 
     # -- input ---------------------------------------------------------------------------
     def on_line(self, msg_type: str, args: list[str], origin: float, now: float | None = None) -> list[Action]:
@@ -134,6 +152,7 @@ class TurnController:
         if args[:1] == [self.model]:
             if msg_type == "SYNTH_EVENT_START":
                 self.voice.speaking = True
+                self.voice.since = now
                 if self.voice.outstanding is not None and self.machine == C.ANSWERING:
                     self.voice.spoken.append(self.voice.outstanding)
             elif msg_type == "SYNTH_EVENT_STOP":
@@ -162,9 +181,11 @@ class TurnController:
 
     def on_written(self, msg_type: str, args: list[str], turn: int = 0, now: float | None = None) -> None:
         """A line the bridge wrote to MMDAgent-EX (``turn``: the turn it belongs to, 0 if none)."""
-        self.motions.on_written(msg_type, args, time.monotonic() if now is None else now)
+        now = time.monotonic() if now is None else now
+        self.motions.on_written(msg_type, args, now)
         if msg_type == "SYNTH_START" and args[:1] == [self.model] and len(args) >= 3:
             self.voice.outstanding = args[2]
+            self.voice.since = now
             self.cued = None  # a cue is for the sentence after the one playing: this replaced it
             if turn == self.turn:
                 self.next_segment += 1
@@ -220,7 +241,8 @@ class TurnController:
         return turn == self.turn and turn > self.cancelled
 
     def next_deadline(self) -> float | None:
-        due = [d for d in (self._own_deadline(), self.motions.next_deadline()) if d is not None]
+        due = [d for d in (self._own_deadline(), self.motions.next_deadline(), self.voice.deadline(self.speech_limits))
+               if d is not None]
         return min(due) if due else None
 
     def _own_deadline(self) -> float | None:
@@ -234,6 +256,12 @@ class TurnController:
         return None
 
     def on_tick(self, now: float) -> list[Action]:
+        voice_due = self.voice.deadline(self.speech_limits)
+        if voice_due is not None and now >= voice_due:
+            log.warning("no SYNTH_EVENT_%s|%s in time for %r: taken as over (is the voice alias defined in "
+                        "your .ojt/.fph file?)", "STOP" if self.voice.speaking else "START", self.model,
+                        (self.voice.outstanding or "")[:30])
+            self.voice.over(now)
         answering = self.machine == C.ANSWERING and not self.next_segment
         motions: list[Action] = [Write(t, a) for t, a in self.motions.on_tick(now, answering)]
         deadline = self._own_deadline()
@@ -254,6 +282,18 @@ class TurnController:
         return self._fail(f"no progress for [turn] stall_timeout = {self.cfg['stall_timeout']} s", time.time())
 
     # -- the pipeline's health -----------------------------------------------------------
+    def on_ready(self) -> list[Action]:
+        """The bridge is on the bus: every turn before its own belongs to a bridge that has gone
+        (MMDAgent-EX closed and opened again). Cancelled at once, so no stage waits for a
+        ``SYNTH_EVENT_STOP`` or a turn that cannot come."""
+        self.last_cancel = Publish("cancel", {"reason": "gone", "stopped": False, "spoken": []}, self.epoch - 1)
+        return [self.last_cancel]
+
+    def on_stage_back(self) -> list[Action]:
+        """A pipeline process (re)started, or the broker did: the latest cancel may never have
+        reached it, and a bus event is not sent twice by itself."""
+        return [self.last_cancel] if self.last_cancel is not None else []
+
     def on_pipeline(self, up: bool, now: float | None = None) -> list[Action]:
         """Every pipeline stage is alive (``up``), or one is not (logged by the caller)."""
         now = time.monotonic() if now is None else now
@@ -354,7 +394,7 @@ class TurnController:
 
     def _hold(self, text: str, asked_at: float, origin: float) -> None:
         """Open a new turn for ``text``, not yet sent to the pipeline."""
-        self.turn = max(self.turn + 1, int(time.time() * 1000))
+        self.turn = max(self.turn + 1, int(time.time() * 1000), self.epoch)
         self.user_text, self.asked_at, self.asked_origin = text, asked_at, origin
         self.voice.spoken = []
         self.next_segment = 0
@@ -411,6 +451,7 @@ class TurnController:
         self.cued = None
         self.cancelled = self.turn
         log.info("turn %d cancelled (%s)%s", self.turn, reason, ": SYNTH_STOP sent" if stopped and stop else "")
-        actions.append(Publish("cancel", {"reason": reason, "stopped": stopped, "spoken": list(self.voice.spoken)},
-                               self.turn, origin))
+        self.last_cancel = Publish("cancel", {"reason": reason, "stopped": stopped, "spoken": list(self.voice.spoken)},
+                                   self.turn, origin)
+        actions.append(self.last_cancel)
         return actions

@@ -143,7 +143,7 @@ class _Worker(threading.Thread):
 
 class LlmStage(Stage):
     name = "llm"
-    topics = ("turn_start", "cancel")
+    topics = ("turn_start", "cancel", "speech", "spoken")
     watches_peers = False
     output_queue = "tokens"
 
@@ -167,6 +167,8 @@ class LlmStage(Stage):
         self.inbox.bind(self.worker_address)
         self.extra[self.inbox] = self._on_worker
         self.turn = 0
+        self.cancelled = 0  # highest cancelled turn: a turn_start of it or an older one is stale
+        self.heard: list[str] = []  # the current turn's sentences the avatar began to say (speech started)
         self.worker: _Worker | None = None
         self.user_text = ""
         self.answer: list[str] = []
@@ -200,8 +202,12 @@ class LlmStage(Stage):
     def on_event(self, env: wire.Envelope) -> None:
         if env.kind == "cancel":
             self._cancel(env)
-        elif env.kind == "turn_start" and env.turn > self.turn:
+        elif env.kind == "turn_start" and env.turn > max(self.turn, self.cancelled):
             self._start(env)
+        elif env.kind == "speech" and env.turn == self.turn and env.body.get("state") == "started":
+            self.heard.append(str(env.body.get("text", "")))
+        elif env.kind == "spoken" and env.turn == self.turn:
+            self.recorded = False  # said in full: no later cancel can shorten it
 
     def _start(self, env: wire.Envelope) -> None:
         text = str(env.body.get("text", "")).strip()
@@ -210,6 +216,7 @@ class LlmStage(Stage):
         self.turn = env.turn
         self.user_text = text
         self.answer = []
+        self.heard = []
         self.first_token_at = 0.0
         self.tokens_sent = 0
         self.recorded = False
@@ -220,11 +227,15 @@ class LlmStage(Stage):
         self.worker.start()
 
     def _cancel(self, env: wire.Envelope) -> None:
-        """The user cut the turn off: stop the request, keep in history only what was spoken."""
-        if env.turn != self.turn:
+        """The user cut the turn off: stop the request, keep in history only what was spoken.
+        A cancel of a later turn covers ours too (a new bridge cancels every turn before its own:
+        ``gone``); then what was spoken is what the sequencer reported started."""
+        self.cancelled = max(self.cancelled, env.turn)
+        if env.turn < self.turn:
             return
-        spoken = join_segments([str(s) for s in env.body.get("spoken", [])])
         reason = str(env.body.get("reason", "interrupted"))
+        said = [str(s) for s in env.body.get("spoken", [])] if env.turn == self.turn else self.heard
+        spoken = join_segments(said)
         if self.machine != TurnState.IDLE:
             self._end_turn(reason, "", spoken=spoken)
         elif self.recorded and self.history.revise_last(self.user_text, spoken):
