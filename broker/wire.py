@@ -89,7 +89,14 @@ KINDS: dict[str, str] = {
     "turn_start": """A user utterance opens a turn (bus, bridge; see :mod:`stages.bridge.turns`).
 
     body: ``text`` (str, the utterance). ``turn`` is the new turn's id; ids only grow. The llm
-    stage answers it; stages drop work items of older turns.""",
+    stage answers it; stages drop work items of older turns. A *resumed* answer (a stage was lost
+    after the avatar had begun to answer, see :mod:`stages.bridge.turns`) also has ``resume``
+    (int: the turn whose answer goes on, cancelled with reason ``lost``) and ``skip`` (int: how
+    many of that answer's segments were written to MMDAgent-EX already, counted from the
+    answer's start) and ``heard`` (list[str]: those segments): the llm sends the answer again
+    from its start, and on, under the new id; an llm restarted meanwhile holds no answer, and
+    asks for its rest with ``heard`` as the assistant's beginning (``[llm] prefill``), or
+    reports the turn ``broken``.""",
     "cancel": """A turn is cancelled: drop everything of it, now (bus, bridge).
 
     body: ``reason`` (``interrupted``: the user started speaking; ``superseded``: a newer
@@ -97,7 +104,9 @@ KINDS: dict[str, str] = {
     notice; ``restarted``: asked again under a new id before a word was said; ``gone``: a new
     bridge started, so the one that asked for every turn up to ``turn`` has gone, with its
     MMDAgent-EX: published by each bridge once it is ready, with ``turn`` just below its own
-    first turn id, so no stage waits for events a dead MMDAgent-EX cannot send), ``stopped`` (bool: ``SYNTH_STOP`` was written,
+    first turn id, so no stage waits for events a dead MMDAgent-EX cannot send; ``lost``: a stage
+    was lost in the middle of the answer, whose rest comes as a resumed turn (``turn_start``'s
+    ``resume``): the llm keeps the answer going, the others drop this id's items), ``stopped`` (bool: ``SYNTH_STOP`` was written,
     so one more ``SYNTH_EVENT_STOP`` will come for the stopped speech), ``spoken`` (list[str]:
     the turn's segments whose ``SYNTH_EVENT_START`` came, i.e. what the user heard). It travels
     on the bus, which every stage reads before its work queue, so it never waits behind
@@ -111,7 +120,9 @@ KINDS: dict[str, str] = {
     "token": """A piece of the answer as the LLM streamed it (work queue ``tokens``: llm -> segmenter).
 
     body: ``text`` (str), ``index`` (int, 0-based within the turn: a gap means tokens were
-    lost). ``origin`` is when the llm process received it.""",
+    lost), and on the first token of a resumed answer ``skip`` (int: the segmenter cuts the text
+    as usual but does not send its first ``skip`` segments, which were heard already). ``origin``
+    is when the llm process received it.""",
     "segment": """A speakable piece of the answer (work queue ``segments``: segmenter -> sequencer).
 
     body: ``text`` (str, clean speech, its tags taken out), ``index`` (int, 0-based within the

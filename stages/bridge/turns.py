@@ -133,6 +133,10 @@ class TurnController:
         self.total_segments: int | None = None  # how many it has, once the segmenter knows
         self.done_by: set[str] = set()  # stages whose part of the current turn is complete
         self.cued: list[tuple[str, list[str]]] | None = None  # lines to write when the speech ends
+        self.skip = 0                 # segments of the answer written under earlier ids (a resumed answer)
+        self.written: list[str] = []  # the answer's segments written to MMDAgent-EX, all ids of it
+        self.resume_of: int | None = None  # a lost turn whose rest is asked for once the avatar is quiet
+        self.start_body: dict[str, Any] = {}  # the current turn's turn_start, to send it again
         self.motions = Motions(vocabulary, model)  # listening, thinking, gestures (stages.bridge.motions)
         self.speech_limits = speech_limits  # [speech] timeouts: how long a speech may go without its events
         # every turn id of this bridge is at least this; all below belong to bridges gone before it
@@ -163,6 +167,7 @@ class TurnController:
                 if ended and self.cued is not None and self.machine == C.ANSWERING:
                     lines, self.cued = self.cued, None
                     return self._speech(lines)
+                return self._resume_when_quiet(now)
             elif msg_type.startswith("MOTION_EVENT_"):
                 self.motions.on_line(msg_type, args)
         return []
@@ -189,6 +194,7 @@ class TurnController:
             self.cued = None  # a cue is for the sentence after the one playing: this replaced it
             if turn == self.turn:
                 self.next_segment += 1
+                self.written.append(args[2])
 
     def on_progress(self, kind: str, sender: str, turn: int, now: float | None = None,
                     segments: int | None = None) -> None:
@@ -262,8 +268,9 @@ class TurnController:
                         "your .ojt/.fph file?)", "STOP" if self.voice.speaking else "START", self.model,
                         (self.voice.outstanding or "")[:30])
             self.voice.over(now)
-        answering = self.machine == C.ANSWERING and not self.next_segment
+        answering = self.machine == C.ANSWERING and not self.next_segment and not self.skip
         motions: list[Action] = [Write(t, a) for t, a in self.motions.on_tick(now, answering)]
+        motions += self._resume_when_quiet(now)
         deadline = self._own_deadline()
         if deadline is None or now < deadline:
             return motions
@@ -276,6 +283,9 @@ class TurnController:
         return motions + self._tick_turn(state)
 
     def _tick_turn(self, state: C) -> list[Action]:
+        if self._all_said():  # only the sequencer's "spoken" went missing (a broker restart)
+            self.machine.move(C.IDLE, f"turn {self.turn} all said")
+            return []
         if state == C.HOLDING:
             return self._fail(f"the pipeline was not back within [turn] max_age = {self.cfg['max_age']} s",
                               self.asked_origin)
@@ -303,18 +313,18 @@ class TurnController:
             actions.append(Write("NOTIFY_SHOW", [self.cfg["unreachable_text"]]))
         if up and self.machine == C.HOLDING:
             actions += self._release_held(now)
-        return actions
+        return actions + self._resume_when_quiet(now)
 
     def on_llm_turn(self, llm_turn: int, now: float | None = None) -> list[Action]:
         """The llm's heartbeat names the turn it is on. Still behind ours a while after we sent
         it: our ``turn_start`` was lost (the broker or the llm restarted in between); send it again."""
         now = time.monotonic() if now is None else now
         if (self.machine != C.ANSWERING or llm_turn >= self.turn or "llm" in self.done_by or self.next_segment
-                or now - self.sent_at < RESEND_AFTER):
+                or self.resume_of is not None or now - self.sent_at < RESEND_AFTER):
             return []
         self.sent_at = now
         log.info("turn %d: the llm has not received it (it is on turn %d): sending it again", self.turn, llm_turn)
-        return [Publish("turn_start", {"text": self.user_text}, self.turn, self.asked_origin)]
+        return [Publish("turn_start", self.start_body, self.turn, self.asked_origin)]
 
     def segment_gap(self, turn: int, segment: int) -> bool:
         """A speech command of the current turn whose segment index is past the next one due:
@@ -337,14 +347,47 @@ class TurnController:
         now = time.monotonic() if now is None else now
         if self.machine != C.ANSWERING or (name in self.done_by and not force):
             return []
-        if self.next_segment or self.voice.spoken:  # a SYNTH_START of this turn was written
-            return self._fail(f"{name} was lost in the middle of the answer", time.time())
+        if self.total_segments is not None and self.next_segment >= self.total_segments:
+            return []  # every sentence was written already: nothing of it is lost
+        if self.skip or self.next_segment or self.resume_of is not None:  # something of the answer was said
+            if force and name == "llm":  # a restarted llm that cannot go on with it (no [llm] prefill)
+                return self._fail(f"{name} was lost in the middle of the answer", time.time())
+            return self._lose(name, now)
         log.info("turn %d: %s was lost before anything was said: asking again", self.turn, name)
         actions = self._cancel("restarted", time.time())
         self._hold(self.user_text, self.asked_at, self.asked_origin)
         if self.pipeline_up:
             actions += self._release_held(now)
         return actions
+
+    def _lose(self, name: str, now: float) -> list[Action]:
+        """A stage other than the llm was lost after the avatar began to answer: the llm still
+        holds the answer. What was written stays (the avatar finishes its sentence); the rest of
+        this id is dropped everywhere (``cancel`` ``lost``), and once the avatar is quiet the
+        answer is asked for again under a new id (:meth:`_resume_when_quiet`), the sentences
+        written so far skipped: the user hears each sentence once, in order."""
+        if self.resume_of is None:
+            log.info("turn %d: %s was lost after %d sentences were written: the rest follows", self.turn, name,
+                     self.skip + self.next_segment)
+            self.resume_of, self.skip = self.turn, self.skip + self.next_segment
+            self.next_segment, self.total_segments, self.cued = 0, None, None
+            self.cancelled = self.turn
+            self.last_cancel = Publish("cancel", {"reason": "lost", "stopped": False, "spoken": list(self.voice.spoken)},
+                                       self.turn, time.time())
+            return [self.last_cancel, *self._resume_when_quiet(now)]
+        return self._resume_when_quiet(now)
+
+    def _resume_when_quiet(self, now: float) -> list[Action]:
+        """The lost turn's rest, asked for as a new turn: once the avatar has finished what was
+        written (a new SYNTH_START would cut it off) and the pipeline is reachable."""
+        if self.resume_of is None or self.machine != C.ANSWERING or self.voice.audible or not self.pipeline_up:
+            return []
+        of, self.resume_of = self.resume_of, None
+        self.turn = max(self.turn + 1, int(time.time() * 1000), self.epoch)
+        self.next_segment, self.total_segments, self.done_by, self.cued = 0, None, set(), None
+        self.progress_at = self.sent_at = now
+        self.start_body = {"text": self.user_text, "resume": of, "skip": self.skip, "heard": list(self.written)}
+        return [Publish("turn_start", self.start_body, self.turn, self.asked_origin)]
 
     # -- transitions ---------------------------------------------------------------------
     def _recog_start(self, origin: float) -> list[Action]:
@@ -397,6 +440,7 @@ class TurnController:
         self.turn = max(self.turn + 1, int(time.time() * 1000), self.epoch)
         self.user_text, self.asked_at, self.asked_origin = text, asked_at, origin
         self.voice.spoken = []
+        self.skip, self.resume_of, self.written = 0, None, []
         self.next_segment = 0
         self.total_segments = None
         self.done_by = set()
@@ -410,7 +454,8 @@ class TurnController:
         self.progress_at = self.sent_at = now
         self.motions.think_from(now)
         self.machine.move(C.ANSWERING, f"turn {self.turn} sent")
-        return [Publish("turn_start", {"text": self.user_text}, self.turn, self.asked_origin)]
+        self.start_body = {"text": self.user_text}
+        return [Publish("turn_start", self.start_body, self.turn, self.asked_origin)]
 
     def _fail(self, why: str, origin: float) -> list[Action]:
         """End the current turn with the failure notice (spoken by the bridge itself)."""
@@ -449,6 +494,7 @@ class TurnController:
         if stopped:
             self.voice.outstanding = None
         self.cued = None
+        self.resume_of = None
         self.cancelled = self.turn
         log.info("turn %d cancelled (%s)%s", self.turn, reason, ": SYNTH_STOP sent" if stopped and stop else "")
         self.last_cancel = Publish("cancel", {"reason": reason, "stopped": stopped, "spoken": list(self.voice.spoken)},

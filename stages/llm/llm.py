@@ -90,7 +90,7 @@ class _Worker(threading.Thread):
     """Runs one chat completion request and reports to the stage loop over an inproc PUSH."""
 
     def __init__(self, stage: "LlmStage", turn: int, messages: list[dict]) -> None:
-        super().__init__(name=f"turn-{turn}", daemon=True)
+        super().__init__(name=f"turn-{turn}", daemon=True)  # messages may end with the answer's beginning
         self.stage, self.turn, self.messages = stage, turn, messages
         self.cancelled = threading.Event()
 
@@ -174,6 +174,7 @@ class LlmStage(Stage):
         self.answer: list[str] = []
         self.first_token_at = 0.0  # when the turn's first LLM token arrived (time.time()), 0 if none
         self.recorded = False  # the current turn's full answer is the last pair in history
+        self.ended = "done"    # how the current turn's request ended, once it has
         self.turn_started = 0.0
 
     def _make_client(self) -> tuple[openai.OpenAI, str]:
@@ -210,10 +211,19 @@ class LlmStage(Stage):
             self.recorded = False  # said in full: no later cancel can shorten it
 
     def _start(self, env: wire.Envelope) -> None:
+        if type(env.body.get("resume")) is int:
+            self._resume(env, env.body["resume"], env.body.get("skip"))
+            return
         text = str(env.body.get("text", "")).strip()
+        self._begin(env.turn, text)
+        log.info("turn %d: %d characters from the user", self.turn, len(text))
+        self.worker = _Worker(self, self.turn, self.history.request(text))
+        self.worker.start()
+
+    def _begin(self, turn: int, text: str) -> None:
         if self.machine != TurnState.IDLE:  # the bridge cancels first; this is only a safety net
             self._end_turn("superseded", "")
-        self.turn = env.turn
+        self.turn = turn
         self.user_text = text
         self.answer = []
         self.heard = []
@@ -222,8 +232,40 @@ class LlmStage(Stage):
         self.recorded = False
         self.turn_started = time.monotonic()
         self.machine.move(TurnState.REQUESTING, f"turn {self.turn}")
-        log.info("turn %d: %d characters from the user", self.turn, len(text))
-        self.worker = _Worker(self, self.turn, self.history.request(text))
+
+    def _resume(self, env: wire.Envelope, of: int, skip: object) -> None:
+        """A stage was lost in the middle of turn ``of``: its answer goes on under ``env.turn``. Sent
+        again from its start (the segmenter skips the ``skip`` segments heard already), then the
+        rest as it streams; history records it once, as one answer. A restarted llm holds no
+        answer to go on with: the turn is reported broken, and the bridge ends it with the notice."""
+        if of != self.turn or not (self.answer or self.machine != TurnState.IDLE):
+            heard = [str(h) for h in env.body.get("heard") or []]
+            if self.cfg["llm"]["prefill"] and heard:
+                self._continue(env, join_segments(heard))
+                return
+            log.warning("turn %d: asked to go on with turn %d, which this process does not hold", env.turn, of)
+            self.turn = env.turn
+            self.publish("broken", {"stage": self.name, "reason": f"turn {of} is not held here"}, turn=env.turn)
+            return
+        log.info("turn %d goes on as turn %d: %d characters again, %s segments heard", of, env.turn,
+                 len("".join(self.answer)), skip)
+        self.turn, self.tokens_sent = env.turn, 0
+        self.push("token", {"text": "".join(self.answer), "index": 0, "skip": skip if type(skip) is int else 0},
+                  turn=self.turn, origin=env.origin)
+        self.tokens_sent = 1
+        if self.machine == TurnState.IDLE:  # the whole answer had come: it ends here too
+            self.push("turn_end", {"reason": self.ended, "segments": 0, "tokens": self.tokens_sent}, turn=self.turn)
+            self.publish("turn_result", {"reason": self.ended, "answer": "".join(self.answer), "error": "",
+                                         "cause": "", "first_token": self.first_token_at}, turn=self.turn)
+
+    def _continue(self, env: wire.Envelope, heard: str) -> None:
+        """This process was restarted in the middle of the answer: ask for its rest, with what the
+        user heard as the assistant's beginning (``[llm] prefill``: a server that continues it)."""
+        self._begin(env.turn, str(env.body.get("text", "")).strip())
+        self.answer, self.heard = [heard], []
+        log.info("turn %d: asking for the rest of an answer after %d heard characters", self.turn, len(heard))
+        messages = [*self.history.request(self.user_text), {"role": "assistant", "content": heard}]
+        self.worker = _Worker(self, self.turn, messages)
         self.worker.start()
 
     def _cancel(self, env: wire.Envelope) -> None:
@@ -234,6 +276,8 @@ class LlmStage(Stage):
         if env.turn < self.turn:
             return
         reason = str(env.body.get("reason", "interrupted"))
+        if reason == "lost":  # the answer goes on under a new turn (turn_start's resume): keep it going
+            return
         said = [str(s) for s in env.body.get("spoken", [])] if env.turn == self.turn else self.heard
         spoken = join_segments(said)
         if self.machine != TurnState.IDLE:
@@ -245,7 +289,7 @@ class LlmStage(Stage):
     def _on_worker(self) -> None:
         while self.inbox.poll(0):
             turn, what, data = self.inbox.recv_pyobj()
-            if turn != self.turn or self.machine == TurnState.IDLE:
+            if self.worker is None or turn != self.worker.turn or self.machine == TurnState.IDLE:
                 continue  # a superseded or timed-out request still finishing
             if what == "token":
                 text, arrived = data
@@ -304,6 +348,7 @@ class LlmStage(Stage):
             self.push("turn_end", {"reason": reason, "segments": 0, "tokens": self.tokens_sent}, turn=self.turn)
         self.publish("turn_result", {"reason": reason, "answer": answer, "error": error, "cause": cause,
                                      "first_token": self.first_token_at}, turn=self.turn)
+        self.ended = reason
         log.info("turn %d %s after %.2f s, %d characters", self.turn, reason,
                  time.monotonic() - self.turn_started, len(answer))
         self.machine.move(TurnState.IDLE, reason)

@@ -153,6 +153,8 @@ class SequencerStage(Stage):
         seg = self.current
         if seg is None or seg.turn > env.turn or self.machine not in (SpeechState.SENT, SpeechState.SPEAKING):
             return
+        if env.body.get("reason") == "lost" and self.machine == SpeechState.SPEAKING:
+            return  # nothing stops it: it plays to its end, and the rest of its answer comes as a new turn
         if env.body.get("stopped"):
             # MMDAgent-EX still sends this speech's SYNTH_EVENT_STOP: wait for it (or cut_timeout)
             # so it is not taken as the end of the next turn's first sentence.
