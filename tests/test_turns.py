@@ -460,3 +460,14 @@ def test_speech_mmdagent_ex_never_answers_is_not_taken_as_going_on_forever():
     assert tc.voice.audible
     tc.on_tick(17.6)
     assert not tc.voice.audible
+
+
+def test_turn_ids_start_above_the_last_bridges_when_the_clock_was_set_back():
+    tc = controller()
+    tc.on_ready()
+    ahead = tc.epoch + 3_600_000                     # the last bridge ran an hour ahead of this clock
+    gone = tc.on_llm_turn(ahead, now=0.0)
+    assert kinds(gone) == ["cancel"] and gone[0].turn == ahead and gone[0].body["reason"] == "gone"
+    say(tc, "こんにちは")
+    assert tc.turn > ahead
+    assert tc.on_llm_turn(tc.turn - 1, now=0.0) == []  # ours now: an ordinary heartbeat

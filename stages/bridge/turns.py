@@ -319,12 +319,24 @@ class TurnController:
         """The llm's heartbeat names the turn it is on. Still behind ours a while after we sent
         it: our ``turn_start`` was lost (the broker or the llm restarted in between); send it again."""
         now = time.monotonic() if now is None else now
+        if llm_turn >= self.epoch and self.turn < self.epoch:  # before our first turn: see _behind_clock
+            return self._behind_clock(llm_turn)
         if (self.machine != C.ANSWERING or llm_turn >= self.turn or "llm" in self.done_by or self.next_segment
                 or self.resume_of is not None or now - self.sent_at < RESEND_AFTER):
             return []
         self.sent_at = now
         log.info("turn %d: the llm has not received it (it is on turn %d): sending it again", self.turn, llm_turn)
         return [Publish("turn_start", self.start_body, self.turn, self.asked_origin)]
+
+    def _behind_clock(self, llm_turn: int) -> list[Action]:
+        """The llm is on a turn id above every id this bridge would use: the last bridge's ids ran
+        ahead of this machine's clock (it was set back). Ours start above it, and everything up
+        to it is cancelled, or the stages would take our turns for old ones and drop them."""
+        log.warning("the clock is behind the last bridge's turn ids (the llm is on turn %d): this bridge's turns "
+                    "start above it", llm_turn)
+        self.epoch = llm_turn + 1
+        self.last_cancel = Publish("cancel", {"reason": "gone", "stopped": False, "spoken": []}, llm_turn)
+        return [self.last_cancel]
 
     def segment_gap(self, turn: int, segment: int) -> bool:
         """A speech command of the current turn whose segment index is past the next one due:
