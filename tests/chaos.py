@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mmdagent-llm-chaos-") as tmp:
+        # the run's own keys and histories, for the stages and for this process alike (supervisord's
+        # stages get a HOME of their own: without this, they would make keys this process lacks)
+        os.environ["XDG_STATE_HOME"] = str(Path(tmp) / "state")
         report = run(Path(tmp), args.turns, args.kill_every, args.seed)
     print(f"mmdagent-llm chaos run under supervisord: seed {args.seed}, a SIGKILL every {args.kill_every} turns, "
           f"{time.monotonic() - began:.0f} s")

@@ -165,7 +165,7 @@ def test_the_llm_lost_after_speech_began_asks_it_to_go_on_or_ends_with_the_notic
     tc.on_line("SYNTH_EVENT_START", ["0"], 0.0, now=1.1)
     resumed = tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0, now=1.2)
     assert kinds(resumed) == ["turn_start"]
-    assert resumed[0].body == {"text": "質問", "resume": old, "skip": 1, "heard": ["一文目。"]}
+    assert resumed[0].body == {"text": "質問", "resume": old, "heard": ["一文目。"]}
     # the restarted llm cannot go on with it ([llm] prefill off): it reports the turn broken
     actions = tc.on_stage_lost("llm", now=1.5, force=True)
     assert kinds(actions) == ["cancel", "SYNTH_START"] and actions[1].args[2] == NOTICE
@@ -186,15 +186,14 @@ def test_another_stage_lost_after_speech_began_resumes_once_the_avatar_is_quiet(
     assert tc.on_stage_lost("broker", now=1.1) == []   # a second loss while waiting changes nothing
     resumed = tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0, now=2.0)   # no SYNTH_STOP: it played to its end
     assert kinds(resumed) == ["turn_start"] and resumed[0].turn > old
-    assert resumed[0].body == {"text": "質問", "resume": old, "skip": 2, "heard": ["一文目。", "二文目。"]}
+    assert resumed[0].body == {"text": "質問", "resume": old, "heard": ["一文目。", "二文目。"]}
     assert tc.machine == C.ANSWERING and tc.accepts("SYNTH_START", tc.turn)
     speak(tc, "三文目。", now=2.1)
     # lost again: counted from the answer's start, and the interruption after it keeps all that was heard
     again = tc.on_stage_lost("segmenter", now=2.5)
     assert again[0].body["reason"] == "lost"
     tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0, now=3.0)
-    assert tc.start_body == {"text": "質問", "resume": resumed[0].turn, "skip": 3,
-                             "heard": ["一文目。", "二文目。", "三文目。"]}
+    assert tc.start_body == {"text": "質問", "resume": resumed[0].turn, "heard": ["一文目。", "二文目。", "三文目。"]}
     speak(tc, "四文目。", now=3.1)
     stop = tc.on_line("RECOG_EVENT_START", [], 0.0, now=3.2)
     assert kinds(stop) == ["SYNTH_STOP", "cancel"]

@@ -133,8 +133,7 @@ class TurnController:
         self.total_segments: int | None = None  # how many it has, once the segmenter knows
         self.done_by: set[str] = set()  # stages whose part of the current turn is complete
         self.cued: list[tuple[str, list[str]]] | None = None  # lines to write when the speech ends
-        self.skip = 0                 # segments of the answer written under earlier ids (a resumed answer)
-        self.written: list[str] = []  # the answer's segments written to MMDAgent-EX, all ids of it
+        self.written: list[str] = []  # the answer's segments written to MMDAgent-EX, under all its ids
         self.resume_of: int | None = None  # a lost turn whose rest is asked for once the avatar is quiet
         self.start_body: dict[str, Any] = {}  # the current turn's turn_start, to send it again
         self.motions = Motions(vocabulary, model)  # listening, thinking, gestures (stages.bridge.motions)
@@ -268,7 +267,7 @@ class TurnController:
                         "your .ojt/.fph file?)", "STOP" if self.voice.speaking else "START", self.model,
                         (self.voice.outstanding or "")[:30])
             self.voice.over(now)
-        answering = self.machine == C.ANSWERING and not self.next_segment and not self.skip
+        answering = self.machine == C.ANSWERING and not self.written
         motions: list[Action] = [Write(t, a) for t, a in self.motions.on_tick(now, answering)]
         motions += self._resume_when_quiet(now)
         deadline = self._own_deadline()
@@ -361,7 +360,7 @@ class TurnController:
             return []
         if self.total_segments is not None and self.next_segment >= self.total_segments:
             return []  # every sentence was written already: nothing of it is lost
-        if self.skip or self.next_segment or self.resume_of is not None:  # something of the answer was said
+        if self.written or self.resume_of is not None:  # something of the answer was said
             if force and name == "llm":  # a restarted llm that cannot go on with it (no [llm] prefill)
                 return self._fail(f"{name} was lost in the middle of the answer", time.time())
             return self._lose(name, now)
@@ -380,8 +379,8 @@ class TurnController:
         written so far skipped: the user hears each sentence once, in order."""
         if self.resume_of is None:
             log.info("turn %d: %s was lost after %d sentences were written: the rest follows", self.turn, name,
-                     self.skip + self.next_segment)
-            self.resume_of, self.skip = self.turn, self.skip + self.next_segment
+                     len(self.written))
+            self.resume_of = self.turn
             self.next_segment, self.total_segments, self.cued = 0, None, None
             self.cancelled = self.turn
             self.last_cancel = Publish("cancel", {"reason": "lost", "stopped": False, "spoken": list(self.voice.spoken)},
@@ -398,7 +397,7 @@ class TurnController:
         self.turn = max(self.turn + 1, int(time.time() * 1000), self.epoch)
         self.next_segment, self.total_segments, self.done_by, self.cued = 0, None, set(), None
         self.progress_at = self.sent_at = now
-        self.start_body = {"text": self.user_text, "resume": of, "skip": self.skip, "heard": list(self.written)}
+        self.start_body = {"text": self.user_text, "resume": of, "heard": list(self.written)}
         return [Publish("turn_start", self.start_body, self.turn, self.asked_origin)]
 
     # -- transitions ---------------------------------------------------------------------
@@ -452,7 +451,7 @@ class TurnController:
         self.turn = max(self.turn + 1, int(time.time() * 1000), self.epoch)
         self.user_text, self.asked_at, self.asked_origin = text, asked_at, origin
         self.voice.spoken = []
-        self.skip, self.resume_of, self.written = 0, None, []
+        self.resume_of, self.written = None, []
         self.next_segment = 0
         self.total_segments = None
         self.done_by = set()

@@ -212,7 +212,7 @@ class LlmStage(Stage):
 
     def _start(self, env: wire.Envelope) -> None:
         if type(env.body.get("resume")) is int:
-            self._resume(env, env.body["resume"], env.body.get("skip"))
+            self._resume(env, env.body["resume"], [str(h) for h in env.body.get("heard") or []])
             return
         text = str(env.body.get("text", "")).strip()
         self._begin(env.turn, text)
@@ -233,13 +233,12 @@ class LlmStage(Stage):
         self.turn_started = time.monotonic()
         self.machine.move(TurnState.REQUESTING, f"turn {self.turn}")
 
-    def _resume(self, env: wire.Envelope, of: int, skip: object) -> None:
+    def _resume(self, env: wire.Envelope, of: int, heard: list[str]) -> None:
         """A stage was lost in the middle of turn ``of``: its answer goes on under ``env.turn``. Sent
-        again from its start (the segmenter skips the ``skip`` segments heard already), then the
+        again from its start (the segmenter skips the segments ``heard`` already), then the
         rest as it streams; history records it once, as one answer. A restarted llm holds no
         answer to go on with: the turn is reported broken, and the bridge ends it with the notice."""
         if of != self.turn or not (self.answer or self.machine != TurnState.IDLE):
-            heard = [str(h) for h in env.body.get("heard") or []]
             if self.cfg["llm"]["prefill"] and heard:
                 self._continue(env, join_segments(heard))
                 return
@@ -247,11 +246,11 @@ class LlmStage(Stage):
             self.turn = env.turn
             self.publish("broken", {"stage": self.name, "reason": f"turn {of} is not held here"}, turn=env.turn)
             return
-        log.info("turn %d goes on as turn %d: %d characters again, %s segments heard", of, env.turn,
-                 len("".join(self.answer)), skip)
+        log.info("turn %d goes on as turn %d: %d characters again, %d segments heard", of, env.turn,
+                 len("".join(self.answer)), len(heard))
         self.turn, self.tokens_sent = env.turn, 0
-        self.push("token", {"text": "".join(self.answer), "index": 0, "skip": skip if type(skip) is int else 0},
-                  turn=self.turn, origin=env.origin)
+        self.push("token", {"text": "".join(self.answer), "index": 0, "skip": len(heard)}, turn=self.turn,
+                  origin=env.origin)
         self.tokens_sent = 1
         if self.machine == TurnState.IDLE:  # the whole answer had come: it ends here too
             self.push("turn_end", {"reason": self.ended, "segments": 0, "tokens": self.tokens_sent}, turn=self.turn)
