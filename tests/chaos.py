@@ -1,6 +1,6 @@
 """Chaos run: many turns under real supervisord while a random stage is SIGKILLed every few turns.
 
-    python -m tests.chaos [--turns 100] [--kill-every 3] [--seed 1]
+    python -m tests.chaos [--turns 100] [--kill-every 3] [--seed 1] [--no-prefill]
 
 The pipeline runs under ``deploy/supervisord.conf`` (copied into a temporary folder), the llm
 talks to a local streaming server through the real openai client, and the fake MMDAgent-EX
@@ -110,12 +110,12 @@ def _milestone(bus: BusWatcher, since: int, moment: str) -> bool:
     return bool(bus.wait_for(seen, 10.0))
 
 
-def run(folder: Path, turns: int, kill_every: int, seed: int) -> Report:
+def run(folder: Path, turns: int, kill_every: int, seed: int, prefill: bool = True) -> Report:
     rng = random.Random(seed)
     report = Report(turns=turns)
     with managed(folder, reply=reply, avatar_kwargs=FAST_AVATAR, bus={"peer_timeout": 2.5},
                  turn={"stall_timeout": 10.0, "max_age": 30.0, "notify_unreachable": False},
-                 llm={"prefill": True}) as world:
+                 llm={"prefill": prefill}) as world:
         avatar, bus = world.avatar, world.bus
         notice = world.cfg["turn"]["failure_notice"]
         pending_kill: float | None = None
@@ -198,13 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-every", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--verbose", action="store_true", help="list every kill and every problem")
+    parser.add_argument("--no-prefill", action="store_true",
+                        help="[llm] prefill = false (as with OpenAI): an llm killed mid-answer ends it with the notice")
     args = parser.parse_args(argv)
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mmdagent-llm-chaos-") as tmp:
         # the run's own keys and histories, for the stages and for this process alike (supervisord's
         # stages get a HOME of their own: without this, they would make keys this process lacks)
         os.environ["XDG_STATE_HOME"] = str(Path(tmp) / "state")
-        report = run(Path(tmp), args.turns, args.kill_every, args.seed)
+        report = run(Path(tmp), args.turns, args.kill_every, args.seed, prefill=not args.no_prefill)
     print(f"mmdagent-llm chaos run under supervisord: seed {args.seed}, a SIGKILL every {args.kill_every} turns, "
           f"{time.monotonic() - began:.0f} s")
     for line in report.lines():
