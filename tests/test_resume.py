@@ -95,3 +95,12 @@ def test_the_llm_killed_mid_stream_without_prefill_ends_with_the_notice(tmp_path
         got = said(world, start)
         assert got[-1] == notice and got[:-1] == SENTENCES[:len(got) - 1], got
         assert len(world.server.requests) == 1  # not asked again: OpenAI would start a new answer
+        said_at = world.avatar.wait_line(VOICE + notice, 1).t
+        assert world.avatar.wait_inbox(lambda inbox: any(r.line == "SYNTH_EVENT_STOP|0" and r.t > said_at
+                                                         for r in inbox), 10)
+        world.avatar.send("RECOG_EVENT_START")
+        world.avatar.send("RECOG_EVENT_STOP|続けて")
+        assert world.bus.wait_for(lambda envs: len(world.server.requests) > 1, 20)
+        history = [(m["role"], m["content"]) for m in world.server.requests[1]["messages"][1:-1]]
+        heard = "".join(got[:-1])
+        assert history == [("user", "長い話をして"), ("assistant", f"{heard} [interrupted]")], history

@@ -244,6 +244,8 @@ class LlmStage(Stage):
                 return
             log.warning("turn %d: asked to go on with turn %d, which this process does not hold", env.turn, of)
             self.turn = env.turn
+            if heard:  # what the user heard of it is all the conversation has
+                self.history.add(str(env.body.get("text", "")).strip(), join_segments(heard), interrupted=True)
             self.publish("broken", {"stage": self.name, "reason": f"turn {of} is not held here"}, turn=env.turn)
             return
         log.info("turn %d goes on as turn %d: %d characters again, %d segments heard", of, env.turn,
