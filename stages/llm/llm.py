@@ -1,6 +1,8 @@
 """llm: turns each recognized utterance into a stream of answer tokens.
 
-- Answers each ``turn_start`` the bridge publishes. A ``cancel`` of the running turn closes
+- Answers each ``turn_start`` the bridge publishes; one that *resumes* an answer (a stage was
+  lost in its middle) gets the whole answer again under the new turn, and the rest as it streams.
+  A ``cancel`` of the running turn closes
   its request at once (the HTTP connection is shut down, so the server sees it go) and ends
   the turn with the cancel's reason; history then keeps only the segments the user heard,
   marked interrupted, even when the answer had already been fully streamed.
@@ -90,7 +92,7 @@ class _Worker(threading.Thread):
     """Runs one chat completion request and reports to the stage loop over an inproc PUSH."""
 
     def __init__(self, stage: "LlmStage", turn: int, messages: list[dict]) -> None:
-        super().__init__(name=f"turn-{turn}", daemon=True)  # messages may end with the answer's beginning
+        super().__init__(name=f"turn-{turn}", daemon=True)
         self.stage, self.turn, self.messages = stage, turn, messages
         self.cancelled = threading.Event()
 
@@ -237,7 +239,8 @@ class LlmStage(Stage):
         """A stage was lost in the middle of turn ``of``: its answer goes on under ``env.turn``. Sent
         again from its start (the segmenter skips the segments ``heard`` already), then the
         rest as it streams; history records it once, as one answer. A restarted llm holds no
-        answer to go on with: the turn is reported broken, and the bridge ends it with the notice."""
+        answer to go on with: it asks the server for the rest (``[llm] prefill``), or keeps what
+        was heard in history and reports the turn broken (the bridge ends it with the notice)."""
         if of != self.turn or not (self.answer or self.machine != TurnState.IDLE):
             if self.cfg["llm"]["prefill"] and heard:
                 self._continue(env, join_segments(heard))
