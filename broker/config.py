@@ -101,6 +101,8 @@ def load(path: Path | None = None, sources: dict[tuple[str, str], str] | None = 
                               f"{_from(sources, section, key)}")
     _check_ranges(cfg, sources)
     _check_bus_access(cfg)
+    for key in ("model", "voice"):  # both are fields of every SYNTH_START
+        _check_field(cfg["speech"][key], f"[speech] {key}", _from(sources, "speech", key))
     _check_expression(cfg["expression"], _from(sources, "expression", "names"))
     return cfg
 
@@ -108,6 +110,13 @@ def load(path: Path | None = None, sources: dict[tuple[str, str], str] | None = 
 TAG_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _MOTION_KEYS = {"voice": str, "motion": str, "body": str, "play": str, "priority": (int, float)}
 _UNSAFE = re.compile(r"[|\x00-\x1f\x7f\u0085\u2028\u2029]")
+
+
+def _check_field(value: str, at: str, where: str) -> None:
+    """A value that reaches MMDAgent-EX as a message field (a voice, a model, a motion file)
+    must be one field: not empty, no ``|`` or control character. ``at`` names the key."""
+    if not value or _UNSAFE.search(value):
+        raise ConfigError(f"{at} = {value!r}: empty, or a | or control character{where}")
 
 
 def _check_expression(exp: dict[str, Any], where: str) -> None:
@@ -127,8 +136,8 @@ def _check_expression(exp: dict[str, Any], where: str) -> None:
                 raise ConfigError(f"{at}: unknown key {key!r} (known: {', '.join(_MOTION_KEYS)}){where}")
             if not isinstance(value, _MOTION_KEYS[key]) or isinstance(value, bool):
                 raise ConfigError(f"{at}: {key} = {value!r} is not a {'number' if key == 'priority' else 'string'}{where}")
-            if isinstance(value, str) and (not value or _UNSAFE.search(value)):
-                raise ConfigError(f"{at}: {key} = {value!r}: empty, or a | or control character{where}")
+            if isinstance(value, str):
+                _check_field(value, f"{at}: {key}", where)
         motion = entry.get("motion", "")
         if motion and (Path(motion).is_absolute() or ".." in Path(motion.replace("\\", "/")).parts or
                        motion.startswith(("/", "\\")) or ":" in motion):

@@ -1,5 +1,6 @@
 """Configuration: documented defaults, user file overlay, environment overrides, clear errors."""
 
+import json
 import os
 import re
 import subprocess
@@ -81,6 +82,26 @@ def test_ranges_are_checked_with_the_source_named(tmp_path, monkeypatch):
     path.write_text("[speech]\ncut_timeout = 0\n", encoding="utf-8")
     with pytest.raises(config.ConfigError, match=rf"cut_timeout = 0.0: must be from 0.1 to 600 \(set in {re.escape(str(path))}\)"):
         config.load(path)
+
+
+@pytest.mark.parametrize("key, value", [("voice", "a|b"), ("voice", "a\tb"), ("voice", ""), ("model", "0|1"),
+                                        ("model", "a\u2028b")])
+def test_speech_fields_are_checked_like_the_vocabularys_voices(tmp_path, monkeypatch, key, value):
+    # the value is a field of every SYNTH_START: a | would split it and the avatar stay silent
+    path = tmp_path / "c.toml"
+    path.write_text(f"[speech]\n{key} = {json.dumps(value)}\n", encoding="utf-8")
+    with pytest.raises(config.ConfigError, match=re.escape(f"[speech] {key} = {value!r}: empty, or a | or control "
+                                                           f"character (set in {path})")):
+        config.load(path)
+    name = f"MMDAGENT_LLM_SPEECH_{key.upper()}"
+    monkeypatch.setenv(name, value)
+    with pytest.raises(config.ConfigError, match=re.escape(f"[speech] {key} = {value!r}") + ".*" + name):
+        config.load(Path(os.devnull))
+    monkeypatch.delenv(name)
+    if key == "voice":  # the same check as [expression.names] voices, in the same words
+        path.write_text(f"[expression.names]\nodd = {{ voice = {json.dumps(value)} }}\n", encoding="utf-8")
+        with pytest.raises(config.ConfigError, match=re.escape(f"voice = {value!r}: empty, or a | or control")):
+            config.load(path)
 
 
 def test_config_command_shows_the_values_in_effect_and_their_source(tmp_path):
