@@ -8,6 +8,8 @@ typo is a clear error at start-up, not a silent default. Environment variables
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import ipaddress
 import os
@@ -65,6 +67,12 @@ def defaults_text() -> str:
     return (Path(__file__).parent / "defaults.toml").read_text(encoding="utf-8")
 
 
+@functools.cache
+def defaults() -> Config:
+    """``defaults.toml``, parsed once per process (do not change it: :func:`load` copies it)."""
+    return tomllib.loads(defaults_text())
+
+
 def user_config_path() -> Path | None:
     """The user's file by the search order in defaults.toml, or None."""
     if os.environ.get(ENV_CONFIG):
@@ -86,7 +94,7 @@ def load(path: Path | None = None, sources: dict[tuple[str, str], str] | None = 
     ``sources``, if given, is filled with where each value that is not the default came from
     (the file's path, or ``environment MMDAGENT_LLM_...``); range errors name it too."""
     sources = {} if sources is None else sources
-    cfg = tomllib.loads(defaults_text())
+    cfg = copy.deepcopy(defaults())
     path = path or user_config_path()
     if path is not None:
         try:

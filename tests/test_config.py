@@ -136,6 +136,22 @@ def test_version_help_and_options_after_the_subcommand():
     assert run("--session", "before-it", "bus").stdout.startswith("session 'before-it'")
 
 
+def test_the_plugins_help_names_the_real_default_pipeline(monkeypatch):
+    import tomllib
+    from stages.commands import cli
+    default = tomllib.loads((Path(config.__file__).parent / "defaults.toml").read_text("utf-8"))["plugin"]["pipeline"]
+    page = " ".join(subprocess.run([sys.executable, "-m", "stages.commands.cli", "plugin", "--help"],
+                                   capture_output=True, text=True, timeout=30).stdout.split())
+    assert f'([plugin] pipeline = "{default}", the default;' in page, page
+    if default == "builtin":
+        assert 'kept by the plugin itself ([plugin] pipeline = "builtin", the default; also "supervisord")' in page
+    assert "under supervisord if none is running" not in page
+    # it follows defaults.toml, not a second copy of the default
+    monkeypatch.setattr(config, "defaults", lambda: {"plugin": {"pipeline": "supervisord"}})
+    assert cli._plugin_help().endswith('under a supervisord of its own ([plugin] pipeline = "supervisord", the '
+                                       'default; also "builtin")')
+
+
 def test_paths_are_in_the_users_folders_never_here(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
