@@ -38,6 +38,15 @@ OBSERVERS = {
 WEB = ("subtitles", "metrics")  # observers with a private web address (--url)
 
 
+def _plugin_help() -> str:
+    """What ``plugin`` does, with how it keeps the pipeline by default, read from defaults.toml."""
+    how = {"builtin": "kept by the plugin itself", "supervisord": "under a supervisord of its own"}
+    default = config_mod.defaults()["plugin"]["pipeline"]
+    others = ", ".join(f'"{word}"' for word in config_mod.CHOICES[("plugin", "pipeline")] if word != default)
+    return (f'the bridge, plus the pipeline if none is running, {how[default]} ([plugin] pipeline = "{default}", '
+            f"the default; also {others})")
+
+
 HELP = {
     "broker": "run the broker: it binds the session's bus (the pipeline's first process)",
     "bridge": "run the bridge: MMDAgent-EX's plugin process (Plugin_AnyScript_Command=mmdagent-llm bridge)",
@@ -45,7 +54,7 @@ HELP = {
     "segmenter": "run the segmenter: it cuts the answer into speakable sentences",
     "sequencer": "run the sequencer: one SYNTH_START at a time, each after the last was spoken",
     "console": "talk to the pipeline in this terminal, without MMDAgent-EX",
-    "plugin": "the bridge, plus the pipeline under supervisord if none is running",
+    "plugin": _plugin_help(),
     "doctor": "check the LLM server, the key and the model with one cheap request",
     "status": "one screen: each process up or down, the LLM, the last turns; exit 1 when unhealthy",
     "avatar": "a simulated MMDAgent-EX in this terminal, running a plugin command (default: attach to the "

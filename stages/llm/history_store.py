@@ -34,6 +34,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from broker.config import safe_name, state_dir
+from broker.curve import make_folders
 
 log = logging.getLogger("mmdagent_llm")
 
@@ -158,7 +159,7 @@ class HistoryStore:
         try:
             data = encode(pairs, self.session)
             folder = self.path.parent
-            folder.mkdir(parents=True, exist_ok=True)
+            make_folders(folder)
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{self.path.name}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -30,6 +31,7 @@ import threading
 import time
 from typing import Any
 
+import httpx2
 import openai
 import zmq
 
@@ -56,12 +58,26 @@ def redact(text: str) -> str:
     return " ".join(text.split())[:300]
 
 
+OPENAI_HOST = "api.openai.com"  # where the client goes when OPENAI_BASE_URL is not set
+
+
 def cause_of(exc: BaseException) -> str:
-    """The :data:`broker.wire.CAUSES` key of a failure raised by the openai client."""
+    """The :data:`broker.wire.CAUSES` key of a failure raised by the openai client.
+
+    A 404 is ``model_not_found`` only when the body is the API's own error (:func:`wrong_path`
+    tells the two apart), and a connection that could not be made is ``openai_unreachable``
+    when it was to OpenAI's own API (no ``OPENAI_BASE_URL``: the network or a proxy is at
+    fault), else ``unreachable`` (the server at ``OPENAI_BASE_URL``)."""
+    if isinstance(exc, openai.NotFoundError):
+        try:
+            body = exc.response.text
+        except httpx2.ResponseNotRead:  # closed before it was read: nothing to tell by
+            return "model_not_found"
+        return "wrong_url" if wrong_path(body) else "model_not_found"
+    if isinstance(exc, openai.APIConnectionError) and not isinstance(exc, openai.APITimeoutError):
+        return "openai_unreachable" if exc.request.url.host == OPENAI_HOST else "unreachable"
     for kind, cause in ((openai.AuthenticationError, "authentication"), (openai.PermissionDeniedError, "permission"),
-                        (openai.NotFoundError, "model_not_found"), (openai.RateLimitError, "rate_limited"),
-                        (openai.APITimeoutError, "timeout"),  # before APIConnectionError: a subclass of it
-                        (openai.APIConnectionError, "unreachable")):
+                        (openai.RateLimitError, "rate_limited"), (openai.APITimeoutError, "timeout")):
         if isinstance(exc, kind):
             return cause
     if isinstance(exc, openai.APIStatusError):
@@ -69,6 +85,18 @@ def cause_of(exc: BaseException) -> str:
     if isinstance(exc, openai.APIError):
         return "stream_error"
     return "other"
+
+
+def wrong_path(body: str) -> bool:
+    """Whether a 404's ``body`` says the URL's path is not the API (a base URL without ``/v1``)
+    rather than that the API has no such model: it is not an OpenAI error object
+    ``{"error": {...}}`` (Ollama's ``404 page not found``, vLLM's ``{"detail": "Not Found"}``),
+    or it is one whose code is ``unknown_url`` (OpenAI's own word for a path it does not serve)."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):  # not JSON, or JSON but not an object
+        return True
+    return not isinstance(error, dict) or error.get("code") == "unknown_url"
 
 
 def describe(exc: BaseException) -> str:
@@ -306,7 +334,7 @@ class LlmStage(Stage):
                 self._end_turn("done", "", used_tokens=data)
             else:
                 error, cause = data
-                if cause == "unreachable" and self.answer:  # it was reached: the stream broke
+                if cause in ("unreachable", "openai_unreachable") and self.answer:  # it was reached: the stream broke
                     cause = "connection_lost"
                 self._end_turn("error", error, cause=cause)
 
