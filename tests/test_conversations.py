@@ -168,6 +168,6 @@ def test_a_new_console_keeps_the_last_conversation_in_the_archive(tmp_path: Path
     for which in ("1", kept.name):
         shown = history_command("--archive", which)
         assert shown.returncode == 0, shown.stderr
-        assert shown.stdout.splitlines() == [f"{kept}: 2 exchanges", "  you:    私はハナです。", "  avatar: はい。",
-                                             "  you:    猫が好きです。", "  avatar: はい。"]
+        assert shown.stdout.splitlines() == [f"{kept}: 2 exchanges", "  you:    私はハナです。",
+                                             "  avatar: はい。", "  you:    猫が好きです。", "  avatar: はい。"]
     assert "earlier conversations: mmdagent-llm history --archive" in history_command("--console").stdout

@@ -347,3 +347,24 @@ def test_macos_uses_application_support_and_its_logs_folder(tmp_path, monkeypatc
     monkeypatch.setenv("HOME", str(tmp_path))
     assert state_dir() == tmp_path / "Library" / "Application Support" / "mmdagent-llm"
     assert log_dir() == tmp_path / "Library" / "Logs" / "mmdagent-llm"
+
+
+def test_a_file_that_cannot_be_read_is_kept_aside_not_replaced(tmp_path, monkeypatch, caplog):
+    from stages.llm import history_store
+
+    path = tmp_path / "h.json"
+    said = _valid_file(path)
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(history_store, "open", refused, raising=False)  # as for a file of another user
+    h = History("sys", 10, 1000, store=HistoryStore(path))
+    monkeypatch.undo()
+    [error] = errors(caplog)
+    message = error.getMessage()
+    assert "cannot be read (Permission denied)" in message and "kept as h.json.unreadable-" in message
+    h.add("new", "start")  # the new conversation's save ...
+    [kept] = tmp_path.glob("h.json.unreadable-*")
+    assert kept.read_bytes() == said  # ... did not overwrite the one that could not be read
+    assert HistoryStore(path).load() == pairs_of(("new", "start"))

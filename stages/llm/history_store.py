@@ -15,9 +15,10 @@ and fsynced, then atomically replaces the old file (``os.replace``), and the fol
 file or the new one, never a mix.
 
 Nothing here raises for bad content or a failing disk. A corrupt file is reported with one
-error line (the file and the reason), kept as ``<name>.corrupt-<timestamp>`` for the user, and
-the conversation starts fresh. A failing save is reported once per reason (again after a save
-has succeeded in between), and the conversation goes on in memory.
+error line (the file and the reason), kept as ``<name>.corrupt-<timestamp>`` for the user (one
+that cannot be read at all as ``<name>.unreadable-<timestamp>``), and the conversation starts
+fresh. A failing save is reported once per reason (again after a save has succeeded in
+between), and the conversation goes on in memory.
 
 The store remembers the file as it last loaded or saved it (inode, size, modification time), so
 a change by another program (``mmdagent-llm history --clear``, an edit) is noticed before the
@@ -124,7 +125,7 @@ class HistoryStore:
     def load(self) -> list[Pair] | None:
         """The saved pairs; None if there is no file; ``[]`` (after one error line) if the file
         is corrupt, which is then kept renamed to ``<name>.corrupt-<timestamp>``, or cannot be
-        read."""
+        read (a file then kept as ``<name>.unreadable-<timestamp>``)."""
         self._remove_stale_temps()
         self._seen = None
         try:
@@ -134,22 +135,29 @@ class HistoryStore:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            log.error("history file %s cannot be read (%s): starting a fresh conversation",
-                      self.path, exc.strerror or exc)
+            # a file that is there but cannot be read would be replaced by the next save: kept aside
+            where = f"; {self._keep_aside('unreadable')}" if os.path.isfile(self.path) else ""
+            log.error("history file %s cannot be read (%s)%s: starting a fresh conversation",
+                      self.path, exc.strerror or exc, where)
             return []
         try:
             return decode(raw)
         except CorruptHistory as exc:
-            try:
-                kept = move_aside(self.path, self.path.parent, f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-            except OSError:
-                kept = None
-            if kept:
-                self._seen = None
-            where = f"kept as {kept.name}" if kept else "could not be renamed"
             log.error("history file %s is corrupt (%s); %s; starting a fresh conversation",
-                      self.path, exc, where)
+                      self.path, exc, self._keep_aside("corrupt"))
             return []
+
+    def _keep_aside(self, why: str) -> str:
+        """Rename the file to ``<name>.<why>-<timestamp>`` beside it; what became of it, for the log."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        try:
+            kept = move_aside(self.path, self.path.parent, f"{self.path.name}.{why}-{stamp}")
+        except OSError:
+            kept = None
+        if kept is None:
+            return "could not be renamed"
+        self._seen = None
+        return f"kept as {kept.name}"
 
     def outside_change(self) -> list[Pair] | None:
         """The file's pairs now (``[]`` if it is gone), if another program changed it since this
@@ -194,9 +202,10 @@ class HistoryStore:
             folder = self.path.parent
             folder.mkdir(parents=True, exist_ok=True)
             tmp = write_temp(folder, self.path.name, data)
+            written = _fingerprint(os.stat(tmp))  # the rename keeps it; known to us alone until then
             os.replace(tmp, self.path)
             tmp = None
-            self._seen = _fingerprint(os.stat(self.path))
+            self._seen = written
             fsync_dir(folder)
         except (OSError, TypeError, ValueError) as exc:
             reason = (f"{type(exc).__name__} errno {exc.errno}" if isinstance(exc, OSError) and exc.errno
