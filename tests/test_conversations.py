@@ -114,6 +114,20 @@ def history_command(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, encoding="utf-8", timeout=30)
 
 
+def say(term: PtyProcess, bus: BusWatcher, history: Path, text: str, spoken: int, saved: int, at: int) -> int:
+    """Type ``text`` in the console, wait until its answer (はい。) was spoken to the end (the
+    ``spoken``-th turn to be) and the history file holds ``saved`` exchanges; where the screen is."""
+    term.send(f"{text}\r")
+    at = term.expect("avatar> はい。", 30, at)
+    # in full before the next line: a line typed while it speaks would cut it off
+    assert bus.wait_for(lambda envs: len(envs) >= spoken, 30), "the answer was never spoken to the end"
+    deadline = time.monotonic() + 20
+    while saved_exchanges(history) != saved and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert saved_exchanges(history) == saved
+    return at
+
+
 def test_a_new_console_keeps_the_last_conversation_in_the_archive(tmp_path: Path, own_state):
     """Two exchanges, then a new console left at once with Ctrl-D: nothing of them is lost;
     `history --archive` lists the earlier conversation and prints both exchanges."""
@@ -129,15 +143,8 @@ def test_a_new_console_keeps_the_last_conversation_in_the_archive(tmp_path: Path
         try:
             at = term.expect("you> ", 40)
             bus = BusWatcher(cfg, b"spoken")
-            for n, text in enumerate(("私はハナです。", "猫が好きです。"), 1):
-                term.send(f"{text}\r")
-                at = term.expect("avatar> はい。", 30, at)
-                # said in full and saved before the next line: a line typed while it speaks would cut it off
-                assert bus.wait_for(lambda envs: len(envs) >= n, 30), "the answer was never spoken to the end"
-                deadline = time.monotonic() + 20
-                while saved_exchanges(history) < n and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                assert saved_exchanges(history) == n
+            at = say(term, bus, history, "私はハナです。", 1, 1, at)
+            say(term, bus, history, "猫が好きです。", 2, 2, at)
             term.send("\x04")  # Ctrl-D
             assert term.wait(30) == 0
         finally:
@@ -171,3 +178,35 @@ def test_a_new_console_keeps_the_last_conversation_in_the_archive(tmp_path: Path
         assert shown.stdout.splitlines() == [f"{kept}: 2 exchanges", "  you:    私はハナです。",
                                              "  avatar: はい。", "  you:    猫が好きです。", "  avatar: はい。"]
     assert "earlier conversations: mmdagent-llm history --archive" in history_command("--console").stdout
+
+
+def test_history_clear_is_not_undone_by_the_running_console(tmp_path: Path, own_state):
+    """`history --console --clear` between two turns: the running llm neither gives the cleared
+    exchange to the LLM again nor writes it back with its next save."""
+    server = ChatCompletionServer(ScriptedLLM(default="はい。")).start()
+    cfg_path = write_config(tmp_path, llm={"history_file": ""})
+    cfg = config_mod.load(cfg_path)
+    history = console_path("default")
+    bus = None
+    try:
+        term = PtyProcess([str(BIN / "mmdagent-llm"), "console"], str(tmp_path), pipeline_env(cfg_path, server.base_url))
+        try:
+            at = term.expect("you> ", 40)
+            bus = BusWatcher(cfg, b"spoken")
+            at = say(term, bus, history, "私はハナです。", 1, 1, at)
+            cleared = history_command("--console", "--clear")
+            assert f"cleared {history}: deleted its 1 exchanges, not archived" in cleared.stdout, cleared.stdout
+            say(term, bus, history, "私の名前は？", 2, 1, at)
+            term.send("/quit\r")
+            assert term.wait(30) == 0
+        finally:
+            term.close()
+    finally:
+        if bus is not None:
+            bus.close()
+        server.stop()
+        for pid in processes_with(str(cfg_path)):
+            os.kill(pid, signal.SIGKILL)
+    [request] = [r for r in server.requests if r["messages"][-1]["content"] == "私の名前は？"]
+    assert [m["content"] for m in request["messages"][1:]] == ["私の名前は？"]
+    assert [(q["content"], a["content"]) for q, a in HistoryStore(history).load()] == [("私の名前は？", "はい。")]
