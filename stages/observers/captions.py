@@ -127,12 +127,13 @@ class Captions(Stage):
 
     def on_event(self, env: wire.Envelope) -> None:
         if env.kind == "turn_start":
-            if self.c["show_user"] and time.time() - env.ts < STALE:
+            if self.c["show_user"] and time.time() - env.ts < STALE and "resume" not in env.body:
                 self._start(USER_ALIAS, str(env.body.get("text", "")), self.c["user_height"],
                             self.c["user_seconds"], env.turn)
             return
         if env.kind == "cancel":
-            self._stop(env.turn)
+            if env.body.get("reason") != "lost":  # lost: the sentence plays on, and the answer with it
+                self._stop(env.turn)
             return
         if env.body.get("model") != self.speech["model"]:
             return

@@ -129,13 +129,14 @@ class Subtitles(Stage):
 
     def on_event(self, env: wire.Envelope) -> None:
         if env.kind == "turn_start":
-            if self.s["show_user"]:
+            if self.s["show_user"] and "resume" not in env.body:  # a resumed answer: the same utterance
                 self.board.set(user=str(env.body.get("text", "")))
                 self.user_until = time.monotonic() + self.s["user_seconds"]
             return
         if env.kind == "cancel":
-            self.showing = None
-            self.board.set(avatar="")
+            if env.body.get("reason") != "lost":  # lost: the sentence plays on, and the answer with it
+                self.showing = None
+                self.board.set(avatar="")
             return
         if env.body.get("model") != self.model:
             return
