@@ -48,6 +48,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("bus", "base_port"): (0, 65535 - 7), ("bus", "peer_timeout"): (0.5, 3600),
     ("llm", "temperature"): (0, 2), ("llm", "first_token_timeout"): (0.1, 3600), ("llm", "chunk_timeout"): (0.1, 3600),
     ("llm", "turn_timeout"): (0.1, 86400), ("llm", "max_retries"): (0, 10), ("llm", "history_tokens"): (0, 10_000_000),
+    ("llm", "archive_keep"): (0, 10_000),
     ("segmenter", "first_soft_chars"): (1, None), ("segmenter", "soft_cut_chars"): (1, None),
     ("segmenter", "max_bytes"): (16, 1900), ("segmenter", "pause_release"): (0.01, 10),
     ("speech", "start_timeout"): (0.1, 600), ("speech", "stop_timeout_base"): (0.1, 3600),

@@ -72,7 +72,8 @@ def test_ranges_are_checked_with_the_source_named(tmp_path, monkeypatch):
     for env, words in (("MMDAGENT_LLM_BUS_BASE_PORT=70000", "base_port = 70000: must be from 0 to 65528"),
                        ("MMDAGENT_LLM_LLM_FIRST_TOKEN_TIMEOUT=-5", "first_token_timeout = -5.0: must be from 0.1"),
                        ("MMDAGENT_LLM_SEGMENTER_MAX_BYTES=5000", "max_bytes = 5000: must be from 16 to 1900"),
-                       ("MMDAGENT_LLM_TRANSCRIPT_KEEP=0", "keep = 0: must be from 1 to 100")):
+                       ("MMDAGENT_LLM_TRANSCRIPT_KEEP=0", "keep = 0: must be from 1 to 100"),
+                       ("MMDAGENT_LLM_LLM_ARCHIVE_KEEP=-1", "archive_keep = -1: must be from 0 to 10000")):
         name, value = env.split("=")
         monkeypatch.setenv(name, value)
         with pytest.raises(config.ConfigError, match=re.escape(words) + r".*set in environment " + name):
