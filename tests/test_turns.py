@@ -470,3 +470,17 @@ def test_turn_ids_start_above_the_last_bridges_when_the_clock_was_set_back():
     say(tc, "こんにちは")
     assert tc.turn > ahead
     assert tc.on_llm_turn(tc.turn - 1, now=0.0) == []  # ours now: an ordinary heartbeat
+
+
+def test_a_sentence_sent_plainly_while_the_last_one_plays_waits_for_its_end():
+    # a restarted sequencer is handed the next segment by the broker and sends it at once; written
+    # now, it would cut off the sentence the avatar is saying (seen on a real MMDAgent-EX)
+    tc = controller()
+    say(tc, "質問")
+    first = [("SYNTH_START", ["0", "mei_voice_normal", "一文目。"])]
+    assert kinds(tc.on_speech(first, tc.turn)) == ["SYNTH_START"]
+    tc.on_written("SYNTH_START", first[0][1], tc.turn)
+    tc.on_line("SYNTH_EVENT_START", ["0"], 0.0)
+    second = [("SYNTH_START", ["0", "mei_voice_normal", "二文目。"])]
+    assert tc.on_speech(second, tc.turn) == []                       # held, not written over it
+    assert kinds(tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0)) == ["SYNTH_START"]

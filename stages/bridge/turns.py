@@ -174,8 +174,15 @@ class TurnController:
     def on_speech(self, lines: list[tuple[str, list[str]]], turn: int, after: int | None = None) -> list[Action]:
         """A sentence of ``turn`` (already accepted) to write: its gesture's ``MOTION_ADD`` if any,
         then its ``SYNTH_START``. A cue (``after`` set) is held while segment ``after`` is the
-        last one written and still audible; anything else is written now."""
-        if after is not None and turn == self.turn and self.next_segment == after + 1 and self.voice.audible:
+        last one written and still audible; anything else is written now, except a sentence that
+        comes while the turn's previous one is still audible: only a sequencer that cannot know
+        sends that (one restarted meanwhile, handed what the broker kept for it), and written now
+        it would cut the avatar off. It is held as a cue instead."""
+        if (turn == self.turn and self.machine == C.ANSWERING and self.next_segment and self.voice.audible
+                and (after is None or self.next_segment == after + 1)):
+            if after is None:
+                log.info("turn %d: segment %d came while segment %d still plays: held until it ends", turn,
+                         self.next_segment, self.next_segment - 1)
             self.cued = lines
             return []
         return self._speech(lines)

@@ -252,7 +252,7 @@ class SequencerStage(Stage):
             return
         if self.machine == SpeechState.SENT:
             log.warning("no SYNTH_EVENT_START|%s within %.1f s of SYNTH_START with voice %r: is the voice "
-                        "alias defined in your .ojt/.fph file? Going on.", self.model,
+                        "alias defined in your .ojt/.fph file (or is MMDAgent-EX gone)? Going on.", self.model,
                         self.cfg["speech"]["start_timeout"], self.voice)
         elif self.machine == SpeechState.STOPPING:
             log.warning("no SYNTH_EVENT_STOP|%s within [speech] cut_timeout after SYNTH_STOP: going on", self.model)
