@@ -8,6 +8,8 @@ typo is a clear error at start-up, not a silent default. Environment variables
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import ipaddress
 import os
@@ -46,6 +48,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("bus", "base_port"): (0, 65535 - 7), ("bus", "peer_timeout"): (0.5, 3600),
     ("llm", "temperature"): (0, 2), ("llm", "first_token_timeout"): (0.1, 3600), ("llm", "chunk_timeout"): (0.1, 3600),
     ("llm", "turn_timeout"): (0.1, 86400), ("llm", "max_retries"): (0, 10), ("llm", "history_tokens"): (0, 10_000_000),
+    ("llm", "archive_keep"): (0, 10_000),
     ("segmenter", "first_soft_chars"): (1, None), ("segmenter", "soft_cut_chars"): (1, None),
     ("segmenter", "max_bytes"): (16, 1900), ("segmenter", "pause_release"): (0.01, 10),
     ("speech", "start_timeout"): (0.1, 600), ("speech", "stop_timeout_base"): (0.1, 3600),
@@ -63,6 +66,12 @@ class ConfigError(ValueError):
 def defaults_text() -> str:
     # beside this module (not importlib.resources: that import alone costs every stage ~1.5 MB)
     return (Path(__file__).parent / "defaults.toml").read_text(encoding="utf-8")
+
+
+@functools.cache
+def defaults() -> Config:
+    """``defaults.toml``, parsed once per process (do not change it: :func:`load` copies it)."""
+    return tomllib.loads(defaults_text())
 
 
 def user_config_path() -> Path | None:
@@ -86,7 +95,7 @@ def load(path: Path | None = None, sources: dict[tuple[str, str], str] | None = 
     ``sources``, if given, is filled with where each value that is not the default came from
     (the file's path, or ``environment MMDAGENT_LLM_...``); range errors name it too."""
     sources = {} if sources is None else sources
-    cfg = tomllib.loads(defaults_text())
+    cfg = copy.deepcopy(defaults())
     path = path or user_config_path()
     if path is not None:
         try:
@@ -101,6 +110,8 @@ def load(path: Path | None = None, sources: dict[tuple[str, str], str] | None = 
                               f"{_from(sources, section, key)}")
     _check_ranges(cfg, sources)
     _check_bus_access(cfg)
+    for key in ("model", "voice"):  # both are fields of every SYNTH_START
+        _check_field(cfg["speech"][key], f"[speech] {key}", _from(sources, "speech", key))
     _check_expression(cfg["expression"], _from(sources, "expression", "names"))
     return cfg
 
@@ -108,6 +119,13 @@ def load(path: Path | None = None, sources: dict[tuple[str, str], str] | None = 
 TAG_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _MOTION_KEYS = {"voice": str, "motion": str, "body": str, "play": str, "priority": (int, float)}
 _UNSAFE = re.compile(r"[|\x00-\x1f\x7f\u0085\u2028\u2029]")
+
+
+def _check_field(value: str, at: str, where: str) -> None:
+    """A value that reaches MMDAgent-EX as a message field (a voice, a model, a motion file)
+    must be one field: not empty, no ``|`` or control character. ``at`` names the key."""
+    if not value or _UNSAFE.search(value):
+        raise ConfigError(f"{at} = {value!r}: empty, or a | or control character{where}")
 
 
 def _check_expression(exp: dict[str, Any], where: str) -> None:
@@ -127,8 +145,8 @@ def _check_expression(exp: dict[str, Any], where: str) -> None:
                 raise ConfigError(f"{at}: unknown key {key!r} (known: {', '.join(_MOTION_KEYS)}){where}")
             if not isinstance(value, _MOTION_KEYS[key]) or isinstance(value, bool):
                 raise ConfigError(f"{at}: {key} = {value!r} is not a {'number' if key == 'priority' else 'string'}{where}")
-            if isinstance(value, str) and (not value or _UNSAFE.search(value)):
-                raise ConfigError(f"{at}: {key} = {value!r}: empty, or a | or control character{where}")
+            if isinstance(value, str):
+                _check_field(value, f"{at}: {key}", where)
         motion = entry.get("motion", "")
         if motion and (Path(motion).is_absolute() or ".." in Path(motion.replace("\\", "/")).parts or
                        motion.startswith(("/", "\\")) or ":" in motion):

@@ -88,13 +88,31 @@ def session_folder(cfg: config_mod.Config) -> Path:
     return state_dir() / f"bus-{safe_name(cfg['bus']['session'])}"
 
 
+def make_folders(path: Path) -> None:
+    """Create ``path`` and each of its missing parents, every one mode 0700 (the XDG base
+    directory spec's mode for folders it creates; ``mkdir(parents=True)`` would make the
+    parents 0755); folders that exist already are left as they are."""
+    missing: list[Path] = []
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            pass  # another process of the session made it meanwhile
+    path.mkdir(mode=0o700, exist_ok=True)
+
+
 def private_dir(path: Path) -> Path:
-    """``path`` created if needed, mode 0700, owned by us; ConfigError if another user owns it.
+    """``path`` created if needed (:func:`make_folders`), mode 0700, owned by us; ConfigError if
+    another user owns it.
 
     A folder of ours that others could enter is tightened (reported once): the state folder
     may have been made by an older version, or by hand.
     """
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_folders(path)
     if os.name != "posix":
         return path
     st = os.stat(path)

@@ -40,7 +40,8 @@ import zmq
 from broker import wire
 from broker import config as config_mod
 from broker import curve, sessions
-from broker.runtime import connect, install_signal_handlers, setup_logging, stop_requested, watch_owner
+from broker.runtime import (connect, install_signal_handlers, owner_pid, setup_logging, stop_requested,
+                            watch_owner)
 
 QUEUES = ("tokens", "segments", "commands")
 EAGER_BEATS = 3.0
@@ -97,6 +98,7 @@ def run(cfg: config_mod.Config) -> int:
     wake_w.setblocking(False)
     signal.set_wakeup_fd(wake_w.fileno())
     watch_owner()
+    owner = owner_pid()
     for thread in threads:
         thread.start()
     sessions.record_broker(cfg)
@@ -107,7 +109,8 @@ def run(cfg: config_mod.Config) -> int:
         while not stop_requested():
             now = time.monotonic()
             if now >= next_beat:
-                env = sender.make("heartbeat", {"stage": "broker", "pid": os.getpid(), "ready": True, "info": {}})
+                env = sender.make("heartbeat", {"stage": "broker", "pid": os.getpid(), "ready": True, "info": {},
+                                                 "owner": owner})
                 beat.send_multipart(wire.encode(env), zmq.NOBLOCK)
                 next_beat = now + (0.1 if now < eager_until else 1.0)
             if select.select([wake], [], [], max(0.0, next_beat - now))[0]:

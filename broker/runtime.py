@@ -88,11 +88,19 @@ def alive(pid: int) -> bool:
     return True
 
 
+def owner_pid() -> int:
+    """The pid whose end stops this process (``MMDAGENTLLM_OWNER_PID``: a plugin or the console), 0 if none."""
+    try:
+        return max(0, int(os.environ.get(OWNER_ENV, "0") or 0))
+    except ValueError:
+        return 0
+
+
 def watch_owner(on_gone: Callable[[], None] | None = None) -> None:
     """If started for a plugin or the console (``MMDAGENTLLM_OWNER_PID``), stop when that
     process is gone: nothing they start may outlive them. ``on_gone`` (default:
     :func:`request_stop`, for a loop that checks it) runs on a thread of its own."""
-    owner = int(os.environ.get(OWNER_ENV, "0") or 0)
+    owner = owner_pid()
     if owner <= 0 or sys.platform == "win32":  # Windows: os.kill(pid, 0) would terminate it
         return
 
@@ -176,6 +184,7 @@ class Stage:
         self._handshake = self.sub.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(_HANDSHAKE_FAILURES))
         self._handshake_failed: set[int] = set()  # read with each heartbeat, not in the hot poll
+        self._owner = owner_pid()
 
     def _on_handshake(self) -> None:
         """Say once, plainly, why we cannot get onto the bus (not every 100 ms retry)."""
@@ -216,6 +225,10 @@ class Stage:
         """Stage-specific fields of the heartbeat."""
         return {}
 
+    def on_ready(self) -> None:
+        """Called once, when the stage's own heartbeat has come back: from now on it misses no
+        bus event, and what it publishes reaches every subscriber the broker has."""
+
     def close(self) -> None:
         """Release what the subclass holds; called once when the loop ends."""
 
@@ -248,7 +261,8 @@ class Stage:
 
     def _heartbeat(self) -> None:
         self.publish("heartbeat", {"stage": self.name, "pid": os.getpid(), "ready": self.ready, "info": self.info(),
-                                   "bad_frames": dict(self.bad_frames), "duplicates": self.liveness.duplicates()})
+                                   "bad_frames": dict(self.bad_frames), "duplicates": self.liveness.duplicates(),
+                                   "owner": self._owner})
 
     def run(self) -> int:
         install_signal_handlers()
@@ -335,5 +349,6 @@ class Stage:
                 self.ready = True
                 log.info("ready: connected to the broker, subscriptions in place")
                 self._heartbeat()
+                self.on_ready()
             return
         self.on_event(env)

@@ -199,3 +199,21 @@ def present(cfg: config_mod.Config, wait: float) -> dict[str, dict[str, Any]]:
     finally:
         sub.close(linger=0)
     return heard
+
+
+def leaving(on_bus: dict[str, dict[str, Any]]) -> int:
+    """The pid of the plugin that started the running pipeline, if that plugin has ended (0 if
+    not): its stages stop by themselves (they watch it), so the pipeline is on its way out and
+    must not be joined. MMDAgent-EX closed and opened again starts a new plugin at once."""
+    owner = on_bus.get("broker", {}).get("owner")
+    return owner if type(owner) is int and owner > 0 and owner != os.getpid() and not alive(owner) else 0
+
+
+def wait_free(cfg: config_mod.Config, timeout: float) -> bool:
+    """Wait (at most ``timeout`` seconds) until no endpoint of the session is held any more."""
+    deadline = time.monotonic() + timeout
+    while held_endpoints(cfg):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -89,15 +89,30 @@ KINDS: dict[str, str] = {
     "turn_start": """A user utterance opens a turn (bus, bridge; see :mod:`stages.bridge.turns`).
 
     body: ``text`` (str, the utterance). ``turn`` is the new turn's id; ids only grow. The llm
-    stage answers it; stages drop work items of older turns.""",
+    stage answers it; stages drop work items of older turns. A *resumed* answer (a stage was lost
+    after the avatar had begun to answer, see :mod:`stages.bridge.turns`) also has ``resume``
+    (int: the turn whose answer goes on, cancelled with reason ``lost``) and ``heard`` (list[str]:
+    the answer's segments written to MMDAgent-EX already, from its start): the llm sends the
+    answer again from its start, and on, under the new id, the segmenter skipping as many
+    segments as were heard; an llm restarted meanwhile holds no answer, and
+    asks for its rest with ``heard`` as the assistant's beginning (``[llm] prefill``), or
+    reports the turn ``broken``.""",
     "cancel": """A turn is cancelled: drop everything of it, now (bus, bridge).
 
     body: ``reason`` (``interrupted``: the user started speaking; ``superseded``: a newer
-    utterance came; ``away``: recognition paused), ``stopped`` (bool: ``SYNTH_STOP`` was written,
+    utterance came; ``away``: recognition paused; ``failed``: the turn ended with the failure
+    notice; ``restarted``: asked again under a new id before a word was said; ``gone``: a new
+    bridge started, so the one that asked for every turn up to ``turn`` has gone, with its
+    MMDAgent-EX: published by each bridge once it is ready, with ``turn`` just below its own
+    first turn id, so no stage waits for events a dead MMDAgent-EX cannot send; ``lost``: a stage
+    was lost in the middle of the answer, whose rest comes as a resumed turn (``turn_start``'s
+    ``resume``): the llm keeps the answer going, the others drop this id's items), ``stopped`` (bool: ``SYNTH_STOP`` was written,
     so one more ``SYNTH_EVENT_STOP`` will come for the stopped speech), ``spoken`` (list[str]:
     the turn's segments whose ``SYNTH_EVENT_START`` came, i.e. what the user heard). It travels
     on the bus, which every stage reads before its work queue, so it never waits behind
-    queued tokens or segments. Every item of this turn or an older one is dropped after it.""",
+    queued tokens or segments. Every item of this turn or an older one is dropped after it. A
+    bridge publishes its latest cancel again when a pipeline process restarts (one that was down,
+    or a broker that was, would have missed it).""",
     "spoken": """Every segment of a turn has been spoken or given up (bus, sequencer).
 
     body: ``segments`` (int). Not sent for a cancelled turn. The bridge's turn control takes
@@ -105,7 +120,9 @@ KINDS: dict[str, str] = {
     "token": """A piece of the answer as the LLM streamed it (work queue ``tokens``: llm -> segmenter).
 
     body: ``text`` (str), ``index`` (int, 0-based within the turn: a gap means tokens were
-    lost). ``origin`` is when the llm process received it.""",
+    lost), and on the first token of a resumed answer ``skip`` (int: the segmenter cuts the text
+    as usual but does not send its first ``skip`` segments, which were heard already). ``origin``
+    is when the llm process received it.""",
     "segment": """A speakable piece of the answer (work queue ``segments``: segmenter -> sequencer).
 
     body: ``text`` (str, clean speech, its tags taken out), ``index`` (int, 0-based within the
@@ -146,7 +163,9 @@ KINDS: dict[str, str] = {
     ``bad_frames`` (map: :attr:`WireError.reason` -> count of refused messages received since
     start; empty when none; not in the broker's, which decodes nothing), ``duplicates`` (map:
     stage name -> the pids of two or more live processes of that name on the bus; empty when
-    none; not in the broker's). topic: ``heartbeat.<stage>``.""",
+    none; not in the broker's), ``owner`` (int: the pid whose end stops this process, the plugin
+    that started it; 0 when none: a plugin does not join a pipeline whose owner has ended, it is
+    on its way out). topic: ``heartbeat.<stage>``.""",
     "broken": """A stage could not do its whole part of a turn (bus, any stage).
 
     body: ``stage`` (str), ``reason`` (str). E.g. a segmenter restarted in the middle of a turn
@@ -165,10 +184,12 @@ CAUSES = {
     "authentication": "the API key was refused (OPENAI_API_KEY)",
     "permission": "the key may not use this model or endpoint",
     "model_not_found": "the server does not know [llm] model",
+    "wrong_url": "the server at OPENAI_BASE_URL answered 404 for /chat/completions: does the URL end in /v1?",
     "rate_limited": "rate limit or quota reached (after the retries)",
     "server_error": "the LLM server failed (5xx, after the retries)",
     "bad_request": "the server refused the request (400/422)",
     "unreachable": "no connection to the LLM server (OPENAI_BASE_URL)",
+    "openai_unreachable": "no connection to OpenAI's API (api.openai.com): check the network and any proxy",
     "connection_lost": "the connection to the LLM server broke in the middle of the answer",
     "timeout": "the LLM server did not answer in time",
     "stream_error": "the server sent an error in the middle of the answer",

@@ -1,18 +1,19 @@
 """Chaos run: many turns under real supervisord while a random stage is SIGKILLed every few turns.
 
-    python -m tests.chaos [--turns 100] [--kill-every 3] [--seed 1]
+    python -m tests.chaos [--turns 100] [--kill-every 3] [--seed 1] [--no-prefill]
 
 The pipeline runs under ``deploy/supervisord.conf`` (copied into a temporary folder), the llm
 talks to a local streaming server through the real openai client, and the fake MMDAgent-EX
-launches the bridge. Turn *i* asks ``質問<i>``; the server answers it with two sentences that
-name *i*. Every ``kill_every`` turns a random stage (broker included) is killed with SIGKILL at
+launches the bridge. Turn *i* asks ``質問<i>``; the server answers it with three sentences, two
+naming *i*, and continues an answer whose beginning ends the request (``[llm] prefill``). Every ``kill_every`` turns a random stage (broker included) is killed with SIGKILL at
 a random point of the turn: before the question, at ``turn_start``, at the first token, the
 first segment, or once the avatar has started speaking. supervisord restarts it.
 
 What the avatar received is then judged turn by turn, from MMDAgent-EX's side only:
 
-- completed: both sentences of answer *i*, in order, each once;
-- notice: the failure notice was spoken (what was said before it belongs to answer *i*);
+- completed: the three sentences of answer *i*, in order, each once;
+- notice: the failure notice was spoken (what was said before it belongs to answer *i*), and
+  whether it came after the whole answer (it must not);
 - wedged: neither within the deadline (must be 0);
 - duplicated or out-of-turn segments: a sentence spoken twice, or a sentence of another
   answer in turn *i*'s window (must be 0);
@@ -44,14 +45,20 @@ FAST_AVATAR = {"seconds_per_char": 0.01, "min_speech": 0.05, "stop_delay": 0.1, 
 
 
 def answer_for(i: int) -> list[str]:
-    return [f"答え{i}の一文目です。", f"答え{i}の二文目です。"]
+    return [f"これは{i}番目の答えです。", "少しだけ長く話します。", f"番号は{i}でした。"]
 
 
 def reply(body: dict) -> list:
-    text = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
+    """Answer *i*, streamed; a request ending with the answer's beginning (``[llm] prefill``, as
+    llama.cpp or Ollama would take it) gets the rest of it."""
+    messages = body["messages"]
+    text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     match = re.search(r"質問(\d+)", text)
     i = int(match.group(1)) if match else -1
-    return tokens_of("".join(answer_for(i)), seed=i, delay=0.01)
+    answer = "".join(answer_for(i))
+    if messages and messages[-1]["role"] == "assistant" and answer.startswith(messages[-1]["content"]):
+        answer = answer[len(messages[-1]["content"]):]
+    return tokens_of(answer, seed=i, delay=0.01)
 
 
 @dataclass
@@ -59,6 +66,7 @@ class Report:
     turns: int = 0
     completed: int = 0
     notice: int = 0
+    notice_after_complete: int = 0
     wedged: int = 0
     duplicated: int = 0
     out_of_turn: int = 0
@@ -70,6 +78,7 @@ class Report:
     def lines(self) -> list[str]:
         worst = max(self.recoveries) if self.recoveries else 0.0
         return [f"turns: {self.turns}", f"completed: {self.completed}", f"ended with the notice: {self.notice}",
+                f"notice after a complete answer: {self.notice_after_complete}",
                 f"wedged: {self.wedged}", f"duplicated segments: {self.duplicated}",
                 f"out-of-turn segments: {self.out_of_turn}", f"utterances lost: {self.lost}",
                 f"kills: {len(self.kills)} ({', '.join(f'{k}:{self.kills.count(k)}' for k in sorted(set(self.kills)))})",
@@ -101,11 +110,12 @@ def _milestone(bus: BusWatcher, since: int, moment: str) -> bool:
     return bool(bus.wait_for(seen, 10.0))
 
 
-def run(folder: Path, turns: int, kill_every: int, seed: int) -> Report:
+def run(folder: Path, turns: int, kill_every: int, seed: int, prefill: bool = True) -> Report:
     rng = random.Random(seed)
     report = Report(turns=turns)
     with managed(folder, reply=reply, avatar_kwargs=FAST_AVATAR, bus={"peer_timeout": 2.5},
-                 turn={"stall_timeout": 10.0, "max_age": 30.0, "notify_unreachable": False}) as world:
+                 turn={"stall_timeout": 10.0, "max_age": 30.0, "notify_unreachable": False},
+                 llm={"prefill": prefill}) as world:
         avatar, bus = world.avatar, world.bus
         notice = world.cfg["turn"]["failure_notice"]
         pending_kill: float | None = None
@@ -173,6 +183,7 @@ def _judge(report: Report, i: int, got: list[str], notice: str, ended: bool) -> 
         report.lost += 1
     elif notice in got:
         report.notice += 1
+        report.notice_after_complete += spoken == mine
     elif spoken == mine:
         report.completed += 1
     else:
@@ -187,10 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-every", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--verbose", action="store_true", help="list every kill and every problem")
+    parser.add_argument("--no-prefill", action="store_true",
+                        help="[llm] prefill = false (as with OpenAI): an llm killed mid-answer ends it with the notice")
     args = parser.parse_args(argv)
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mmdagent-llm-chaos-") as tmp:
-        report = run(Path(tmp), args.turns, args.kill_every, args.seed)
+        # the run's own keys and histories, for the stages and for this process alike (supervisord's
+        # stages get a HOME of their own: without this, they would make keys this process lacks)
+        os.environ["XDG_STATE_HOME"] = str(Path(tmp) / "state")
+        report = run(Path(tmp), args.turns, args.kill_every, args.seed, prefill=not args.no_prefill)
     print(f"mmdagent-llm chaos run under supervisord: seed {args.seed}, a SIGKILL every {args.kill_every} turns, "
           f"{time.monotonic() - began:.0f} s")
     for line in report.lines():
@@ -198,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         for line in report.details():
             print("    " + line)
-    bad = report.wedged + report.duplicated + report.out_of_turn + report.lost
+    bad = report.wedged + report.duplicated + report.out_of_turn + report.lost + report.notice_after_complete
     return 1 if bad else 0
 
 

@@ -8,11 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import assume, given, settings, strategies as st
 
 from broker import config as config_mod
 from stages.commands.avatar_sim import SimulatedMMDAgent
 from stages.llm.offline_responder import ChatCompletionServer
 from stages.observers.captions import ALIAS, MAX_TEXT_BYTES, USER_ALIAS, caption_text, check
+from stages.observers.line_breaks import HANG, NO_END, NO_START, width
 from tests.e2e import Observer, ScriptedLLM, launched
 from tests.harness import write_config
 
@@ -43,6 +45,79 @@ def test_caption_wrapping_and_cut():
     assert caption_text("あ" * 70, 20, 3).endswith("…")
     assert caption_text("Let's take a walk, shall we?", 8, 3) == '"Let\'s take a\\nwalk, shall we?"'
     assert caption_text("a|b", 20, 3) == "a｜b"
+
+
+def test_captions_wrap_by_the_japanese_line_breaking_rules():
+    # as a real MMDAgent-EX showed them: "…あります" / "。" and "…気分で" / "す。"
+    assert caption_text("円周率は3.14で、財布には1,000円あります。", 20, 3) == "円周率は3.14で、財布には1,000円あります。"
+    assert caption_text("みんなに心からありがとうと言いたい気分です。", 20, 3) == "みんなに心からありがとうと言いたい気分です。"
+    # inside the text: a closing mark or small kana hangs on its line (two characters at most) ...
+    assert caption_text("円周率は3.14で、財布には1,000円あります。本当です。", 20, 3) == \
+        "円周率は3.14で、財布には1,000円あります。\\n本当です。"
+    assert caption_text("あ" * 19 + "ちょっと待ってね。", 20, 3) == "あ" * 19 + "ちょっ\\nと待ってね。"
+    # ... else the characters before it go down with it; an opening bracket goes down too
+    assert caption_text("あ" * 19 + "い」」」と言った。", 20, 3) == "あ" * 19 + "\\nい」」」と言った。"
+    assert caption_text("あ" * 19 + "「いい」と言った。", 20, 3) == "あ" * 19 + "\\n「いい」と言った。"
+    # numbers and words stay whole; a line breaks next to a full-width character or at a space
+    assert caption_text("あ" * 18 + "3.14159です。そうです。", 20, 3) == "あ" * 18 + "\\n3.14159です。そうです。"
+    assert caption_text("x" * 45, 20, 3) == "x" * 40 + "\\n" + "x" * 5      # no break allowed: cut at the width
+
+
+def lines_of(out: str) -> list[str]:
+    return unquoted(out).split("\\n") if out else []
+
+
+CORE = "あいうえおかきくけこ日本語字幕円周率財布気分今山川漢字アイウエオカキクケコ"   # may start and end a line
+CLOSING = sorted(NO_START - set(".,:;!?)]}"))           # the full-width ones: the half-width end a word
+OPENING = sorted(NO_END - set("([{"))
+
+
+def _joined(units: list[tuple[str, str, str]]) -> str:
+    text = ""
+    for opening, core, closing in units:
+        space = " " if text and width(text[-1]) == 1 and width((opening or core)[0]) == 1 else ""
+        text += space + opening + core + closing
+    return text
+
+
+WORD = st.builds(str.__add__, st.text("abcXYZ019", min_size=1, max_size=5), st.sampled_from(["", ".14", ",000", "%"]))
+# Text whose every line can break by the rules: units of an optional opening bracket, a
+# character or a short Latin word, then at most two closing marks or small kana; a space
+# between two half-width neighbours.
+JAPANESE = st.lists(st.tuples(st.sampled_from([""] * 6 + OPENING),
+                              st.sampled_from(CORE) | WORD,
+                              st.text(st.sampled_from(CLOSING), max_size=2)),
+                    min_size=8, max_size=60).map(_joined)
+
+
+@settings(max_examples=400, deadline=None)
+@given(JAPANESE, st.integers(7, 30), st.integers(1, 6))
+def test_no_line_starts_or_ends_with_what_the_rules_forbid(text, line_chars, max_lines):
+    lines = lines_of(caption_text(text, line_chars, max_lines))
+    assert 1 <= len(lines) <= max_lines
+    for line in lines:
+        assert line and line[0] not in NO_START and line[-1] not in NO_END, lines
+        assert line == line.strip()
+        assert sum(width(c) for c in line) <= line_chars * 2 + HANG, lines
+    if not lines[-1].endswith("…"):       # the whole text: nothing lost, only spaces at the breaks
+        assert "".join(lines).replace(" ", "") == text.replace(" ", "")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(st.characters(codec="utf-8"), max_size=300) | JAPANESE, st.integers(1, 40), st.integers(1, 6))
+def test_wrapping_any_text_keeps_every_guarantee(text, line_chars, max_lines):
+    out = caption_text(text, line_chars, max_lines)
+    assert "|" not in out and not any(ord(c) < 32 or ord(c) == 127 for c in out)
+    assert len(out.encode("utf-8")) <= MAX_TEXT_BYTES + 2
+    inner = unquoted(out)
+    assert '"' not in inner and (" " in inner) == (out != inner)
+    lines = lines_of(out)
+    assert len(lines) <= max_lines
+    assert all(sum(width(c) for c in line) <= max(2, line_chars * 2) + HANG for line in lines)
+    assume(lines and not out.endswith(("…", '…"')))
+    # the text is all there, in order, only spaces dropped
+    cleaned = "".join(c for c in unquoted(caption_text(text, 10_000, 1)) if c != " ")
+    assert "".join(lines).replace(" ", "") == cleaned
 
 
 def test_bad_caption_settings_are_refused_at_start():

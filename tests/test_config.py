@@ -1,5 +1,6 @@
 """Configuration: documented defaults, user file overlay, environment overrides, clear errors."""
 
+import json
 import os
 import re
 import subprocess
@@ -71,7 +72,8 @@ def test_ranges_are_checked_with_the_source_named(tmp_path, monkeypatch):
     for env, words in (("MMDAGENT_LLM_BUS_BASE_PORT=70000", "base_port = 70000: must be from 0 to 65528"),
                        ("MMDAGENT_LLM_LLM_FIRST_TOKEN_TIMEOUT=-5", "first_token_timeout = -5.0: must be from 0.1"),
                        ("MMDAGENT_LLM_SEGMENTER_MAX_BYTES=5000", "max_bytes = 5000: must be from 16 to 1900"),
-                       ("MMDAGENT_LLM_TRANSCRIPT_KEEP=0", "keep = 0: must be from 1 to 100")):
+                       ("MMDAGENT_LLM_TRANSCRIPT_KEEP=0", "keep = 0: must be from 1 to 100"),
+                       ("MMDAGENT_LLM_LLM_ARCHIVE_KEEP=-1", "archive_keep = -1: must be from 0 to 10000")):
         name, value = env.split("=")
         monkeypatch.setenv(name, value)
         with pytest.raises(config.ConfigError, match=re.escape(words) + r".*set in environment " + name):
@@ -81,6 +83,26 @@ def test_ranges_are_checked_with_the_source_named(tmp_path, monkeypatch):
     path.write_text("[speech]\ncut_timeout = 0\n", encoding="utf-8")
     with pytest.raises(config.ConfigError, match=rf"cut_timeout = 0.0: must be from 0.1 to 600 \(set in {re.escape(str(path))}\)"):
         config.load(path)
+
+
+@pytest.mark.parametrize("key, value", [("voice", "a|b"), ("voice", "a\tb"), ("voice", ""), ("model", "0|1"),
+                                        ("model", "a\u2028b")])
+def test_speech_fields_are_checked_like_the_vocabularys_voices(tmp_path, monkeypatch, key, value):
+    # the value is a field of every SYNTH_START: a | would split it and the avatar stay silent
+    path = tmp_path / "c.toml"
+    path.write_text(f"[speech]\n{key} = {json.dumps(value)}\n", encoding="utf-8")
+    with pytest.raises(config.ConfigError, match=re.escape(f"[speech] {key} = {value!r}: empty, or a | or control "
+                                                           f"character (set in {path})")):
+        config.load(path)
+    name = f"MMDAGENT_LLM_SPEECH_{key.upper()}"
+    monkeypatch.setenv(name, value)
+    with pytest.raises(config.ConfigError, match=re.escape(f"[speech] {key} = {value!r}") + ".*" + name):
+        config.load(Path(os.devnull))
+    monkeypatch.delenv(name)
+    if key == "voice":  # the same check as [expression.names] voices, in the same words
+        path.write_text(f"[expression.names]\nodd = {{ voice = {json.dumps(value)} }}\n", encoding="utf-8")
+        with pytest.raises(config.ConfigError, match=re.escape(f"voice = {value!r}: empty, or a | or control")):
+            config.load(path)
 
 
 def test_config_command_shows_the_values_in_effect_and_their_source(tmp_path):
@@ -113,6 +135,22 @@ def test_version_help_and_options_after_the_subcommand():
         assert HELP[name][:30].lower() in page.lower().replace("\n", " "), name
     assert run("bus", "--session", "after-it").stdout.startswith("session 'after-it'")
     assert run("--session", "before-it", "bus").stdout.startswith("session 'before-it'")
+
+
+def test_the_plugins_help_names_the_real_default_pipeline(monkeypatch):
+    import tomllib
+    from stages.commands import cli
+    default = tomllib.loads((Path(config.__file__).parent / "defaults.toml").read_text("utf-8"))["plugin"]["pipeline"]
+    page = " ".join(subprocess.run([sys.executable, "-m", "stages.commands.cli", "plugin", "--help"],
+                                   capture_output=True, text=True, timeout=30).stdout.split())
+    assert f'([plugin] pipeline = "{default}", the default;' in page, page
+    if default == "builtin":
+        assert 'kept by the plugin itself ([plugin] pipeline = "builtin", the default; also "supervisord")' in page
+    assert "under supervisord if none is running" not in page
+    # it follows defaults.toml, not a second copy of the default
+    monkeypatch.setattr(config, "defaults", lambda: {"plugin": {"pipeline": "supervisord"}})
+    assert cli._plugin_help().endswith('under a supervisord of its own ([plugin] pipeline = "supervisord", the '
+                                       'default; also "builtin")')
 
 
 def test_paths_are_in_the_users_folders_never_here(tmp_path):

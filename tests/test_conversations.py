@@ -1,6 +1,7 @@
 """History belongs to a conversation: each content (its .mdf folder) has its own under the
-plugin, the console starts afresh unless asked to continue, and `mmdagent-llm history` shows
-and clears it. Real plugin (its own supervisord pipeline), real console in a pseudo-terminal."""
+plugin, the console starts afresh unless asked to continue, keeping the last conversation in the
+archive, and `mmdagent-llm history` shows and clears it, and lists and shows the archive. Real
+plugin (its own supervisord pipeline), real console in a pseudo-terminal."""
 
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ from pathlib import Path
 from broker import config as config_mod
 from stages.commands.avatar_sim import SimulatedMMDAgent
 from stages.commands.launcher import wait_ready
-from stages.llm.history_store import HistoryStore, console_path, content_path
+from stages.llm.history_store import HistoryStore, console_path, content_path, decode
 from stages.llm.offline_responder import ChatCompletionServer
 from tests.e2e import ScriptedLLM, bridge_sees_pipeline
-from tests.harness import BIN, pipeline_env, processes_with, write_config
-from tests.pty_term import one_exchange
+from tests.harness import BIN, BusWatcher, pipeline_env, processes_with, write_config
+from tests.pty_term import PtyProcess, one_exchange
 
 
 def asked(server: ChatCompletionServer, text: str) -> list[tuple[str, str]]:
@@ -105,3 +106,113 @@ def test_the_console_starts_afresh_unless_asked_to_continue(tmp_path: Path, own_
         for pid in processes_with(str(cfg_path)):
             os.kill(pid, signal.SIGKILL)
     assert len(HistoryStore(console_path("default")).load()) == 2
+
+
+def saved_exchanges(path: Path) -> int:
+    try:
+        return len(decode(path.read_bytes()))
+    except FileNotFoundError:
+        return 0
+
+
+def history_command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stages.commands.cli", "history", *args], env=here_only(),
+                          capture_output=True, text=True, encoding="utf-8", timeout=30)
+
+
+def say(term: PtyProcess, bus: BusWatcher, history: Path, text: str, spoken: int, saved: int, at: int) -> int:
+    """Type ``text`` in the console, wait until its answer (はい。) was spoken to the end (the
+    ``spoken``-th turn to be) and the history file holds ``saved`` exchanges; where the screen is."""
+    term.send(f"{text}\r")
+    at = term.expect("avatar> はい。", 30, at)
+    # in full before the next line: a line typed while it speaks would cut it off
+    assert bus.wait_for(lambda envs: len(envs) >= spoken, 30), "the answer was never spoken to the end"
+    deadline = time.monotonic() + 20
+    while saved_exchanges(history) != saved and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert saved_exchanges(history) == saved
+    return at
+
+
+def test_a_new_console_keeps_the_last_conversation_in_the_archive(tmp_path: Path, own_state):
+    """Two exchanges, then a new console left at once with Ctrl-D: nothing of them is lost;
+    `history --archive` lists the earlier conversation and prints both exchanges."""
+    server = ChatCompletionServer(ScriptedLLM(default="はい。")).start()
+    cfg_path = write_config(tmp_path, llm={"history_file": ""})
+    cfg = config_mod.load(cfg_path)
+    env = pipeline_env(cfg_path, server.base_url)
+    console = [str(BIN / "mmdagent-llm"), "console"]
+    history = console_path("default")
+    bus = None
+    try:
+        term = PtyProcess(console, str(tmp_path), env)
+        try:
+            at = term.expect("you> ", 40)
+            bus = BusWatcher(cfg, b"spoken")
+            at = say(term, bus, history, "私はハナです。", 1, 1, at)
+            say(term, bus, history, "猫が好きです。", 2, 2, at)
+            term.send("\x04")  # Ctrl-D
+            assert term.wait(30) == 0
+        finally:
+            term.close()
+        term = PtyProcess(console, str(tmp_path), env)  # a new conversation, left at once
+        try:
+            term.expect("you> ", 40)
+            term.send("\x04")
+            assert term.wait(30) == 0
+        finally:
+            term.close()
+    finally:
+        if bus is not None:
+            bus.close()
+        server.stop()
+        for pid in processes_with(str(cfg_path)):
+            os.kill(pid, signal.SIGKILL)
+    archived = own_state / "mmdagent-llm" / "conversations"
+    [kept] = list(archived.iterdir())
+    assert f"the last conversation (2 exchanges) is kept in {kept}" in term.text
+    assert not history.exists() or saved_exchanges(history) == 0
+
+    listed = history_command("--archive")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert str(archived) in lines[0] and "newest first" in lines[0]
+    assert lines[1].split()[0] == "1" and "2 exchanges" in lines[1] and lines[1].endswith(kept.name)
+    for which in ("1", kept.name):
+        shown = history_command("--archive", which)
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.splitlines() == [f"{kept}: 2 exchanges", "  you:    私はハナです。",
+                                             "  avatar: はい。", "  you:    猫が好きです。", "  avatar: はい。"]
+    assert "earlier conversations: mmdagent-llm history --archive" in history_command("--console").stdout
+
+
+def test_history_clear_is_not_undone_by_the_running_console(tmp_path: Path, own_state):
+    """`history --console --clear` between two turns: the running llm neither gives the cleared
+    exchange to the LLM again nor writes it back with its next save."""
+    server = ChatCompletionServer(ScriptedLLM(default="はい。")).start()
+    cfg_path = write_config(tmp_path, llm={"history_file": ""})
+    cfg = config_mod.load(cfg_path)
+    history = console_path("default")
+    bus = None
+    try:
+        term = PtyProcess([str(BIN / "mmdagent-llm"), "console"], str(tmp_path), pipeline_env(cfg_path, server.base_url))
+        try:
+            at = term.expect("you> ", 40)
+            bus = BusWatcher(cfg, b"spoken")
+            at = say(term, bus, history, "私はハナです。", 1, 1, at)
+            cleared = history_command("--console", "--clear")
+            assert f"cleared {history}: deleted its 1 exchanges, not archived" in cleared.stdout, cleared.stdout
+            say(term, bus, history, "私の名前は？", 2, 1, at)
+            term.send("/quit\r")
+            assert term.wait(30) == 0
+        finally:
+            term.close()
+    finally:
+        if bus is not None:
+            bus.close()
+        server.stop()
+        for pid in processes_with(str(cfg_path)):
+            os.kill(pid, signal.SIGKILL)
+    [request] = [r for r in server.requests if r["messages"][-1]["content"] == "私の名前は？"]
+    assert [m["content"] for m in request["messages"][1:]] == ["私の名前は？"]
+    assert [(q["content"], a["content"]) for q, a in HistoryStore(history).load()] == [("私の名前は？", "はい。")]

@@ -18,6 +18,7 @@ from zmq.utils.monitor import recv_monitor_message
 from broker import wire
 from stages.commands import cli
 from broker import config, curve
+from stages.llm.history_store import HistoryStore
 from tests.harness import ROOT, pipeline_env, write_config
 
 
@@ -135,12 +136,39 @@ def test_without_curve_dir_the_session_has_keys_of_its_own(tmp_path, own_state):
         sock.close(0)
 
 
-def test_a_state_folder_open_to_others_is_closed(tmp_path, own_state):
+def test_a_state_folder_open_to_others_is_closed(tmp_path, own_state, caplog):
     state = tmp_path / "state" / "mmdagent-llm"
     state.mkdir(parents=True, mode=0o755)
     os.chmod(state, 0o755)
     curve.folder_of(config.load(write(tmp_path, "[bus]\n")))
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert [r.getMessage() for r in caplog.records if "open to other users" in r.getMessage()] == \
+        [f"{state} was open to other users: now mode 0700"]
+
+
+def test_a_state_folder_made_here_is_private_from_the_start(tmp_path, monkeypatch, caplog):
+    """What the console and the plugin do first (a log or run folder inside the state folder,
+    a history file), then the keys: every folder made on the way is 0700, nothing to report."""
+    base = tmp_path / "new" / "state"                       # XDG_STATE_HOME does not exist yet either
+    monkeypatch.setenv("XDG_STATE_HOME", str(base))
+    state = config.state_dir()
+    curve.private_dir(state / "run-default")
+    HistoryStore(state / "history-default.json").save([])
+    curve.folder_of(config.load(write(tmp_path, "[bus]\n")))
+    assert not [r for r in caplog.records if "open to other users" in r.getMessage()]
+    for path in (tmp_path / "new", base, state, state / "run-default", state / "bus-default"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+
+
+def test_make_folders_leaves_existing_folders_alone(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    curve.make_folders(tmp_path / "a" / "b")
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o755
+    assert [stat.S_IMODE((tmp_path / p).stat().st_mode) for p in ("a", "a/b")] == [0o700, 0o700]
+    curve.make_folders(tmp_path / "a" / "b")                 # there already: fine
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileExistsError):
+        curve.make_folders(tmp_path / "file")
 
 
 def test_many_processes_starting_at_once_agree_on_one_key_set(tmp_path, own_state):

@@ -7,8 +7,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx2
+import openai
 import pytest
 
+from broker import wire
+from stages.commands.doctor import FIXES
+from stages.llm.llm import cause_of, wrong_path
+from stages.llm.llm_http import make_client
 from stages.llm.offline_responder import ChatCompletionServer, Stall, Status
 from tests.e2e import ScriptedLLM
 from tests.harness import BIN, SECRET_KEY, pipeline_env, processes_with, write_config
@@ -28,6 +34,10 @@ def doctor(tmp_path: Path, base_url: str | None) -> subprocess.CompletedProcess:
      1, ["FAILED: model_not_found", "The server has no model 'qwen-test'", "[llm] model"]),
     ([Status(429, {"error": {"message": "quota", "code": "insufficient_quota"}}, {})],
      1, ["FAILED: rate_limited", "billing"]),
+    # a web server's own 404, not the API's (a base URL without /v1): not the model's fault
+    ([Status(404, "404 page not found")],
+     1, ["FAILED: wrong_url", "answered 404 for /chat/completions: does the URL end in /v1?", "usually ends in /v1"]),
+    ([Status(404, {"detail": "Not Found"})], 1, ["FAILED: wrong_url"]),
 ])
 def test_doctor_names_the_cause_and_the_fix(tmp_path: Path, script, rc, words):
     llm = ScriptedLLM()
@@ -53,6 +63,67 @@ def test_doctor_says_when_nothing_answers(tmp_path: Path):
     done = doctor(tmp_path, f"http://127.0.0.1:{port}/v1")
     assert done.returncode == 1
     assert "FAILED: unreachable" in done.stdout and f"Nothing answers at http://127.0.0.1:{port}/v1" in done.stdout
+    assert "Check OPENAI_BASE_URL" in done.stdout and "OpenAI's API" not in done.stdout
+
+
+def test_doctor_without_a_base_url_says_it_is_openai_that_cannot_be_reached(tmp_path: Path):
+    """A key but no OPENAI_BASE_URL, and no way out (a proxy nobody listens at stands for the
+    missing network): it is OpenAI's API that is unreachable, not a setting the user does not have."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    env = {k: v for k, v in pipeline_env(write_config(tmp_path), None).items() if not k.lower().endswith("_proxy")}
+    env.update(OPENAI_API_KEY=SECRET_KEY, https_proxy=f"http://127.0.0.1:{port}")
+    done = subprocess.run([str(BIN / "mmdagent-llm"), "doctor"], env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "FAILED: openai_unreachable: no connection to OpenAI's API" in done.stdout, done.stdout
+    assert "OPENAI_BASE_URL is not set" in done.stdout and "network" in done.stdout
+    assert "Check OPENAI_BASE_URL" not in done.stdout and "(OPENAI_BASE_URL)" not in done.stdout
+    assert SECRET_KEY not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("script, path, cause", [
+    ([Status(404, "404 page not found")], "/v1", "wrong_url"),
+    ([Status(404, {"detail": "Not Found"})], "/v1", "wrong_url"),
+    ([Status(404, {"error": {"message": "model 'x' not found", "code": None}})], "/v1", "model_not_found"),
+    ([], "", "wrong_url"),    # the base URL without /v1: the server's unknown_url error
+])
+def test_a_404_is_the_models_fault_only_when_the_api_says_so(script, path, cause, stream):
+    """The llm stage's own client (streaming or not) and the doctor's classify alike."""
+    llm = ScriptedLLM()
+    llm.queue(script)
+    server = ChatCompletionServer(llm).start()
+    client, _ = make_client("k", server.base_url.removesuffix("/v1") + path, 0, openai.Timeout(10))
+    try:
+        with pytest.raises(openai.NotFoundError) as caught:
+            client.chat.completions.create(model="x", messages=[{"role": "user", "content": "ping"}], stream=stream)
+    finally:
+        client.close()
+        server.stop()
+    assert cause_of(caught.value) == cause
+
+
+def test_causes_of_connection_failures_name_who_could_not_be_reached():
+    to = lambda url: httpx2.Request("POST", url)  # noqa: E731
+    assert cause_of(openai.APIConnectionError(request=to("https://api.openai.com/v1/chat/completions"))) \
+        == "openai_unreachable"
+    assert cause_of(openai.APIConnectionError(request=to("http://localhost:11434/v1/chat/completions"))) \
+        == "unreachable"
+    assert cause_of(openai.APITimeoutError(request=to("https://api.openai.com/v1/chat/completions"))) == "timeout"
+    assert "OPENAI_BASE_URL" not in wire.CAUSES["openai_unreachable"]
+    assert set(FIXES) == set(wire.CAUSES)   # every cause has its fix
+
+
+@pytest.mark.parametrize("body, wrong", [
+    ("404 page not found", True), ("", True), ("<html>Not Found</html>", True), ('{"detail": "Not Found"}', True),
+    ("[1]", True), ('{"error": "no"}', True), ('{"error": {"code": "unknown_url", "message": "Unknown path"}}', True),
+    ('{"error": {"message": "model not found", "code": "model_not_found"}}', False),
+    ('{"error": {"message": "model \\"q\\" not found, try pulling it first", "type": "api_error", "code": null}}', False),
+])
+def test_wrong_path(body, wrong):
+    assert wrong_path(body) is wrong
 
 
 def test_doctor_on_the_offline_default(tmp_path: Path):

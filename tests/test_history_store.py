@@ -10,6 +10,7 @@ import pytest
 
 from broker import config
 from stages.llm.history import History
+from stages.llm.history_archive import Archive
 from stages.llm.history_store import HistoryStore, default_path, store_for
 
 LOGGER = "mmdagent_llm"
@@ -52,16 +53,68 @@ def test_new_history_with_the_same_store_continues_the_conversation(tmp_path):
     assert len(History("sys", 10, 10_000, store=HistoryStore(path)).pairs) == 3
 
 
-def test_limits_apply_after_loading_and_the_trim_is_saved(tmp_path):
+def test_lowered_limits_apply_after_loading_and_the_file_is_archived_before_it_is_trimmed(tmp_path):
     path = tmp_path / "h.json"
-    h = History("sys", 10, 10_000, store=HistoryStore(path))
+    archive = Archive(tmp_path / "conversations", 20)
+    h = History("sys", 10, 10_000, store=HistoryStore(path, archive=archive))
     for i in range(6):
         h.add(f"q{i}", f"a{i}")
-    fewer = History("sys", 2, 10_000, store=HistoryStore(path))
+    assert archive.entries() == []  # within the limits: nothing to keep aside
+    said = HistoryStore(path).load()
+    os.utime(path, (1_600_000_000, 1_600_000_000))
+
+    fewer = History("sys", 2, 10_000, store=HistoryStore(path, archive=archive))  # restarted with a lower limit
     assert [p[0]["content"] for p in fewer.pairs] == ["q4", "q5"]
-    assert len(HistoryStore(path).load()) == 2  # trimming is a change: saved
-    small = History("sys", 100, 30, store=HistoryStore(path))
-    assert small.tokens() <= 30
+    assert len(HistoryStore(path).load()) == 2  # trimming is a change: saved ...
+    [kept] = archive.entries()  # ... after every pair was copied aside, dated like the conversation
+    assert HistoryStore(kept.path).load() == said and kept.exchanges == 6 and kept.when == 1_600_000_000
+    assert kept.path.name.startswith("h-") and kept.path.suffix == ".json"
+
+    again = History("sys", 2, 10_000, store=HistoryStore(path, archive=archive))  # within them now: no copy
+    assert len(again.pairs) == 2 and len(archive.entries()) == 1
+    small = History("sys", 100, 20, store=HistoryStore(path, archive=archive))  # by tokens, the same
+    assert small.tokens() <= 20 and len(small.pairs) == 1 and [e.exchanges for e in archive.entries()] == [2, 6]
+
+
+def test_a_history_cleared_by_another_program_is_not_written_back(tmp_path, caplog):
+    """`mmdagent-llm history --clear` while the llm runs: its next turn starts from the cleared file."""
+    path = tmp_path / "h.json"
+    h = History("sys", 10, 10_000, store=HistoryStore(path))
+    h.add("q1", "a1")
+    h.add("q2", "a2")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # its own saves are no change
+    path.unlink()  # history --clear
+    assert [m["content"] for m in h.request("q3")] == ["sys", "q3"]  # not given to the LLM either
+    h.add("q3", "a3")
+    assert HistoryStore(path).load() == pairs_of(("q3", "a3"))
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert str(path) in warning.getMessage() and "removed by another program" in warning.getMessage()
+    path.unlink()
+    assert not h.revise_last("q3", "a")  # the pair it would revise is gone with the file
+    assert not path.exists()
+
+
+def test_a_history_replaced_by_another_program_is_followed(tmp_path, caplog):
+    path = tmp_path / "h.json"
+    h = History("sys", 10, 10_000, store=HistoryStore(path))
+    h.add("q1", "a1")
+    HistoryStore(path).save(pairs_of(("theirs", "kept")))  # another writer, same size or not
+    h.add("q2", "a2")
+    assert HistoryStore(path).load() == pairs_of(("theirs", "kept"), ("q2", "a2"))
+    assert "replaced by another program" in caplog.records[-1].getMessage()
+    for i in range(3):  # followed once; from then on its own saves again
+        h.add(f"n{i}", "x")
+    assert len(HistoryStore(path).load()) == 5 and len(caplog.records) == 1
+
+
+def test_outside_change_needs_a_change(tmp_path):
+    path = tmp_path / "h.json"
+    store = HistoryStore(path)
+    assert store.load() is None and store.outside_change() is None  # no file, still none
+    store.save(pairs_of(("q", "a")))
+    assert store.outside_change() is None
+    HistoryStore(path).save(pairs_of(("q", "a")))  # the same content, written anew: a new file all the same
+    assert store.outside_change() == pairs_of(("q", "a")) and store.outside_change() is None
 
 
 def test_without_a_store_nothing_is_written(tmp_path, monkeypatch):
@@ -211,7 +264,7 @@ def test_save_into_a_read_only_folder_is_logged_once(tmp_path, caplog):
 
 
 def _cfg(history_file, session="default"):
-    return {"llm": {"history_file": history_file}, "bus": {"session": session}}
+    return {"llm": {"history_file": history_file, "archive_keep": 20}, "bus": {"session": session}}
 
 
 def test_defaults_declare_history_file():
@@ -294,3 +347,24 @@ def test_macos_uses_application_support_and_its_logs_folder(tmp_path, monkeypatc
     monkeypatch.setenv("HOME", str(tmp_path))
     assert state_dir() == tmp_path / "Library" / "Application Support" / "mmdagent-llm"
     assert log_dir() == tmp_path / "Library" / "Logs" / "mmdagent-llm"
+
+
+def test_a_file_that_cannot_be_read_is_kept_aside_not_replaced(tmp_path, monkeypatch, caplog):
+    from stages.llm import history_store
+
+    path = tmp_path / "h.json"
+    said = _valid_file(path)
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(history_store, "open", refused, raising=False)  # as for a file of another user
+    h = History("sys", 10, 1000, store=HistoryStore(path))
+    monkeypatch.undo()
+    [error] = errors(caplog)
+    message = error.getMessage()
+    assert "cannot be read (Permission denied)" in message and "kept as h.json.unreadable-" in message
+    h.add("new", "start")  # the new conversation's save ...
+    [kept] = tmp_path.glob("h.json.unreadable-*")
+    assert kept.read_bytes() == said  # ... did not overwrite the one that could not be read
+    assert HistoryStore(path).load() == pairs_of(("new", "start"))

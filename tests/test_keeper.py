@@ -65,3 +65,25 @@ def test_the_builtin_pipeline_answers_restarts_and_dies_with_the_plugin(tmp_path
     assert len(logs) == 4 and not [f for f in logs if f.stat().st_mode & 0o077]   # the owner's only
     text = (tmp_path / "plugin.log").read_text(errors="replace")
     assert "segmenter exited with status -9" in text and "starting it again" in text
+
+
+def test_a_full_stage_log_is_rotated_not_deleted(tmp_path: Path):
+    """A stage restarted after a crash: its log, over the limit, keeps the crash lines in <name>.log.1."""
+    from stages.commands.keeper import open_log
+
+    path = tmp_path / "llm.log"
+    with open_log(path, limit=100) as log:
+        log.write(b"x" * 90 + b"\nTraceback: the crash\n")
+    with open_log(path, limit=100) as log:  # the restart
+        log.write(b"started again\n")
+    assert (tmp_path / "llm.log.1").read_bytes().endswith(b"Traceback: the crash\n")
+    assert path.read_bytes() == b"started again\n"
+    if os.name == "posix":
+        assert (path.stat().st_mode & 0o777) == 0o600 and ((tmp_path / "llm.log.1").stat().st_mode & 0o777) == 0o600
+    with open_log(path, limit=100) as log:  # under the limit: appended to
+        log.write(b"more\n")
+    assert path.read_bytes() == b"started again\nmore\n"
+    path.write_bytes(b"y" * 200)
+    with open_log(path, limit=100):  # one previous file is kept: the newer full log replaces it
+        pass
+    assert (tmp_path / "llm.log.1").read_bytes() == b"y" * 200 and path.read_bytes() == b""

@@ -80,6 +80,7 @@ def test_long_answer_never_exceeds_the_line_limit(world: World):
 @pytest.mark.parametrize("name, script, error_class, cause", [
     ("401", [Status(401, {"error": {"message": f"Incorrect API key provided: {SECRET_KEY}", "type": "invalid_request_error", "code": "invalid_api_key"}}, {})], "AuthenticationError", "authentication"),
     ("404", [Status(404, {"error": {"message": "The model `gpt-x` does not exist", "type": "invalid_request_error", "code": "model_not_found"}}, {})], "NotFoundError", "model_not_found"),
+    ("404 page", [Status(404, "404 page not found")], "NotFoundError", "wrong_url"),   # a base URL without /v1
     ("429", [Status(429, {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}, {"retry-after-ms": "20"})], "RateLimitError", "rate_limited"),
     ("500", [Status(500, {"error": {"message": "boom", "type": "server_error", "code": None}}, {})], "InternalServerError", "server_error"),
     ("error event", [ErrorEvent("overloaded")], "APIError", "stream_error"),

@@ -177,3 +177,15 @@ def test_duplicate_stages_are_reported_once_not_as_restarts(tmp_path: Path):
     assert extra_log.read_text().count(f"another segmenter process (pid {first})") == 1
     stages_log = (tmp_path / "pipeline.log").read_text(encoding="utf-8", errors="replace")
     assert stages_log.count(f"another segmenter process (pid {extra.pid})") == 1
+
+
+def test_a_pipeline_whose_plugin_has_ended_is_not_joined():
+    """Its stages stop by themselves (they watch the plugin): joining it would leave the new bridge
+    with nothing that keeps its pipeline."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    assert sessions.leaving({"broker": {"owner": ended.pid}}) == ended.pid
+    assert sessions.leaving({"broker": {"owner": os.getppid()}}) == 0     # its plugin still runs
+    assert sessions.leaving({"broker": {"owner": 0}}) == 0                # started by a person or supervisord
+    assert sessions.leaving({"broker": {}}) == 0 and sessions.leaving({}) == 0
+    assert sessions.leaving({"broker": {"owner": "12"}}) == 0             # a rogue's heartbeat: never trusted

@@ -4,6 +4,8 @@ observer restarts; only the key opens it. A screenshot is kept in tests/artifact
 
 from __future__ import annotations
 
+import base64
+import json
 import subprocess
 import sys
 import time
@@ -13,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from broker import config as config_mod
 from stages.llm.offline_responder import ChatCompletionServer
+from stages.observers.line_breaks import NO_END, NO_START
+from stages.observers.subtitles import page_html
 from tests import browser
 from tests.e2e import Observer, ScriptedLLM, launched, tokens_of
 
@@ -96,3 +101,50 @@ def test_subtitles_follow_speech_and_survive_an_observer_restart(tmp_path: Path)
     assert all(shown in ("", "一文目を話しています。", "二文目も話します。") for _, shown, _ in samples)
     assert shot is not None and shot.stat().st_size > 1000
     print(f"screenshot kept: {shot}")
+
+
+# the lines a browser makes of ``text`` in a .line of the page ``width`` wide: characters grouped by
+# the top of their box
+LINES_JS = """(function (text, width) {
+  const el = document.createElement("div");
+  el.className = "line"; el.style.width = width; el.style.padding = "0"; el.textContent = text;
+  document.body.appendChild(el);
+  const node = el.firstChild, lines = [];
+  let top = null;
+  for (let i = 0; i < node.length; i++) {
+    const range = document.createRange(); range.setStart(node, i); range.setEnd(node, i + 1);
+    const box = range.getClientRects()[0];
+    if (!box) continue;
+    if (top === null || box.top > top + box.height / 2) { lines.push(""); top = box.top; }
+    lines[lines.length - 1] += node.data[i];
+  }
+  const overflows = el.scrollWidth > el.clientWidth;
+  el.remove();
+  return {lines: lines, overflows: overflows};
+})(%s, %s)"""
+
+WRAPPED = ("ちょっと待ってね、キャッシュのデータ（3.14）を「しっかり」チェックしよう。円周率は3.14で、財布には1,000円"
+           "あります！ショッピングはやっぱりネットで……と言いたい気分です。ミュージック・ビデオ？ええ、そうですよっ。")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason=WHY_NOT)
+def test_the_page_wraps_by_the_japanese_line_breaking_rules():
+    """At every width from 6 to 24 characters: no line of the page starts with a closing mark,
+    small kana or ー, none ends with an opening bracket, and a word too long for a line wraps
+    instead of being cut off."""
+    html = page_html(config_mod.load(Path("/dev/null"))["subtitles"])
+    page = browser.Browser(CHROMIUM, "data:text/html;base64," + base64.b64encode(html.encode()).decode())
+    try:
+        wait_until(page, "document.readyState", "complete")
+        widths = [f"{quarter / 4}em" for quarter in range(24, 97)]
+        made = {width: page.eval(LINES_JS % (json.dumps(WRAPPED), json.dumps(width))) for width in widths}
+        long_word = page.eval(LINES_JS % (json.dumps("https://example.com/" + "a" * 80), json.dumps("6em")))
+    finally:
+        page.close()
+    for width, got in made.items():
+        lines = [line.strip() for line in got["lines"]]
+        assert "".join(got["lines"]) == WRAPPED and not got["overflows"], (width, lines)
+        assert len(lines) >= 5, (width, lines)
+        for before, after in zip(lines, lines[1:]):
+            assert after[0] not in NO_START and before[-1] not in NO_END, (width, before, after)
+    assert len(long_word["lines"]) > 1 and not long_word["overflows"], long_word

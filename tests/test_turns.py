@@ -156,13 +156,82 @@ def test_stage_lost_before_anything_was_said_asks_again_under_a_new_turn():
     assert not tc.accepts("SYNTH_START", old) and tc.accepts("SYNTH_START", actions[1].turn)
 
 
-def test_stage_lost_after_speech_began_ends_with_the_notice_never_a_replay():
+def test_the_llm_lost_after_speech_began_asks_it_to_go_on_or_ends_with_the_notice():
     tc = controller()
     say(tc, "質問")
+    old = tc.turn
     tc.on_written("SYNTH_START", ["0", "mei_voice_normal", "一文目。"], tc.turn)
-    actions = tc.on_stage_lost("sequencer", now=1.0)
+    assert kinds(tc.on_stage_lost("llm", now=1.0)) == ["cancel"]   # written: it will be said, then the rest
+    tc.on_line("SYNTH_EVENT_START", ["0"], 0.0, now=1.1)
+    resumed = tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0, now=1.2)
+    assert kinds(resumed) == ["turn_start"]
+    assert resumed[0].body == {"text": "質問", "resume": old, "heard": ["一文目。"]}
+    # the restarted llm cannot go on with it ([llm] prefill off): it reports the turn broken
+    actions = tc.on_stage_lost("llm", now=1.5, force=True)
     assert kinds(actions) == ["cancel", "SYNTH_START"] and actions[1].args[2] == NOTICE
     assert actions[0].body["reason"] == "failed" and tc.machine == C.IDLE
+
+
+def test_another_stage_lost_after_speech_began_resumes_once_the_avatar_is_quiet():
+    tc = controller()
+    say(tc, "質問")
+    old = tc.turn
+    speak(tc, "一文目。")
+    tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0, now=0.5)
+    speak(tc, "二文目。", now=0.6)                      # playing when the sequencer is killed
+    lost = tc.on_stage_lost("sequencer", now=1.0)
+    assert kinds(lost) == ["cancel"] and lost[0].turn == old
+    assert lost[0].body == {"reason": "lost", "stopped": False, "spoken": ["一文目。", "二文目。"]}
+    assert not tc.accepts("SYNTH_START", old)          # nothing more of the old id is written
+    assert tc.on_stage_lost("broker", now=1.1) == []   # a second loss while waiting changes nothing
+    resumed = tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0, now=2.0)   # no SYNTH_STOP: it played to its end
+    assert kinds(resumed) == ["turn_start"] and resumed[0].turn > old
+    assert resumed[0].body == {"text": "質問", "resume": old, "heard": ["一文目。", "二文目。"]}
+    assert tc.machine == C.ANSWERING and tc.accepts("SYNTH_START", tc.turn)
+    speak(tc, "三文目。", now=2.1)
+    # lost again: counted from the answer's start, and the interruption after it keeps all that was heard
+    again = tc.on_stage_lost("segmenter", now=2.5)
+    assert again[0].body["reason"] == "lost"
+    tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0, now=3.0)
+    assert tc.start_body == {"text": "質問", "resume": resumed[0].turn, "heard": ["一文目。", "二文目。", "三文目。"]}
+    speak(tc, "四文目。", now=3.1)
+    stop = tc.on_line("RECOG_EVENT_START", [], 0.0, now=3.2)
+    assert kinds(stop) == ["SYNTH_STOP", "cancel"]
+    assert stop[1].body["spoken"] == ["一文目。", "二文目。", "三文目。", "四文目。"]
+
+
+def test_a_stage_lost_between_sentences_resumes_at_once_and_waits_for_the_pipeline():
+    tc = controller()
+    say(tc, "質問")
+    speak(tc, "一文目。")
+    tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0, now=0.5)
+    assert kinds(tc.on_stage_lost("broker", now=1.0)) == ["cancel", "turn_start"]   # quiet: at once
+    speak(tc, "二文目。", now=1.1)
+    tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0, now=1.5)
+    tc.on_pipeline(False, now=1.6)
+    assert kinds(tc.on_stage_lost("segmenter", now=1.7)) == ["cancel"]              # down: it waits
+    assert kinds(tc.on_pipeline(True, now=2.0)) == ["turn_start"]
+
+
+def test_a_utterance_while_a_resume_waits_drops_it():
+    tc = controller()
+    say(tc, "質問")
+    speak(tc, "一文目。")
+    tc.on_stage_lost("sequencer", now=1.0)
+    new = say(tc, "別の質問", now=1.2)
+    assert kinds(new) == ["SYNTH_STOP", "cancel", "turn_start"] and new[2].body == {"text": "別の質問"}
+    assert tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0, now=2.0) == []               # no resume of the old answer
+
+
+def test_a_stage_lost_after_every_sentence_was_written_changes_nothing():
+    tc = controller()
+    say(tc, "質問")
+    tc.on_progress("turn_end", "segmenter", tc.turn, segments=1)
+    speak(tc, "答え。")
+    assert tc.on_stage_lost("broker", now=1.0) == [] and tc.machine == C.ANSWERING
+    tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0, now=1.5)
+    tc.progress_at = 0.0
+    assert tc.on_tick(1000.0) == [] and tc.machine == C.IDLE   # the lost "spoken" is no failure either
 
 
 def test_a_stage_whose_part_is_done_may_restart_freely():
@@ -341,3 +410,63 @@ def test_a_gesture_that_never_started_is_not_stopped_by_a_barge_in():
     assert tc.motions.gesture
     tc.on_tick(3.0)                                   # no MOTION_EVENT_ADD: the file is not there
     assert [a.type for a in tc.on_line("RECOG_EVENT_START", [], 0.0) if isinstance(a, Write)] == ["SYNTH_STOP"]
+
+
+# -- a bridge that goes away (MMDAgent-EX closed and opened again) -------------------------
+
+def test_a_new_bridge_cancels_every_turn_before_its_own_and_its_turns_come_after():
+    import time as _time
+    before = int(_time.time() * 1000)
+    tc = controller()
+    gone = tc.on_ready()
+    assert kinds(gone) == ["cancel"] and gone[0].body == {"reason": "gone", "stopped": False, "spoken": []}
+    assert before - 1 <= gone[0].turn < tc.epoch
+    say(tc, "こんにちは")
+    assert tc.turn > gone[0].turn
+    assert tc.on_stage_back() == gone                # published again to a stage that may have missed it
+
+
+def test_the_latest_cancel_is_published_again_when_a_stage_comes_back():
+    tc = controller()
+    tc.on_ready()
+    say(tc, "質問")
+    speak(tc, "一文目。")
+    cancel = [a for a in tc.on_line("RECOG_EVENT_START", [], 0.0) if isinstance(a, Publish)]
+    assert tc.on_stage_back() == cancel and cancel[0].body["reason"] == "interrupted"
+
+
+def test_speech_mmdagent_ex_never_answers_is_not_taken_as_going_on_forever():
+    # an unknown voice alias: no SYNTH_EVENT_START at all; with barge_in = ignore every later
+    # utterance would be discarded as echo if the bridge still counted the avatar as speaking
+    cfg = dict(config.load(Path(os.devnull))["turn"], barge_in="ignore", echo_grace=1.0)
+    limits = {"start_timeout": 3.0, "stop_timeout_base": 5.0, "stop_timeout_per_char": 0.5}
+    tc = TurnController(cfg, model="0", voice="typo_voice", speech_limits=limits)
+    tc.on_pipeline(True)
+    say(tc, "質問", now=0.0)
+    tc.on_written("SYNTH_START", ["0", "typo_voice", "答え。"], tc.turn, now=0.0)
+    assert tc.voice.audible and tc.next_deadline() <= 3.0
+    tc.on_tick(2.9)
+    assert tc.voice.audible
+    tc.on_tick(3.0)
+    assert not tc.voice.audible
+    tc.on_spoken(tc.turn, now=3.0)
+    assert kinds(say(tc, "次の質問", now=4.5)) == ["turn_start"]   # heard, not discarded as echo
+    # a speech that started but whose end never comes is bounded by its length
+    tc.on_written("SYNTH_START", ["0", "typo_voice", "あいうえお"], tc.turn, now=10.0)
+    tc.on_line("SYNTH_EVENT_START", ["0"], 0.0, now=10.1)
+    assert tc.next_deadline() == 10.1 + 5.0 + 0.5 * 5
+    tc.on_tick(17.5)
+    assert tc.voice.audible
+    tc.on_tick(17.6)
+    assert not tc.voice.audible
+
+
+def test_turn_ids_start_above_the_last_bridges_when_the_clock_was_set_back():
+    tc = controller()
+    tc.on_ready()
+    ahead = tc.epoch + 3_600_000                     # the last bridge ran an hour ahead of this clock
+    gone = tc.on_llm_turn(ahead, now=0.0)
+    assert kinds(gone) == ["cancel"] and gone[0].turn == ahead and gone[0].body["reason"] == "gone"
+    say(tc, "こんにちは")
+    assert tc.turn > ahead
+    assert tc.on_llm_turn(tc.turn - 1, now=0.0) == []  # ours now: an ordinary heartbeat

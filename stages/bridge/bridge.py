@@ -76,7 +76,8 @@ class Bridge(Stage):
         self.allow_senders = frozenset(cfg["bridge"]["allow_senders"])
         self._bad_lock = threading.Lock()  # the stdin thread counts cut lines
         self.turns = TurnController(cfg["turn"], cfg["speech"]["model"], cfg["speech"]["voice"],
-                                    startup_grace=cfg["bus"]["peer_timeout"], vocabulary=Vocabulary(cfg))
+                                    startup_grace=cfg["bus"]["peer_timeout"], vocabulary=Vocabulary(cfg),
+                                    speech_limits=cfg["speech"])
         self.clock = TurnClock()
         self._inbox: zmq.Socket | None = None
         self._splitter = mmd_line.LineSplitter(MAX_IN_BYTES)
@@ -266,6 +267,8 @@ class Bridge(Stage):
         if name not in PIPELINE:
             return
         actions = self.turns.on_stage_lost(name) if change in ("gone", "restarted") else []
+        if change in ("back", "restarted"):  # one first seen now is new: it holds nothing to cancel
+            actions += self.turns.on_stage_back()
         missing = [n for n in self.liveness.missing() if n in PIPELINE]
         if missing and self.turns.pipeline_up:
             log.error("the pipeline is unreachable (%s down): utterances wait for it", ", ".join(missing))
@@ -275,6 +278,9 @@ class Bridge(Stage):
         self._carry_out(actions + self.turns.on_pipeline(not missing), time.time())
         if was != self.turns.pipeline_up and self.ready:
             self._heartbeat()  # observers learn of it now, not within the next second
+
+    def on_ready(self) -> None:
+        self._carry_out(self.turns.on_ready(), time.time())
 
     def next_deadline(self) -> float | None:
         return self.turns.next_deadline()

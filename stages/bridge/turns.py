@@ -86,15 +86,29 @@ class _Voice:
     outstanding: str | None = None   # text of our SYNTH_START not yet ended by SYNTH_EVENT_STOP
     spoken: list[str] = field(default_factory=list)  # current turn's segments that started
     quiet_since: float = 0.0         # monotonic time the last speech ended
+    since: float = 0.0               # monotonic time of the last SYNTH_START written or SYNTH_EVENT_START read
 
     @property
     def audible(self) -> bool:
         return self.speaking or self.outstanding is not None
 
+    def deadline(self, limits: dict[str, Any] | None) -> float | None:
+        """When the speech in progress counts as over though no event said so: MMDAgent-EX sends
+        nothing at all for a ``SYNTH_START`` with an unknown voice (``[speech] start_timeout``), and
+        the end of a speech is bounded as the sequencer bounds it."""
+        if limits is None or not self.audible:
+            return None
+        if not self.speaking:
+            return self.since + limits["start_timeout"]
+        return self.since + limits["stop_timeout_base"] + limits["stop_timeout_per_char"] * len(self.outstanding or "")
+
+    def over(self, now: float) -> None:
+        self.speaking, self.outstanding, self.quiet_since = False, None, now
+
 
 class TurnController:
     def __init__(self, turn_cfg: dict[str, Any], model: str, voice: str, startup_grace: float = 0.0,
-                 vocabulary: Vocabulary | None = None) -> None:
+                 vocabulary: Vocabulary | None = None, speech_limits: dict[str, Any] | None = None) -> None:
         policy = turn_cfg["barge_in"]
         if policy not in POLICIES:
             raise ValueError(f"[turn] barge_in = {policy!r}: expected one of {', '.join(POLICIES)}")
@@ -119,7 +133,14 @@ class TurnController:
         self.total_segments: int | None = None  # how many it has, once the segmenter knows
         self.done_by: set[str] = set()  # stages whose part of the current turn is complete
         self.cued: list[tuple[str, list[str]]] | None = None  # lines to write when the speech ends
+        self.written: list[str] = []  # the answer's segments written to MMDAgent-EX, under all its ids
+        self.resume_of: int | None = None  # a lost turn whose rest is asked for once the avatar is quiet
+        self.start_body: dict[str, Any] = {}  # the current turn's turn_start, to send it again
         self.motions = Motions(vocabulary, model)  # listening, thinking, gestures (stages.bridge.motions)
+        self.speech_limits = speech_limits  # [speech] timeouts: how long a speech may go without its events
+        # every turn id of this bridge is at least this; all below belong to bridges gone before it
+        self.epoch = int(time.time() * 1000)
+        self.last_cancel: Publish | None = None  # published again to a process that may have missed it
 
     # -- input ---------------------------------------------------------------------------
     def on_line(self, msg_type: str, args: list[str], origin: float, now: float | None = None) -> list[Action]:
@@ -134,6 +155,7 @@ class TurnController:
         if args[:1] == [self.model]:
             if msg_type == "SYNTH_EVENT_START":
                 self.voice.speaking = True
+                self.voice.since = now
                 if self.voice.outstanding is not None and self.machine == C.ANSWERING:
                     self.voice.spoken.append(self.voice.outstanding)
             elif msg_type == "SYNTH_EVENT_STOP":
@@ -144,6 +166,7 @@ class TurnController:
                 if ended and self.cued is not None and self.machine == C.ANSWERING:
                     lines, self.cued = self.cued, None
                     return self._speech(lines)
+                return self._resume_when_quiet(now)
             elif msg_type.startswith("MOTION_EVENT_"):
                 self.motions.on_line(msg_type, args)
         return []
@@ -162,12 +185,15 @@ class TurnController:
 
     def on_written(self, msg_type: str, args: list[str], turn: int = 0, now: float | None = None) -> None:
         """A line the bridge wrote to MMDAgent-EX (``turn``: the turn it belongs to, 0 if none)."""
-        self.motions.on_written(msg_type, args, time.monotonic() if now is None else now)
+        now = time.monotonic() if now is None else now
+        self.motions.on_written(msg_type, args, now)
         if msg_type == "SYNTH_START" and args[:1] == [self.model] and len(args) >= 3:
             self.voice.outstanding = args[2]
+            self.voice.since = now
             self.cued = None  # a cue is for the sentence after the one playing: this replaced it
             if turn == self.turn:
                 self.next_segment += 1
+                self.written.append(args[2])
 
     def on_progress(self, kind: str, sender: str, turn: int, now: float | None = None,
                     segments: int | None = None) -> None:
@@ -220,7 +246,8 @@ class TurnController:
         return turn == self.turn and turn > self.cancelled
 
     def next_deadline(self) -> float | None:
-        due = [d for d in (self._own_deadline(), self.motions.next_deadline()) if d is not None]
+        due = [d for d in (self._own_deadline(), self.motions.next_deadline(), self.voice.deadline(self.speech_limits))
+               if d is not None]
         return min(due) if due else None
 
     def _own_deadline(self) -> float | None:
@@ -234,8 +261,15 @@ class TurnController:
         return None
 
     def on_tick(self, now: float) -> list[Action]:
-        answering = self.machine == C.ANSWERING and not self.next_segment
+        voice_due = self.voice.deadline(self.speech_limits)
+        if voice_due is not None and now >= voice_due:
+            log.warning("no SYNTH_EVENT_%s|%s in time for %r: taken as over (is the voice alias defined in "
+                        "your .ojt/.fph file?)", "STOP" if self.voice.speaking else "START", self.model,
+                        (self.voice.outstanding or "")[:30])
+            self.voice.over(now)
+        answering = self.machine == C.ANSWERING and not self.written
         motions: list[Action] = [Write(t, a) for t, a in self.motions.on_tick(now, answering)]
+        motions += self._resume_when_quiet(now)
         deadline = self._own_deadline()
         if deadline is None or now < deadline:
             return motions
@@ -248,12 +282,27 @@ class TurnController:
         return motions + self._tick_turn(state)
 
     def _tick_turn(self, state: C) -> list[Action]:
+        if self._all_said():  # only the sequencer's "spoken" went missing (a broker restart)
+            self.machine.move(C.IDLE, f"turn {self.turn} all said")
+            return []
         if state == C.HOLDING:
             return self._fail(f"the pipeline was not back within [turn] max_age = {self.cfg['max_age']} s",
                               self.asked_origin)
         return self._fail(f"no progress for [turn] stall_timeout = {self.cfg['stall_timeout']} s", time.time())
 
     # -- the pipeline's health -----------------------------------------------------------
+    def on_ready(self) -> list[Action]:
+        """The bridge is on the bus: every turn before its own belongs to a bridge that has gone
+        (MMDAgent-EX closed and opened again). Cancelled at once, so no stage waits for a
+        ``SYNTH_EVENT_STOP`` or a turn that cannot come."""
+        self.last_cancel = Publish("cancel", {"reason": "gone", "stopped": False, "spoken": []}, self.epoch - 1)
+        return [self.last_cancel]
+
+    def on_stage_back(self) -> list[Action]:
+        """A pipeline process (re)started, or the broker did: the latest cancel may never have
+        reached it, and a bus event is not sent twice by itself."""
+        return [self.last_cancel] if self.last_cancel is not None else []
+
     def on_pipeline(self, up: bool, now: float | None = None) -> list[Action]:
         """Every pipeline stage is alive (``up``), or one is not (logged by the caller)."""
         now = time.monotonic() if now is None else now
@@ -263,18 +312,30 @@ class TurnController:
             actions.append(Write("NOTIFY_SHOW", [self.cfg["unreachable_text"]]))
         if up and self.machine == C.HOLDING:
             actions += self._release_held(now)
-        return actions
+        return actions + self._resume_when_quiet(now)
 
     def on_llm_turn(self, llm_turn: int, now: float | None = None) -> list[Action]:
         """The llm's heartbeat names the turn it is on. Still behind ours a while after we sent
         it: our ``turn_start`` was lost (the broker or the llm restarted in between); send it again."""
         now = time.monotonic() if now is None else now
+        if llm_turn >= self.epoch and self.turn < self.epoch:  # before our first turn: see _behind_clock
+            return self._behind_clock(llm_turn)
         if (self.machine != C.ANSWERING or llm_turn >= self.turn or "llm" in self.done_by or self.next_segment
-                or now - self.sent_at < RESEND_AFTER):
+                or self.resume_of is not None or now - self.sent_at < RESEND_AFTER):
             return []
         self.sent_at = now
         log.info("turn %d: the llm has not received it (it is on turn %d): sending it again", self.turn, llm_turn)
-        return [Publish("turn_start", {"text": self.user_text}, self.turn, self.asked_origin)]
+        return [Publish("turn_start", self.start_body, self.turn, self.asked_origin)]
+
+    def _behind_clock(self, llm_turn: int) -> list[Action]:
+        """The llm is on a turn id above every id this bridge would use: the last bridge's ids ran
+        ahead of this machine's clock (it was set back). Ours start above it, and everything up
+        to it is cancelled, or the stages would take our turns for old ones and drop them."""
+        log.warning("the clock is behind the last bridge's turn ids (the llm is on turn %d): this bridge's turns "
+                    "start above it", llm_turn)
+        self.epoch = llm_turn + 1
+        self.last_cancel = Publish("cancel", {"reason": "gone", "stopped": False, "spoken": []}, llm_turn)
+        return [self.last_cancel]
 
     def segment_gap(self, turn: int, segment: int) -> bool:
         """A speech command of the current turn whose segment index is past the next one due:
@@ -297,14 +358,47 @@ class TurnController:
         now = time.monotonic() if now is None else now
         if self.machine != C.ANSWERING or (name in self.done_by and not force):
             return []
-        if self.next_segment or self.voice.spoken:  # a SYNTH_START of this turn was written
-            return self._fail(f"{name} was lost in the middle of the answer", time.time())
+        if self.total_segments is not None and self.next_segment >= self.total_segments:
+            return []  # every sentence was written already: nothing of it is lost
+        if self.written or self.resume_of is not None:  # something of the answer was said
+            if force and name == "llm":  # a restarted llm that cannot go on with it (no [llm] prefill)
+                return self._fail(f"{name} was lost in the middle of the answer", time.time())
+            return self._lose(name, now)
         log.info("turn %d: %s was lost before anything was said: asking again", self.turn, name)
         actions = self._cancel("restarted", time.time())
         self._hold(self.user_text, self.asked_at, self.asked_origin)
         if self.pipeline_up:
             actions += self._release_held(now)
         return actions
+
+    def _lose(self, name: str, now: float) -> list[Action]:
+        """A stage other than the llm was lost after the avatar began to answer: the llm still
+        holds the answer. What was written stays (the avatar finishes its sentence); the rest of
+        this id is dropped everywhere (``cancel`` ``lost``), and once the avatar is quiet the
+        answer is asked for again under a new id (:meth:`_resume_when_quiet`), the sentences
+        written so far skipped: the user hears each sentence once, in order."""
+        if self.resume_of is None:
+            log.info("turn %d: %s was lost after %d sentences were written: the rest follows", self.turn, name,
+                     len(self.written))
+            self.resume_of = self.turn
+            self.next_segment, self.total_segments, self.cued = 0, None, None
+            self.cancelled = self.turn
+            self.last_cancel = Publish("cancel", {"reason": "lost", "stopped": False, "spoken": list(self.voice.spoken)},
+                                       self.turn, time.time())
+            return [self.last_cancel, *self._resume_when_quiet(now)]
+        return self._resume_when_quiet(now)
+
+    def _resume_when_quiet(self, now: float) -> list[Action]:
+        """The lost turn's rest, asked for as a new turn: once the avatar has finished what was
+        written (a new SYNTH_START would cut it off) and the pipeline is reachable."""
+        if self.resume_of is None or self.machine != C.ANSWERING or self.voice.audible or not self.pipeline_up:
+            return []
+        of, self.resume_of = self.resume_of, None
+        self.turn = max(self.turn + 1, int(time.time() * 1000), self.epoch)
+        self.next_segment, self.total_segments, self.done_by, self.cued = 0, None, set(), None
+        self.progress_at = self.sent_at = now
+        self.start_body = {"text": self.user_text, "resume": of, "heard": list(self.written)}
+        return [Publish("turn_start", self.start_body, self.turn, self.asked_origin)]
 
     # -- transitions ---------------------------------------------------------------------
     def _recog_start(self, origin: float) -> list[Action]:
@@ -354,9 +448,10 @@ class TurnController:
 
     def _hold(self, text: str, asked_at: float, origin: float) -> None:
         """Open a new turn for ``text``, not yet sent to the pipeline."""
-        self.turn = max(self.turn + 1, int(time.time() * 1000))
+        self.turn = max(self.turn + 1, int(time.time() * 1000), self.epoch)
         self.user_text, self.asked_at, self.asked_origin = text, asked_at, origin
         self.voice.spoken = []
+        self.resume_of, self.written = None, []
         self.next_segment = 0
         self.total_segments = None
         self.done_by = set()
@@ -370,7 +465,8 @@ class TurnController:
         self.progress_at = self.sent_at = now
         self.motions.think_from(now)
         self.machine.move(C.ANSWERING, f"turn {self.turn} sent")
-        return [Publish("turn_start", {"text": self.user_text}, self.turn, self.asked_origin)]
+        self.start_body = {"text": self.user_text}
+        return [Publish("turn_start", self.start_body, self.turn, self.asked_origin)]
 
     def _fail(self, why: str, origin: float) -> list[Action]:
         """End the current turn with the failure notice (spoken by the bridge itself)."""
@@ -409,8 +505,10 @@ class TurnController:
         if stopped:
             self.voice.outstanding = None
         self.cued = None
+        self.resume_of = None
         self.cancelled = self.turn
         log.info("turn %d cancelled (%s)%s", self.turn, reason, ": SYNTH_STOP sent" if stopped and stop else "")
-        actions.append(Publish("cancel", {"reason": reason, "stopped": stopped, "spoken": list(self.voice.spoken)},
-                               self.turn, origin))
+        self.last_cancel = Publish("cancel", {"reason": reason, "stopped": stopped, "spoken": list(self.voice.spoken)},
+                                   self.turn, origin)
+        actions.append(self.last_cancel)
         return actions

@@ -38,6 +38,15 @@ OBSERVERS = {
 WEB = ("subtitles", "metrics")  # observers with a private web address (--url)
 
 
+def _plugin_help() -> str:
+    """What ``plugin`` does, with how it keeps the pipeline by default, read from defaults.toml."""
+    how = {"builtin": "kept by the plugin itself", "supervisord": "under a supervisord of its own"}
+    default = config_mod.defaults()["plugin"]["pipeline"]
+    others = ", ".join(f'"{word}"' for word in config_mod.CHOICES[("plugin", "pipeline")] if word != default)
+    return (f'the bridge, plus the pipeline if none is running, {how[default]} ([plugin] pipeline = "{default}", '
+            f"the default; also {others})")
+
+
 HELP = {
     "broker": "run the broker: it binds the session's bus (the pipeline's first process)",
     "bridge": "run the bridge: MMDAgent-EX's plugin process (Plugin_AnyScript_Command=mmdagent-llm bridge)",
@@ -45,12 +54,13 @@ HELP = {
     "segmenter": "run the segmenter: it cuts the answer into speakable sentences",
     "sequencer": "run the sequencer: one SYNTH_START at a time, each after the last was spoken",
     "console": "talk to the pipeline in this terminal, without MMDAgent-EX",
-    "plugin": "the bridge, plus the pipeline under supervisord if none is running",
+    "plugin": _plugin_help(),
     "doctor": "check the LLM server, the key and the model with one cheap request",
     "status": "one screen: each process up or down, the LLM, the last turns; exit 1 when unhealthy",
     "avatar": "a simulated MMDAgent-EX in this terminal, running a plugin command (default: attach to the "
               "running pipeline)",
-    "history": "show (or --clear) the conversation the LLM is given: this content's, or --console's",
+    "history": "show (or --clear) the conversation the LLM is given: this content's, or --console's; "
+               "--archive: the earlier ones kept",
     "paths": "where everything of the session lives: configuration, keys, histories, transcripts, logs",
     "observe": "run an observer: transcript, captions, subtitles (OBS) or metrics",
     "transcript": "print the session's transcript readably",
@@ -101,7 +111,12 @@ def _main(argv: list[str] | None) -> int:
     commands["avatar"].add_argument("--mdf-dir", type=Path, help="the plugin's working folder (default: here)")
     commands["avatar"].add_argument("--quiet", action="store_true", help="show only what the avatar says")
     commands["history"].add_argument("--console", action="store_true", help="the console's history")
-    commands["history"].add_argument("--clear", action="store_true", help="remove it: the next run starts afresh")
+    what = commands["history"].add_mutually_exclusive_group()
+    what.add_argument("--clear", action="store_true",
+                      help="delete it (not archived): the next turn starts afresh")
+    what.add_argument("--archive", nargs="?", const="", metavar="N",
+                      help="list the earlier conversations kept, newest first; with N (a number in that list, "
+                           "or a file name), print that one")
     commands["console"].add_argument("--continue", dest="resume", action="store_true",
                                      help="go on with the last console conversation (default: start afresh)")
     commands["doctor"].add_argument("--notice", action="store_true",
@@ -150,7 +165,7 @@ def _main(argv: list[str] | None) -> int:
     elif args.command == "paths":
         extra = {"config_file": getattr(args, "config", None)}
     elif args.command == "history":
-        extra = {"console": args.console, "clear": args.clear}
+        extra = {"console": args.console, "clear": args.clear, "archive": args.archive}
     elif args.command == "console":
         extra = {"resume": args.resume}
     elif args.command == "avatar":

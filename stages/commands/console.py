@@ -16,7 +16,9 @@ leaves (an empty line does nothing), and Ctrl-C ends everything cleanly at any m
 
 The console's conversation is its own (``history-<session>-console.json`` in the state folder)
 and starts afresh each time, unless ``--continue``: then the earlier exchanges are given to the
-LLM again, and the console says how many.
+LLM again, and the console says how many. Starting afresh deletes nothing: the last conversation
+is moved into the archive (:mod:`stages.llm.history_archive`; ``mmdagent-llm history --archive``),
+and the console says where; if it cannot be moved, the console goes on with it instead.
 
 A session has one bridge, and the console brings its own: if the session is running already
 (a plugin's pipeline, say), or its ports are held, the console refuses at once, starts
@@ -40,17 +42,30 @@ from stages.commands.avatar_sim import SimulatedMMDAgent
 from stages.commands.launcher import PIPELINE, Pipeline, start_doctor, wait_ready
 from stages.commands.plugin import JOIN_WAIT
 from stages.llm import history_store
-
+from stages.llm.history_archive import archive_of
 
 
 def _history(cfg: config_mod.Config, resume: bool, env: dict[str, str]) -> Path | None:
-    """The console's own history file, emptied unless ``resume``; set for its llm in ``env``.
-    A ``[llm] history_file`` of the user's own is used as it is."""
+    """The console's own history file, its last conversation set aside into the archive unless
+    ``resume`` (said on stdout); set for its llm in ``env``. A ``[llm] history_file`` of the
+    user's own is used as it is."""
     if cfg["llm"]["history_file"]:
         return history_store.path_for(cfg)
     path = history_store.console_path(cfg["bus"]["session"])
     if not resume:
-        path.unlink(missing_ok=True)
+        try:
+            kept, count = archive_of(cfg).set_aside(path)
+        except (OSError, config_mod.ConfigError) as exc:
+            print(f"mmdagent-llm console: the last conversation in {path} could not be moved to the archive "
+                  f"({getattr(exc, 'strerror', None) or exc}): going on with it", flush=True)
+        else:
+            exchanges = "a damaged file" if count is None else f"{count} exchanges"
+            if kept is not None:
+                print(f"mmdagent-llm console: the last conversation ({exchanges}) is kept in {kept}; "
+                      "`mmdagent-llm history --archive` lists the earlier ones", flush=True)
+            elif count != 0:
+                print(f"mmdagent-llm console: the last conversation ({exchanges}) was not kept "
+                      f"([llm] archive_keep = {cfg['llm']['archive_keep']})", flush=True)
     env[f"{config_mod.ENV_PREFIX}LLM_HISTORY_FILE"] = str(path)
     return path
 

@@ -40,8 +40,12 @@ FIXES = {
     "rate_limited": "Rate limit or quota reached: check the account's limits and billing, or try again later.",
     "server_error": "The server failed: try again later, or read the server's own log.",
     "bad_request": "The server refused the request: check [llm] model and [llm] max_tokens for this server.",
+    "wrong_url": "Nothing at {base} serves /chat/completions: OPENAI_BASE_URL is the server's OpenAI-compatible "
+                 "API, which usually ends in /v1 (Ollama: http://localhost:11434/v1).",
     "unreachable": "Nothing answers at {base}: is the server running? Check OPENAI_BASE_URL (Ollama: "
                    "http://localhost:11434/v1).",
+    "openai_unreachable": "OpenAI's API cannot be reached from here (OPENAI_BASE_URL is {base_setting}): check the "
+                          "network connection, and the proxy if this network needs one.",
     "connection_lost": "The connection broke: try again; check the server and the network.",
     "timeout": f"No answer within {TIMEOUT:.0f} s: is the server still loading the model? Try again.",
     "stream_error": "The server reported an error: read its message above.",
@@ -79,7 +83,8 @@ def check(cfg: config_mod.Config, say: Callable[[str], None]) -> str | None:
         cause = cause_of(exc)
         say(f"FAILED: {cause}: {wire.CAUSES[cause]}")
         say(f"  {redact(str(getattr(exc, 'message', None) or exc))}")
-        say("  " + FIXES[cause].format(model=model, base=base or "the OpenAI API"))
+        say("  " + FIXES[cause].format(model=model, base=base or "the OpenAI API",
+                                       base_setting=f"set to {base}" if base else "not set"))
         return cause
     finally:
         client.close()

@@ -35,7 +35,7 @@ log = logging.getLogger("mmdagent_llm")
 
 STEADY = 10.0  # a stage that ran this long before it exited is restarted after 1 s again
 MAX_BACKOFF = 10.0
-MAX_LOG_BYTES = 10_000_000  # a stage's log is started afresh when it passed this at a (re)start
+MAX_LOG_BYTES = 10_000_000  # a stage's log is rotated when it passed this at a (re)start
 
 
 class Keeper:
@@ -55,14 +55,8 @@ class Keeper:
         self._thread.start()
         return self
 
-    def _log_file(self, name: str) -> IO[bytes]:
-        path = self.run / f"{name}.log"
-        if path.exists() and path.stat().st_size > MAX_LOG_BYTES:
-            path.unlink()
-        return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")  # the owner's only
-
     def _spawn(self, name: str) -> None:
-        with self._log_file(name) as err:
+        with open_log(self.run / f"{name}.log") as err:
             kwargs: dict = {}
             if sys.platform == "win32":
                 kwargs["creationflags"] = subprocess.CREATE_NO_WINDOW
@@ -100,6 +94,20 @@ class Keeper:
         if self._thread.is_alive():
             self._thread.join(2)
         stop_all(self.procs.values(), timeout)
+
+
+def open_log(path: Path, limit: int = MAX_LOG_BYTES) -> IO[bytes]:
+    """``path`` opened for appending (created owner-only). One over ``limit`` bytes is first renamed
+    to ``<name>.1``, replacing the previous one: a stage is restarted right after it crashed, and
+    the lines that tell why are at the end of its log, so the log is never simply deleted."""
+    try:
+        if path.stat().st_size > limit:
+            os.replace(path, path.with_name(f"{path.name}.1"))
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # e.g. Windows, the file still open somewhere: it grows on, the stage starts
+        log.warning("%s could not be rotated (%s): appending to it", path, exc.strerror or exc)
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")  # the owner's only
 
 
 def die_with_parent() -> None:

@@ -1,9 +1,10 @@
 """``mmdagent-llm paths``: where everything of this session lives on this machine.
 
-Nothing of ours is written into the current folder or the checkout: state (keys, histories,
-transcripts, the plugin's run folder) goes to the user's state folder, logs to the user's log
-folder (:func:`broker.config.state_dir`, :func:`broker.config.log_dir`), deploy/supervisord.conf's
-files to ``~/.local/state/mmdagent-llm/supervisor``. Prints paths only, never a key.
+Nothing of ours is written into the current folder or the checkout: state (keys, histories and
+the earlier conversations kept, transcripts, the plugin's run folder) goes to the user's state
+folder, logs to the user's log folder (:func:`broker.config.state_dir`,
+:func:`broker.config.log_dir`), deploy/supervisord.conf's files to
+``~/.local/state/mmdagent-llm/supervisor``. Prints paths only, never a key.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from broker import config as config_mod
 from broker import curve
 from stages.llm import history_store
+from stages.llm.history_archive import archive_of
 from stages.observers import transcript, web
 
 
@@ -30,6 +32,7 @@ def rows(cfg: config_mod.Config, config_file: Path | None) -> list[tuple[str, st
          if not cfg["llm"]["history_file"] else str(history)),
         ("history of the console", str(history_store.console_path(session))),
         ("history of a pipeline", str(history) if history else "in memory only ([llm] history_file = \"none\")"),
+        ("earlier conversations", f"{archive_of(cfg).folder} (the last {cfg['llm']['archive_keep']})"),
         ("transcript", str(transcript.path_of(cfg))),
         ("plugin's run folder", str(config_mod.state_dir() / f"run-{safe}")),
         ("logs (console)", str(config_mod.log_dir() / f"console-{safe}.log")),

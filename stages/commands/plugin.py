@@ -3,7 +3,9 @@
 ``Plugin_AnyScript_Command=mmdagent-llm plugin`` in the ``.mdf``:
 
 - If the session's pipeline already answers (a broker heartbeat, on the session's private
-  bus, within ``JOIN_WAIT`` seconds), the plugin joins it: it is just the bridge. If that
+  bus, within ``JOIN_WAIT`` seconds), the plugin joins it: it is just the bridge; unless that
+  pipeline was started by a plugin that has ended (MMDAgent-EX closed and opened again at
+  once): it is stopping, so the plugin waits for it to go and starts its own. If that
   pipeline has a bridge already (another avatar with the same session), it refuses: a
   session has one bridge.
 - If the session's endpoints are held by something else (another session that met it on the
@@ -52,6 +54,7 @@ from broker.runtime import OWNER_ENV, alive, setup_logging
 log = logging.getLogger("mmdagent_llm")
 
 JOIN_WAIT = 1.5  # seconds: the broker publishes a heartbeat every second
+LEAVE_WAIT = 10.0  # seconds: an ended plugin's stages stop within a few (they watch it)
 DOCTOR_DELAY = 2.0  # seconds after start-up: the start-up check waits for the pipeline's start
 
 _PROGRAM = """
@@ -120,6 +123,13 @@ def main(cfg: config_mod.Config) -> int:
     setup_logging("bridge")
     session = cfg["bus"]["session"]
     on_bus = sessions.present(cfg, JOIN_WAIT)
+    gone = sessions.leaving(on_bus)
+    if gone:
+        log.info("the running pipeline was started by a plugin that has ended (pid %d) and is stopping: "
+                 "waiting for it to go", gone)
+        if not sessions.wait_free(cfg, LEAVE_WAIT):
+            log.warning("the ended plugin's pipeline still holds %s after %.0f s", sessions.describe(cfg), LEAVE_WAIT)
+        on_bus = sessions.present(cfg, JOIN_WAIT)
     supervisor = keeper = None
     if "bridge" in on_bus:  # a session has one bridge: a second would take half of its commands
         log.error("session %r has a bridge already (pid %s): each avatar needs a session of its own. Set "

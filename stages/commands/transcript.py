@@ -30,6 +30,8 @@ def describe(rec: dict[str, Any]) -> str:
     event = rec.get("event")
     if event == "user":
         return f"{when}  user    {rec.get('text', '')}"
+    if event == "resumed":
+        return f"{when}  ... the answer goes on (turn {rec.get('of')}, {rec.get('skip')} sentence(s) said)"
     if event == "sentence":
         return f"{when}  avatar  {rec.get('text', '')}{HEARD.get(str(rec.get('heard')), '')}"
     if event == "interrupted":

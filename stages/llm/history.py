@@ -9,8 +9,13 @@ characters (a CJK character is about one token, about four Latin characters are 
 when the server reports ``usage`` for the last request that count is used instead.
 
 With a :class:`~stages.llm.history_store.HistoryStore`, the pairs are loaded when the history is
-created (then trimmed by the limits) and saved after every change, so a restarted llm stage
-goes on with the same conversation.
+created and saved after every change, so a restarted llm stage goes on with the same
+conversation. Nothing on disk is lost to a change of settings: when the limits were lowered and
+the file holds more than they allow, its whole conversation is copied into the archive
+(:mod:`stages.llm.history_archive`) before the file is trimmed. And the file is followed: if
+another program changed it since the last save (``mmdagent-llm history --clear``, an edit), the
+next request and the next change go on from the file as it is, instead of writing back what
+this process held.
 """
 
 from __future__ import annotations
@@ -37,20 +42,42 @@ class History:
         self.max_turns = max_turns
         self.max_tokens = max_tokens
         self.store = store
-        self.pairs: list[tuple[dict, dict]] = (store.load() or []) if store is not None else []
+        self.pairs: list[tuple[dict, dict]] = []
+        if store is not None:
+            self._adopt(store.load() or [])
+
+    def _adopt(self, pairs: list[tuple[dict, dict]]) -> None:
+        """Go on from ``pairs``, the file's; if the limits leave some out, the file's whole
+        conversation is copied into the archive before the trimmed one is saved."""
+        self.pairs = list(pairs)
         if self._trim(None):
+            assert self.store is not None
+            self.store.archive_copy(pairs)
             self._save()
 
+    def follow(self) -> None:
+        """Take the file as it is if another program changed it since this history last saved it."""
+        if self.store is not None:
+            theirs = self.store.outside_change()
+            if theirs is not None:
+                self._adopt(theirs)
+
     def request(self, user_text: str) -> list[dict]:
-        """The messages to send for a new utterance (the history itself is not changed)."""
+        """The messages to send for a new utterance (the history is not changed, except that a
+        file changed by another program is followed first)."""
+        self.follow()
+        return self._messages() + [{"role": "user", "content": user_text}]
+
+    def _messages(self) -> list[dict]:
         messages = [self.system]
         for user, assistant in self.pairs:
             messages += [user, assistant]
-        return messages + [{"role": "user", "content": user_text}]
+        return messages
 
     def add(self, user_text: str, answer: str, *, interrupted: bool = False,
             used_tokens: int | None = None) -> None:
         """Record a finished turn. ``interrupted``: the user cut the answer off after ``answer``."""
+        self.follow()
         self.pairs.append(({"role": "user", "content": user_text},
                            {"role": "assistant", "content": _content(answer, interrupted)}))
         self._trim(used_tokens)
@@ -60,7 +87,8 @@ class History:
         """The last turn was cut off after all: keep only ``answer``, marked interrupted.
 
         False (and nothing changed) if the last pair is not the one for ``user_text``: it was
-        trimmed away, or never added."""
+        trimmed away, never added, or cleared by another program since."""
+        self.follow()
         if not self.pairs or self.pairs[-1][0]["content"] != user_text:
             return False
         self.pairs[-1][1]["content"] = _content(answer, True)
@@ -68,7 +96,7 @@ class History:
         return True
 
     def tokens(self) -> int:
-        return sum(estimate_tokens(m["content"]) for m in self.request("")[:-1])
+        return sum(estimate_tokens(m["content"]) for m in self._messages())
 
     def _trim(self, used_tokens: int | None) -> bool:
         """Drop the oldest pairs over the limits; True if any were dropped."""

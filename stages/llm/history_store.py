@@ -15,9 +15,16 @@ and fsynced, then atomically replaces the old file (``os.replace``), and the fol
 file or the new one, never a mix.
 
 Nothing here raises for bad content or a failing disk. A corrupt file is reported with one
-error line (the file and the reason), kept as ``<name>.corrupt-<timestamp>`` for the user, and
-the conversation starts fresh. A failing save is reported once per reason (again after a save
-has succeeded in between), and the conversation goes on in memory.
+error line (the file and the reason), kept as ``<name>.corrupt-<timestamp>`` for the user (one
+that cannot be read at all as ``<name>.unreadable-<timestamp>``), and the conversation starts
+fresh. A failing save is reported once per reason (again after a save has succeeded in
+between), and the conversation goes on in memory.
+
+The store remembers the file as it last loaded or saved it (inode, size, modification time), so
+a change by another program (``mmdagent-llm history --clear``, an edit) is noticed before the
+next save (:meth:`HistoryStore.outside_change`) instead of being overwritten by what this process
+holds in memory. With an :class:`~stages.llm.history_archive.Archive`, pairs the limits trim at
+start-up are copied there first (:meth:`HistoryStore.archive_copy`).
 """
 
 from __future__ import annotations
@@ -31,9 +38,13 @@ import tempfile
 import time
 from pathlib import Path
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.config import safe_name, state_dir
+from broker.curve import make_folders
+
+if TYPE_CHECKING:
+    from stages.llm.history_archive import Archive
 
 log = logging.getLogger("mmdagent_llm")
 
@@ -43,6 +54,8 @@ VERSION = 1
 MEMORY_ONLY = "none"
 
 Pair = tuple[dict, dict]
+#: what identifies one version of the file: inode, size, modification time (ns)
+Fingerprint = tuple[int, int, int]
 
 
 class CorruptHistory(ValueError):
@@ -87,18 +100,23 @@ def path_for(cfg: dict[str, dict[str, Any]]) -> Path | None:
 
 def store_for(cfg: dict[str, dict[str, Any]]) -> HistoryStore | None:
     """The store ``[llm] history_file`` asks for: ``"none"`` = memory only (None); ``""`` = the
-    default file of ``[bus] session`` (:func:`default_path`); anything else = that path."""
+    default file of ``[bus] session`` (:func:`default_path`); anything else = that path. Pairs
+    trimmed at start-up go to the archive of ``[llm] archive_keep``."""
+    from stages.llm.history_archive import archive_of
+
     path = path_for(cfg)
-    return None if path is None else HistoryStore(path, session=cfg["bus"]["session"])
+    return None if path is None else HistoryStore(path, session=cfg["bus"]["session"], archive=archive_of(cfg))
 
 
 class HistoryStore:
     """Load and save the user/assistant pairs of one session in ``path``."""
 
-    def __init__(self, path: Path | str, *, session: str | None = None) -> None:
+    def __init__(self, path: Path | str, *, session: str | None = None, archive: Archive | None = None) -> None:
         self.path = Path(path)
         self.session = session
+        self.archive = archive
         self._reported: set[str] = set()  # save failures already logged (cleared by a success)
+        self._seen: Fingerprint | None = None  # the file as this store last loaded or saved it
 
     def __repr__(self) -> str:
         return f"HistoryStore({str(self.path)!r})"
@@ -108,39 +126,64 @@ class HistoryStore:
     def load(self) -> list[Pair] | None:
         """The saved pairs; None if there is no file; ``[]`` (after one error line) if the file
         is corrupt, which is then kept renamed to ``<name>.corrupt-<timestamp>``, or cannot be
-        read."""
+        read (a file then kept as ``<name>.unreadable-<timestamp>``)."""
         self._remove_stale_temps()
+        self._seen = None
         try:
-            raw = self.path.read_bytes()
+            with open(self.path, "rb") as f:
+                self._seen = _fingerprint(os.fstat(f.fileno()))
+                raw = f.read()
         except FileNotFoundError:
             return None
         except OSError as exc:
-            log.error("history file %s cannot be read (%s): starting a fresh conversation",
-                      self.path, exc.strerror or exc)
+            # a file that is there but cannot be read would be replaced by the next save: kept aside
+            where = f"; {self._keep_aside('unreadable')}" if os.path.isfile(self.path) else ""
+            log.error("history file %s cannot be read (%s)%s: starting a fresh conversation",
+                      self.path, exc.strerror or exc, where)
             return []
         try:
             return decode(raw)
         except CorruptHistory as exc:
-            kept = self._keep_corrupt()
-            where = f"kept as {kept.name}" if kept else "could not be renamed"
             log.error("history file %s is corrupt (%s); %s; starting a fresh conversation",
-                      self.path, exc, where)
+                      self.path, exc, self._keep_aside("corrupt"))
             return []
 
-    def _keep_corrupt(self) -> Path | None:
+    def _keep_aside(self, why: str) -> str:
+        """Rename the file to ``<name>.<why>-<timestamp>`` beside it; what became of it, for the log."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        for n in range(100):
-            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}" + (f"-{n}" if n else ""))
-            if target.exists():
-                continue
-            try:
-                os.rename(self.path, target)  # not replace: never overwrite an older corrupt copy
-                return target
-            except FileExistsError:
-                continue
-            except OSError:
-                return None
-        return None
+        try:
+            kept = move_aside(self.path, self.path.parent, f"{self.path.name}.{why}-{stamp}")
+        except OSError:
+            kept = None
+        if kept is None:
+            return "could not be renamed"
+        self._seen = None
+        return f"kept as {kept.name}"
+
+    def outside_change(self) -> list[Pair] | None:
+        """The file's pairs now (``[]`` if it is gone), if another program changed it since this
+        store last loaded or saved it (``mmdagent-llm history --clear``, an edit, a copy put in
+        its place); None if it did not, or if that cannot be told (the file cannot be looked at)."""
+        try:
+            now: Fingerprint | None = _fingerprint(os.stat(self.path))
+        except FileNotFoundError:
+            now = None
+        except OSError:
+            return None  # unknown is not a change: what is in memory is kept
+        if now == self._seen:
+            return None
+        pairs = self.load() or []
+        log.warning("history file %s was %s by another program since this process last saved it: going on "
+                    "from it (%d exchanges), not overwriting it", self.path,
+                    "removed" if now is None else "replaced", len(pairs))
+        return pairs
+
+    def archive_copy(self, pairs: list[Pair]) -> Path | None:
+        """Copy ``pairs``, the file's conversation, into the archive before the file loses some
+        (None: there is no archive, or the copy failed, which is logged)."""
+        if self.archive is None:
+            return None
+        return self.archive.copy_in(self.path, pairs, self.session)
 
     def _remove_stale_temps(self) -> None:
         """Temporary files a crash in the middle of :meth:`save` left behind."""
@@ -158,15 +201,13 @@ class HistoryStore:
         try:
             data = encode(pairs, self.session)
             folder = self.path.parent
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{self.path.name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            make_folders(folder)
+            tmp = write_temp(folder, self.path.name, data)
+            written = _fingerprint(os.stat(tmp))  # the rename keeps it; known to us alone until then
             os.replace(tmp, self.path)
             tmp = None
-            _fsync_dir(folder)
+            self._seen = written
+            fsync_dir(folder)
         except (OSError, TypeError, ValueError) as exc:
             reason = (f"{type(exc).__name__} errno {exc.errno}" if isinstance(exc, OSError) and exc.errno
                       else type(exc).__name__)
@@ -234,7 +275,41 @@ def _is_message(m: Any, role: str) -> bool:
     return isinstance(m, dict) and m.get("role") == role and isinstance(m.get("content"), str)
 
 
-def _fsync_dir(folder: Path) -> None:
+def write_temp(folder: Path, name: str, data: bytes) -> str:
+    """A new owner-only temporary file ``.<name>.*.tmp`` in ``folder`` holding ``data``, flushed
+    to the disk: what is then renamed into place. Removed again if writing fails."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def move_aside(src: Path | str, folder: Path, stem: str, suffix: str = "") -> Path | None:
+    """Rename ``src`` to ``folder/<stem><suffix>``, or ``<stem>-<n><suffix>`` when that is taken:
+    never over an existing file. OSError if it cannot be renamed; None if every name is taken."""
+    for n in range(100):
+        target = folder / (f"{stem}-{n}{suffix}" if n else f"{stem}{suffix}")
+        if target.exists():
+            continue
+        try:
+            os.rename(src, target)  # not replace: never over an older copy (Windows refuses; POSIX: checked above)
+            return target
+        except FileExistsError:
+            continue
+    return None
+
+
+def _fingerprint(st: os.stat_result) -> Fingerprint:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def fsync_dir(folder: Path) -> None:
     """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
     if os.name != "posix":
         return

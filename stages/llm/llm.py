@@ -1,6 +1,8 @@
 """llm: turns each recognized utterance into a stream of answer tokens.
 
-- Answers each ``turn_start`` the bridge publishes. A ``cancel`` of the running turn closes
+- Answers each ``turn_start`` the bridge publishes; one that *resumes* an answer (a stage was
+  lost in its middle) gets the whole answer again under the new turn, and the rest as it streams.
+  A ``cancel`` of the running turn closes
   its request at once (the HTTP connection is shut down, so the server sees it go) and ends
   the turn with the cancel's reason; history then keeps only the segments the user heard,
   marked interrupted, even when the answer had already been fully streamed.
@@ -21,6 +23,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -28,6 +31,7 @@ import threading
 import time
 from typing import Any
 
+import httpx2
 import openai
 import zmq
 
@@ -54,12 +58,26 @@ def redact(text: str) -> str:
     return " ".join(text.split())[:300]
 
 
+OPENAI_HOST = "api.openai.com"  # where the client goes when OPENAI_BASE_URL is not set
+
+
 def cause_of(exc: BaseException) -> str:
-    """The :data:`broker.wire.CAUSES` key of a failure raised by the openai client."""
+    """The :data:`broker.wire.CAUSES` key of a failure raised by the openai client.
+
+    A 404 is ``model_not_found`` only when the body is the API's own error (:func:`wrong_path`
+    tells the two apart), and a connection that could not be made is ``openai_unreachable``
+    when it was to OpenAI's own API (no ``OPENAI_BASE_URL``: the network or a proxy is at
+    fault), else ``unreachable`` (the server at ``OPENAI_BASE_URL``)."""
+    if isinstance(exc, openai.NotFoundError):
+        try:
+            body = exc.response.text
+        except httpx2.ResponseNotRead:  # closed before it was read: nothing to tell by
+            return "model_not_found"
+        return "wrong_url" if wrong_path(body) else "model_not_found"
+    if isinstance(exc, openai.APIConnectionError) and not isinstance(exc, openai.APITimeoutError):
+        return "openai_unreachable" if exc.request.url.host == OPENAI_HOST else "unreachable"
     for kind, cause in ((openai.AuthenticationError, "authentication"), (openai.PermissionDeniedError, "permission"),
-                        (openai.NotFoundError, "model_not_found"), (openai.RateLimitError, "rate_limited"),
-                        (openai.APITimeoutError, "timeout"),  # before APIConnectionError: a subclass of it
-                        (openai.APIConnectionError, "unreachable")):
+                        (openai.RateLimitError, "rate_limited"), (openai.APITimeoutError, "timeout")):
         if isinstance(exc, kind):
             return cause
     if isinstance(exc, openai.APIStatusError):
@@ -67,6 +85,18 @@ def cause_of(exc: BaseException) -> str:
     if isinstance(exc, openai.APIError):
         return "stream_error"
     return "other"
+
+
+def wrong_path(body: str) -> bool:
+    """Whether a 404's ``body`` says the URL's path is not the API (a base URL without ``/v1``)
+    rather than that the API has no such model: it is not an OpenAI error object
+    ``{"error": {...}}`` (Ollama's ``404 page not found``, vLLM's ``{"detail": "Not Found"}``),
+    or it is one whose code is ``unknown_url`` (OpenAI's own word for a path it does not serve)."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):  # not JSON, or JSON but not an object
+        return True
+    return not isinstance(error, dict) or error.get("code") == "unknown_url"
 
 
 def describe(exc: BaseException) -> str:
@@ -143,7 +173,7 @@ class _Worker(threading.Thread):
 
 class LlmStage(Stage):
     name = "llm"
-    topics = ("turn_start", "cancel")
+    topics = ("turn_start", "cancel", "speech", "spoken")
     watches_peers = False
     output_queue = "tokens"
 
@@ -167,11 +197,14 @@ class LlmStage(Stage):
         self.inbox.bind(self.worker_address)
         self.extra[self.inbox] = self._on_worker
         self.turn = 0
+        self.cancelled = 0  # highest cancelled turn: a turn_start of it or an older one is stale
+        self.heard: list[str] = []  # the current turn's sentences the avatar began to say (speech started)
         self.worker: _Worker | None = None
         self.user_text = ""
         self.answer: list[str] = []
         self.first_token_at = 0.0  # when the turn's first LLM token arrived (time.time()), 0 if none
         self.recorded = False  # the current turn's full answer is the last pair in history
+        self.ended = "done"    # how the current turn's request ended, once it has
         self.turn_started = 0.0
 
     def _make_client(self) -> tuple[openai.OpenAI, str]:
@@ -200,31 +233,85 @@ class LlmStage(Stage):
     def on_event(self, env: wire.Envelope) -> None:
         if env.kind == "cancel":
             self._cancel(env)
-        elif env.kind == "turn_start" and env.turn > self.turn:
+        elif env.kind == "turn_start" and env.turn > max(self.turn, self.cancelled):
             self._start(env)
+        elif env.kind == "speech" and env.turn == self.turn and env.body.get("state") == "started":
+            self.heard.append(str(env.body.get("text", "")))
+        elif env.kind == "spoken" and env.turn == self.turn:
+            self.recorded = False  # said in full: no later cancel can shorten it
 
     def _start(self, env: wire.Envelope) -> None:
+        if type(env.body.get("resume")) is int:
+            self._resume(env, env.body["resume"], [str(h) for h in env.body.get("heard") or []])
+            return
         text = str(env.body.get("text", "")).strip()
+        self._begin(env.turn, text)
+        log.info("turn %d: %d characters from the user", self.turn, len(text))
+        self.worker = _Worker(self, self.turn, self.history.request(text))
+        self.worker.start()
+
+    def _begin(self, turn: int, text: str) -> None:
         if self.machine != TurnState.IDLE:  # the bridge cancels first; this is only a safety net
             self._end_turn("superseded", "")
-        self.turn = env.turn
+        self.turn = turn
         self.user_text = text
         self.answer = []
+        self.heard = []
         self.first_token_at = 0.0
         self.tokens_sent = 0
         self.recorded = False
         self.turn_started = time.monotonic()
         self.machine.move(TurnState.REQUESTING, f"turn {self.turn}")
-        log.info("turn %d: %d characters from the user", self.turn, len(text))
-        self.worker = _Worker(self, self.turn, self.history.request(text))
+
+    def _resume(self, env: wire.Envelope, of: int, heard: list[str]) -> None:
+        """A stage was lost in the middle of turn ``of``: its answer goes on under ``env.turn``. Sent
+        again from its start (the segmenter skips the segments ``heard`` already), then the
+        rest as it streams; history records it once, as one answer. A restarted llm holds no
+        answer to go on with: it asks the server for the rest (``[llm] prefill``), or keeps what
+        was heard in history and reports the turn broken (the bridge ends it with the notice)."""
+        if of != self.turn or not (self.answer or self.machine != TurnState.IDLE):
+            if self.cfg["llm"]["prefill"] and heard:
+                self._continue(env, join_segments(heard))
+                return
+            log.warning("turn %d: asked to go on with turn %d, which this process does not hold", env.turn, of)
+            self.turn = env.turn
+            if heard:  # what the user heard of it is all the conversation has
+                self.history.add(str(env.body.get("text", "")).strip(), join_segments(heard), interrupted=True)
+            self.publish("broken", {"stage": self.name, "reason": f"turn {of} is not held here"}, turn=env.turn)
+            return
+        log.info("turn %d goes on as turn %d: %d characters again, %d segments heard", of, env.turn,
+                 len("".join(self.answer)), len(heard))
+        self.turn, self.tokens_sent = env.turn, 0
+        self.push("token", {"text": "".join(self.answer), "index": 0, "skip": len(heard)}, turn=self.turn,
+                  origin=env.origin)
+        self.tokens_sent = 1
+        if self.machine == TurnState.IDLE:  # the whole answer had come: it ends here too
+            self.push("turn_end", {"reason": self.ended, "segments": 0, "tokens": self.tokens_sent}, turn=self.turn)
+            self.publish("turn_result", {"reason": self.ended, "answer": "".join(self.answer), "error": "",
+                                         "cause": "", "first_token": self.first_token_at}, turn=self.turn)
+
+    def _continue(self, env: wire.Envelope, heard: str) -> None:
+        """This process was restarted in the middle of the answer: ask for its rest, with what the
+        user heard as the assistant's beginning (``[llm] prefill``: a server that continues it)."""
+        self._begin(env.turn, str(env.body.get("text", "")).strip())
+        self.answer, self.heard = [heard], []
+        log.info("turn %d: asking for the rest of an answer after %d heard characters", self.turn, len(heard))
+        messages = [*self.history.request(self.user_text), {"role": "assistant", "content": heard}]
+        self.worker = _Worker(self, self.turn, messages)
         self.worker.start()
 
     def _cancel(self, env: wire.Envelope) -> None:
-        """The user cut the turn off: stop the request, keep in history only what was spoken."""
-        if env.turn != self.turn:
+        """The user cut the turn off: stop the request, keep in history only what was spoken.
+        A cancel of a later turn covers ours too (a new bridge cancels every turn before its own:
+        ``gone``); then what was spoken is what the sequencer reported started."""
+        self.cancelled = max(self.cancelled, env.turn)
+        if env.turn < self.turn:
             return
-        spoken = join_segments([str(s) for s in env.body.get("spoken", [])])
         reason = str(env.body.get("reason", "interrupted"))
+        if reason == "lost":  # the answer goes on under a new turn (turn_start's resume): keep it going
+            return
+        said = [str(s) for s in env.body.get("spoken", [])] if env.turn == self.turn else self.heard
+        spoken = join_segments(said)
         if self.machine != TurnState.IDLE:
             self._end_turn(reason, "", spoken=spoken)
         elif self.recorded and self.history.revise_last(self.user_text, spoken):
@@ -234,7 +321,7 @@ class LlmStage(Stage):
     def _on_worker(self) -> None:
         while self.inbox.poll(0):
             turn, what, data = self.inbox.recv_pyobj()
-            if turn != self.turn or self.machine == TurnState.IDLE:
+            if self.worker is None or turn != self.worker.turn or self.machine == TurnState.IDLE:
                 continue  # a superseded or timed-out request still finishing
             if what == "token":
                 text, arrived = data
@@ -247,7 +334,7 @@ class LlmStage(Stage):
                 self._end_turn("done", "", used_tokens=data)
             else:
                 error, cause = data
-                if cause == "unreachable" and self.answer:  # it was reached: the stream broke
+                if cause in ("unreachable", "openai_unreachable") and self.answer:  # it was reached: the stream broke
                     cause = "connection_lost"
                 self._end_turn("error", error, cause=cause)
 
@@ -293,6 +380,7 @@ class LlmStage(Stage):
             self.push("turn_end", {"reason": reason, "segments": 0, "tokens": self.tokens_sent}, turn=self.turn)
         self.publish("turn_result", {"reason": reason, "answer": answer, "error": error, "cause": cause,
                                      "first_token": self.first_token_at}, turn=self.turn)
+        self.ended = reason
         log.info("turn %d %s after %.2f s, %d characters", self.turn, reason,
                  time.monotonic() - self.turn_started, len(answer))
         self.machine.move(TurnState.IDLE, reason)

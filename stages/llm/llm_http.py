@@ -97,13 +97,22 @@ class Connections(httpcore2.NetworkBackend):
         return len(mine)
 
 
-def make_client(api_key: str, base_url: str | None, max_retries: int,
-                timeout: openai.Timeout) -> tuple[openai.OpenAI, Connections]:
-    connections = Connections()
-    transport = httpx2.HTTPTransport()
+def _transport(connections: Connections, proxy: str | None = None) -> httpx2.HTTPTransport:
+    transport = httpx2.HTTPTransport(proxy=proxy)
     # httpx2 offers no public way to give its transport a network backend; the pool has one.
     transport._pool._network_backend = connections
-    http_client = openai.DefaultHttpxClient(transport=transport, timeout=timeout)
+    return transport
+
+
+def make_client(api_key: str, base_url: str | None, max_retries: int,
+                timeout: openai.Timeout) -> tuple[openai.OpenAI, Connections]:
+    """The client, every connection of which :meth:`Connections.cut` can reach. A client given its
+    own transport no longer reads ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY``/``NO_PROXY``, so
+    they are mounted here, as httpx itself would (a school or museum network often has a proxy)."""
+    connections = Connections()
+    mounts = {pattern: None if url is None else _transport(connections, url)
+              for pattern, url in httpx2._utils.get_environment_proxies().items()}
+    http_client = openai.DefaultHttpxClient(transport=_transport(connections), mounts=mounts, timeout=timeout)
     client = openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=max_retries, timeout=timeout,
                            http_client=http_client)
     return client, connections

@@ -62,10 +62,11 @@ class Token:
 
 @dataclass
 class Status:
-    """Answer HTTP ``code`` with ``body_json`` (OpenAI's error shape) and extra ``headers`` instead
-    of a stream. Honoured only while nothing was sent: make it the first step."""
+    """Answer HTTP ``code`` with ``body`` and extra ``headers`` instead of a stream: a dict as JSON
+    (OpenAI's error shape), a str as plain text (a server that is not an OpenAI-compatible API,
+    e.g. Go's ``404 page not found``). Honoured only while nothing was sent: make it the first step."""
     code: int
-    body_json: dict
+    body: dict | str
     headers: dict = field(default_factory=dict)
 
 
@@ -244,7 +245,7 @@ class _Handler(BaseHTTPRequestHandler):
         count = 0
         for step in steps:
             if isinstance(step, Status) and self.record.status is None:
-                return self._json(step.code, step.body_json, step.headers)
+                return self._status(step)
             if isinstance(step, (Stall, Token)):
                 self._pause(step.seconds if isinstance(step, Stall) else step.delay)
             if isinstance(step, Stall):
@@ -285,7 +286,7 @@ class _Handler(BaseHTTPRequestHandler):
             if isinstance(step, Token):
                 texts.append(step.text)
             elif isinstance(step, Status):
-                return self._json(step.code, step.body_json, step.headers)
+                return self._status(step)
             elif isinstance(step, ErrorEvent):
                 return self._json(500, _error(step.message, "server_error"))
             elif isinstance(step, Cut):
@@ -309,6 +310,15 @@ class _Handler(BaseHTTPRequestHandler):
         data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         self._head(code, {"Content-Type": "application/json", "Content-Length": len(data), **(headers or {})})
         self.owner._note(self.record, closed=time.monotonic(), outcome="done" if code < 400 else "status")
+        self._send(data)
+
+    def _status(self, step: Status) -> None:
+        if isinstance(step.body, dict):
+            return self._json(step.code, step.body, step.headers)
+        data = step.body.encode("utf-8")
+        self._head(step.code, {"Content-Type": "text/plain; charset=utf-8", "Content-Length": len(data),
+                               **step.headers})
+        self.owner._note(self.record, closed=time.monotonic(), outcome="status")
         self._send(data)
 
     def _event(self, payload: dict) -> None:

@@ -34,6 +34,7 @@ import unicodedata
 from broker import config as config_mod
 from broker import wire
 from broker.runtime import Stage, setup_logging
+from stages.observers.line_breaks import wrap
 
 log = logging.getLogger("mmdagent_llm")
 
@@ -46,10 +47,6 @@ POSITIONS = ("CENTER", "LEFT", "RIGHT")
 _COLOR = re.compile(r"^\s*-?\d+(\.\d+)?(\s*,\s*-?\d+(\.\d+)?)*\s*$")
 
 
-def _width(ch: str) -> int:
-    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
-
-
 def caption_text(text: str, line_chars: int, max_lines: int) -> str:
     """``text`` as one CAPTION_START text argument.
 
@@ -57,30 +54,19 @@ def caption_text(text: str, line_chars: int, max_lines: int) -> str:
     - ``|`` (it would change the argument count: nothing shown) becomes ``｜``, ``"`` (it
       would end the quoting) ``”`` and ``\\`` (it could join our ``\\n``) ``＼``;
     - lines are wrapped at ``line_chars`` full-width characters (two half-width ones count as
-      one), at a space where a line has one, and joined with ``\\n``, MMDAgent-EX's line break;
+      one) by the Japanese line-breaking rules, Latin words kept whole
+      (:func:`stages.observers.line_breaks.wrap`: a line may be up to two characters longer
+      where closing marks or the text's last characters stay on it), and joined with ``\\n``,
+      MMDAgent-EX's line break;
     - at most ``max_lines`` lines and :data:`MAX_TEXT_BYTES` bytes: the rest becomes ``…``;
     - text with a space is wrapped in ``"..."``, as MMDAgent-EX requires.
     """
     cleaned = "".join(" " if unicodedata.category(c)[0] in "CZ" and c != "\u3000" else c for c in text)
     cleaned = re.sub(r" +", " ", cleaned).strip().replace("|", "｜").replace('"', "”").replace("\\", "＼")
-    lines: list[str] = []
-    rest = cleaned
-    budget = max(2, line_chars * 2)
-    while rest and len(lines) < max_lines:
-        used, cut = 0, len(rest)
-        for i, ch in enumerate(rest):
-            used += _width(ch)
-            if used > budget:
-                cut = i
-                break
-        if cut < len(rest):
-            space = rest.rfind(" ", 0, cut + 1)
-            if space > 0:
-                cut = space
-        lines.append(rest[:cut].strip())
-        rest = rest[cut:].strip()
-    if rest:
-        lines[-1] = lines[-1][:-1] + "…" if lines[-1] else "…"
+    lines = wrap(cleaned, max(2, line_chars * 2))
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][:-1] + "…"
     joined = "\\n".join(lines)
     while len(joined.encode("utf-8")) > MAX_TEXT_BYTES:
         joined = joined[:-2] + "…"
@@ -133,12 +119,13 @@ class Captions(Stage):
 
     def on_event(self, env: wire.Envelope) -> None:
         if env.kind == "turn_start":
-            if self.c["show_user"] and time.time() - env.ts < STALE:
+            if self.c["show_user"] and time.time() - env.ts < STALE and "resume" not in env.body:
                 self._start(USER_ALIAS, str(env.body.get("text", "")), self.c["user_height"],
                             self.c["user_seconds"], env.turn)
             return
         if env.kind == "cancel":
-            self._stop(env.turn)
+            if env.body.get("reason") != "lost":  # lost: the sentence plays on, and the answer with it
+                self._stop(env.turn)
             return
         if env.body.get("model") != self.speech["model"]:
             return

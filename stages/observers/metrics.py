@@ -7,6 +7,7 @@ Served in Prometheus's text format (0.0.4) at ``/metrics``, with the access key 
 metric                                               type        labels, meaning
 ==================================================== =========== =================================
 ``mmdagent_llm_turns_total``                         counter     turns opened (user utterances)
+``mmdagent_llm_resumed_total``                       counter     answers resumed after a stage was lost
 ``mmdagent_llm_turn_results_total``                  counter     ``reason``: how the llm closed them
 ``mmdagent_llm_interruptions_total``                 counter     ``reason``: cancels (interrupted,
                                                                  superseded, away)
@@ -42,6 +43,7 @@ HISTOGRAMS = {"first_token": ("first_token_seconds", "from the utterance to the 
               "first_synth": ("first_synth_start_seconds", "from the utterance to the first SYNTH_START written"),
               "first_speech": ("first_speech_seconds", "from the utterance to SYNTH_EVENT_START (speech began)")}
 COUNTERS = {"turns_total": "turns opened by a user utterance",
+            "resumed_total": "answers that went on under a new turn after a stage was lost in their middle",
             "turn_results_total": "turns the llm closed, by reason",
             "interruptions_total": "turns cancelled, by reason",
             "errors_total": "failed turns, by cause",
@@ -121,7 +123,7 @@ class Metrics(Stage):
         if mark is not None:
             self.registry.observe(*mark)
         if env.kind == "turn_start":
-            self.registry.count("turns_total")
+            self.registry.count("turns_total" if "resume" not in env.body else "resumed_total")
         elif env.kind == "cancel":
             self.registry.count("interruptions_total", ("reason", str(env.body.get("reason"))))
         elif env.kind == "turn_result":

@@ -10,7 +10,9 @@ sentence appears on its ``SYNTH_EVENT_START`` (the sequencer's ``speech`` ``star
 on its end or cut-off; the user's utterance, with ``show_user``, for ``user_seconds``. Each
 message is the whole state, ``{"avatar": str, "user": str}``, so a page that (re)connects is
 in step at once. The page reconnects by itself when this observer or the browser restarts.
-Text is set as text, never as HTML.
+Text is set as text, never as HTML. Lines wrap by the Japanese line-breaking rules, like the
+captions' (CSS ``line-break: strict``: no closing mark, small kana or ``ー`` starts a line, no
+opening bracket ends one); a word too long for a line is broken rather than cut off.
 """
 
 from __future__ import annotations
@@ -28,13 +30,15 @@ from stages.observers import web
 
 PING = 15.0  # an SSE comment this often: proxies and OBS keep the connection, a dead one is noticed
 
+# lang="ja": Chromium applies line-break: strict's Japanese rules only to text in Japanese
 PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>mmdagent-llm subtitles</title>
+<html lang="ja"><head><meta charset="utf-8"><title>mmdagent-llm subtitles</title>
 <style>
 html, body { background: transparent; margin: 0; overflow: hidden; }
 body { font-family: %(font_family)s; font-size: %(font_size)s; color: %(color)s; font-weight: bold;
        position: absolute; inset: 0; display: flex; flex-direction: column; justify-content: flex-end; }
 .line { text-align: center; padding: 0 0.5em 0.4em; line-height: 1.25; white-space: pre-wrap;
+        line-break: strict; overflow-wrap: anywhere;
         paint-order: stroke fill; -webkit-text-stroke: 0.16em %(outline)s;
         text-shadow: 0 0 0.12em %(outline)s; }
 #user { font-size: 70%%; opacity: 0.9; }
@@ -57,6 +61,12 @@ function connect() {
 connect();
 </script></body></html>
 """
+
+
+def page_html(section: dict) -> str:
+    """The page, with ``[subtitles]``'s font and colors (escaped; no ``;`` to end a CSS value)."""
+    return PAGE % {k: html.escape(str(section[k])).replace(";", "")
+                   for k in ("font_family", "font_size", "color", "outline")}
 
 
 class Board:
@@ -93,9 +103,7 @@ class Subtitles(Stage):
         self.closed = False  # set on close: every page's stream ends
         self.showing: tuple[int, int] | None = None
         self.user_until: float | None = None
-        page = PAGE % {k: html.escape(str(self.s[k])).replace(";", "")
-                       for k in ("font_family", "font_size", "color", "outline")}
-        self.page = page.encode("utf-8")
+        self.page = page_html(self.s).encode("utf-8")
         self.server = web.serve(cfg, "subtitles", {"/": self._page, "/events": self._events})
 
     def _page(self, req: BaseHTTPRequestHandler) -> None:
@@ -129,13 +137,14 @@ class Subtitles(Stage):
 
     def on_event(self, env: wire.Envelope) -> None:
         if env.kind == "turn_start":
-            if self.s["show_user"]:
+            if self.s["show_user"] and "resume" not in env.body:  # a resumed answer: the same utterance
                 self.board.set(user=str(env.body.get("text", "")))
                 self.user_until = time.monotonic() + self.s["user_seconds"]
             return
         if env.kind == "cancel":
-            self.showing = None
-            self.board.set(avatar="")
+            if env.body.get("reason") != "lost":  # lost: the sentence plays on, and the answer with it
+                self.showing = None
+                self.board.set(avatar="")
             return
         if env.body.get("model") != self.model:
             return

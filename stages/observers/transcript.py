@@ -14,6 +14,8 @@ event        other fields
 ============ ==================================================================================
 observer     ``pid``: this observer started (what came before it was not recorded)
 user         ``text``: the user's utterance opened the turn
+resumed      ``of``, ``skip``: the turn goes on with turn ``of``'s answer (a stage was lost in its
+             middle), its first ``skip`` sentences said already
 sentence     ``index``, ``text``, ``tags`` (its expression tags' names), ``heard``: ``full`` (spoken to its end), ``cut`` (cut off by an
              interruption), ``never`` (not said: dropped, superseded, or no speech event came)
 interrupted  ``reason`` (``interrupted``, ``superseded``, ``away``), ``heard`` (the sentences
@@ -134,7 +136,10 @@ class Transcript(Stage):
             for older in [t for t in self.turns if t < n]:
                 self._close(older, self.turns[older].reason or "superseded")
             self.turns[n] = _Turn()
-            self.record("user", n, env.origin, text=str(body.get("text", "")))
+            if "resume" in body:  # the same utterance: the rest of turn `of`'s answer, after a stage was lost
+                self.record("resumed", n, env.ts, of=body.get("resume"), skip=body.get("skip"))
+            else:
+                self.record("user", n, env.origin, text=str(body.get("text", "")))
             return
         if env.kind == "broken":
             self.record("broken", n, env.ts, stage=str(body.get("stage")), reason=str(body.get("reason")))

@@ -9,6 +9,10 @@ older than the newest one seen, or of a cancelled turn (``cancel`` on the bus, r
 the queue), are dropped: a late token of a superseded answer must never become speech.
 Tokens are numbered per turn; a gap (we or the broker restarted in the middle of a turn) makes
 the turn *broken*: nothing more of it is cut, and ``broken`` on the bus tells the bridge.
+A resumed answer (the llm sends the whole answer again under a new turn after a stage was lost,
+its first token carrying ``skip``) is cut from its start, as it was the first time, and its first
+``skip`` segments, which the user heard already, are not sent: the cuts depend on the text alone,
+never on how it was split into tokens, so they fall where they fell before.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class SegmenterStage(Stage):
         self.tokens = 0       # tokens of the current turn received, in order
         self.broken = False   # the current turn lost tokens before they reached us
         self.cancelled = 0
+        self.skip = 0         # segments of the current turn cut but not sent: a resumed answer's heard ones
         self.last_token: wire.Envelope | None = None  # of the current turn, while text is held
         self.last_token_at = 0.0
         self.ignored_tags: set[tuple[str, str]] = set()  # logged once each
@@ -61,6 +66,9 @@ class SegmenterStage(Stage):
             return
         if env.turn > self.turn:
             self.turn, self.cutter, self.count, self.tokens, self.broken = env.turn, self._new_cutter(), 0, 0, False
+            self.skip = 0
+        if env.kind == "token" and env.body.get("index") == 0 and type(env.body.get("skip")) is int:
+            self.skip = max(0, env.body["skip"])  # a resumed answer: these sentences were said already
         if self.broken:
             return
         if env.kind == "token":
@@ -99,6 +107,9 @@ class SegmenterStage(Stage):
 
     def _emit(self, segments: list[tuple[str, list[str]]], env: wire.Envelope) -> None:
         for text, tags in segments:
+            if self.skip:  # cut exactly as before (the cuts depend on the text alone), but heard already
+                self.skip -= 1
+                continue
             self.push("segment", {"text": text, "index": self.count, "tags": tags}, turn=env.turn, origin=env.origin)
             self.count += 1
         for tag in self.cutter.ignored:

@@ -93,6 +93,7 @@ class SequencerStage(Stage):
         if env.turn > self.turn:
             self.turn, self.total, self.done = env.turn, None, 0
             self._drop_queued(env.turn - 1)
+            self._settle_older(env.turn)
             self.vocabulary.start_answer()
         if env.kind == "segment":
             tags = tuple(str(t) for t in env.body.get("tags") or ())
@@ -152,6 +153,8 @@ class SequencerStage(Stage):
         seg = self.current
         if seg is None or seg.turn > env.turn or self.machine not in (SpeechState.SENT, SpeechState.SPEAKING):
             return
+        if env.body.get("reason") == "lost" and self.machine == SpeechState.SPEAKING:
+            return  # nothing stops it: it plays to its end, and the rest of its answer comes as a new turn
         if env.body.get("stopped"):
             # MMDAgent-EX still sends this speech's SYNTH_EVENT_STOP: wait for it (or cut_timeout)
             # so it is not taken as the end of the next turn's first sentence.
@@ -162,6 +165,23 @@ class SequencerStage(Stage):
             self.current = None
             self.machine.move(SpeechState.IDLE, f"turn {env.turn} cancelled before it was written")
             self._send_next(None)
+
+    def _settle_older(self, turn: int) -> None:
+        """A newer turn's work came while an older turn's segment is outstanding, with no cancel
+        of it seen (one lost while the broker restarted): the bridge has moved on and writes
+        nothing of the older turn any more. One never heard of is given up now, not after
+        ``start_timeout``; one the avatar is saying ends as a cut-off speech (its
+        ``SYNTH_EVENT_STOP``, or ``cut_timeout``), so that event does not end the next."""
+        seg = self.current
+        if seg is None or seg.turn >= turn:
+            return
+        if self.machine == SpeechState.SENT:
+            self._speech("dropped", seg)
+            self.current = None
+            self.machine.move(SpeechState.IDLE, f"turn {turn} came, turn {seg.turn} was not cancelled")
+        elif self.machine == SpeechState.SPEAKING:
+            self.machine.move(SpeechState.STOPPING, f"turn {turn} came while turn {seg.turn} spoke")
+            self._speech("interrupted", seg)
 
     def _drop_queued(self, up_to_turn: int) -> None:
         if self.cued is not None and self.cued.turn <= up_to_turn:  # the bridge drops its copy
