@@ -89,16 +89,17 @@ def alive(pid: int) -> bool:
 
 
 def owner_pid() -> int:
-    """The pid whose end stops this process (``MMDAGENTLLM_OWNER_PID``, a plugin), 0 if none."""
+    """The pid whose end stops this process (``MMDAGENTLLM_OWNER_PID``: a plugin or the console), 0 if none."""
     try:
         return max(0, int(os.environ.get(OWNER_ENV, "0") or 0))
     except ValueError:
         return 0
 
 
-def watch_owner() -> None:
-    """If started for a plugin (``MMDAGENTLLM_OWNER_PID``), stop when that process is gone:
-    nothing we start may outlive the MMDAgent-EX session that started it."""
+def watch_owner(on_gone: Callable[[], None] | None = None) -> None:
+    """If started for a plugin or the console (``MMDAGENTLLM_OWNER_PID``), stop when that
+    process is gone: nothing they start may outlive them. ``on_gone`` (default:
+    :func:`request_stop`, for a loop that checks it) runs on a thread of its own."""
     owner = owner_pid()
     if owner <= 0 or sys.platform == "win32":  # Windows: os.kill(pid, 0) would terminate it
         return
@@ -111,7 +112,7 @@ def watch_owner() -> None:
                 time.sleep(0.5)
         if not _stop:
             logging.getLogger("mmdagent_llm").info("pid %d that started us is gone: stopping", owner)
-            request_stop()
+            (on_gone or request_stop)()
 
     threading.Thread(target=watch, name="owner", daemon=True).start()
 

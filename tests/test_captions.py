@@ -161,8 +161,9 @@ def test_captions_follow_speech_with_safe_lines(tmp_path):
             with Observer(world, "captions"):
                 turn = world.talk("字幕 | を\tお願い")
                 avatar = world.avatar
-                assert avatar.wait_inbox(lambda got: not avatar.captions.get(ALIAS) and any(
-                    r.line == f"CAPTION_EVENT_STOP|{ALIAS}" for r in got), 10)
+                # the observer lags the speech: wait until the caption of every sentence has gone off
+                assert avatar.wait_inbox(lambda got: not avatar.captions.get(ALIAS) and sum(
+                    r.line == f"CAPTION_EVENT_STOP|{ALIAS}" for r in got) >= len(turn.spoken), 10)
                 printed = [r.line for r in avatar.received if r.line.startswith("CAPTION_")]
                 inbox = [r.line for r in avatar.inbox]
     finally:
@@ -181,12 +182,19 @@ def test_captions_follow_speech_with_safe_lines(tmp_path):
         expected = caption_text(sentence, 20, 3)
         same = sentence.replace('"', "”").replace("|", "｜").replace(" ", "")
         assert parts[3] == expected and same.startswith(shown.rstrip("…"))
-    # every caption was accepted (an event for each), and went on and off with its sentence
+    # every caption was accepted (an event for each), and went on and off with its sentence: the
+    # observer reacts to the speech, so (however loaded the machine) a caption comes on after its
+    # sentence started and goes off after it ended, and before the next caption comes on; how
+    # late it comes after the speech is not asserted (see stages.observers.captions)
     assert inbox.count(f"CAPTION_EVENT_START|{ALIAS}") == len(mine)
-    steps = [line for line in inbox if line in ("SYNTH_EVENT_START|0", "SYNTH_EVENT_STOP|0")
-             or line.startswith((f"CAPTION_START|{ALIAS}|", f"CAPTION_STOP|{ALIAS}"))]
-    kinds = [line.split("|")[0] for line in steps]
-    assert kinds == ["SYNTH_EVENT_START", "CAPTION_START", "SYNTH_EVENT_STOP", "CAPTION_STOP"] * len(mine), kinds
+    assert len([line for line in printed if line.startswith("CAPTION_SETSTYLE|")]) == 1   # one bridge, styled once
+    at = {kind: [i for i, line in enumerate(inbox) if line == kind or line.startswith(f"{kind}|")]
+          for kind in ("SYNTH_EVENT_START|0", "SYNTH_EVENT_STOP|0", f"CAPTION_START|{ALIAS}", f"CAPTION_STOP|{ALIAS}")}
+    said_on, said_off, on, off = at.values()
+    assert len(said_on) == len(said_off) == len(on) == len(off) == len(mine), at
+    for i in range(len(mine)):
+        assert said_on[i] < on[i] < off[i] and said_off[i] < off[i], (i, inbox)
+        assert i + 1 == len(mine) or off[i] < on[i + 1], (i, inbox)
 
 
 def test_an_old_event_is_not_captioned(tmp_path):
@@ -206,3 +214,35 @@ def test_an_old_event_is_not_captioned(tmp_path):
     fresh = wire.Sender("sequencer").make("speech", {"model": "0", "index": 1, "text": "新しい", "state": "started"})
     cap.on_event(fresh)
     assert [t for t, _ in sent] == ["CAPTION_START"]
+
+
+def test_a_caption_is_forgotten_only_with_a_new_bridge(tmp_path):
+    """The bridge's first heartbeat may come after the first caption (it beats once a second):
+    that caption still gets its CAPTION_STOP, and the style is not sent again; a silent bridge
+    that is back is the same MMDAgent-EX. A restarted bridge may be a new MMDAgent-EX: styled anew."""
+    cfg = config_mod.load(write_config(tmp_path))
+    from broker import wire
+    from stages.observers.captions import Captions
+
+    sent = []
+    cap = Captions.__new__(Captions)   # the decision only: no sockets
+    cap.c, cap.speech, cap.styled, cap.showing = cfg["captions"], cfg["speech"], False, None
+    cap._send = lambda t, a, turn=0: sent.append(t)
+    say = wire.Sender("sequencer")
+
+    def speech(index: int, state: str) -> None:
+        cap.on_event(say.make("speech", {"model": "0", "index": index, "text": "文", "state": state}, turn=1))
+
+    speech(0, "started")
+    cap.on_peer("bridge", "up")
+    speech(0, "finished")
+    speech(1, "started")
+    cap.on_peer("bridge", "back")
+    speech(1, "finished")
+    assert sent == ["CAPTION_SETSTYLE", "CAPTION_START", "CAPTION_STOP", "CAPTION_START", "CAPTION_STOP"]
+    sent.clear()
+    speech(2, "started")
+    cap.on_peer("bridge", "restarted")
+    speech(2, "finished")   # the new MMDAgent-EX shows nothing of ours: nothing to stop
+    speech(3, "started")
+    assert sent == ["CAPTION_START", "CAPTION_SETSTYLE", "CAPTION_START"]

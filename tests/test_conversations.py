@@ -22,9 +22,14 @@ from tests.harness import BIN, BusWatcher, pipeline_env, processes_with, write_c
 from tests.pty_term import PtyProcess, one_exchange
 
 
-def asked(server: ChatCompletionServer) -> list[tuple[str, str]]:
-    """The last request's conversation (without the system prompt)."""
-    return [(m["role"], m["content"]) for m in server.requests[-1]["messages"][1:]]
+def asked(server: ChatCompletionServer, text: str) -> list[tuple[str, str]]:
+    """The conversation (without the system prompt) of the last request that asked ``text``.
+    Not simply the last request: the start-up check (``doctor --notice``) of the plugin or the
+    console makes one too, at a moment of its own, which may come after the turn's."""
+    said = [[(m["role"], m["content"]) for m in request["messages"]] for request in server.requests]
+    turns = [messages[1:] for messages in said if messages[-1] == ("user", text)]
+    assert turns, f"no request asked {text!r}: {said}"
+    return turns[-1]
 
 
 def plugin_turn(folder: Path, server: ChatCompletionServer, text: str) -> None:
@@ -54,11 +59,12 @@ def test_each_content_has_its_own_conversation(tmp_path: Path, own_state):
     server = ChatCompletionServer(ScriptedLLM(default="覚えました。")).start()
     try:
         plugin_turn(tmp_path / "content-a", server, "私はハナです。")
-        assert asked(server) == [("user", "私はハナです。")]
+        assert asked(server, "私はハナです。") == [("user", "私はハナです。")]
         plugin_turn(tmp_path / "content-b", server, "私の名前は？")
-        assert asked(server) == [("user", "私の名前は？")]                     # nothing of content A
+        assert asked(server, "私の名前は？") == [("user", "私の名前は？")]       # nothing of content A
         plugin_turn(tmp_path / "content-a", server, "私の名前は？")
-        assert asked(server) == [("user", "私はハナです。"), ("assistant", "覚えました。"), ("user", "私の名前は？")]
+        assert asked(server, "私の名前は？") == [("user", "私はハナです。"), ("assistant", "覚えました。"),
+                                               ("user", "私の名前は？")]
     finally:
         server.stop()
     a = content_path("default", tmp_path / "content-a")
@@ -91,9 +97,9 @@ def test_the_console_starts_afresh_unless_asked_to_continue(tmp_path: Path, own_
         first = console_turn(tmp_path, env, "私はハナです。")
         assert "a new conversation" in first
         second = console_turn(tmp_path, env, "覚えてる？")
-        assert asked(server) == [("user", "覚えてる？")] and "a new conversation" in second
+        assert asked(server, "覚えてる？") == [("user", "覚えてる？")] and "a new conversation" in second
         third = console_turn(tmp_path, env, "私の名前は？", "--continue")
-        assert asked(server) == [("user", "覚えてる？"), ("assistant", "はい。"), ("user", "私の名前は？")]
+        assert asked(server, "私の名前は？") == [("user", "覚えてる？"), ("assistant", "はい。"), ("user", "私の名前は？")]
         assert f"continuing the conversation in {console_path('default')}: 1 earlier exchanges" in third
     finally:
         server.stop()

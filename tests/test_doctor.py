@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import httpx2
@@ -192,3 +193,32 @@ def test_the_start_up_check_does_not_delay_the_first_answer(tmp_path: Path):
         stop()
     assert said is not None and said.line.endswith("|はい。")
     assert checking, "the start-up check should still be waiting for its answer"
+
+
+def _doctors(marker: str) -> list[int]:
+    """Pids of ``mmdagent-llm doctor`` processes whose environment holds ``marker``."""
+    found = []
+    for pid in processes_with(marker):
+        try:
+            if b"doctor" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def test_the_start_up_check_ends_when_the_plugin_is_killed(tmp_path: Path):
+    """MMDAgent-EX kills the plugin outright while the check's request hangs: the check (which
+    would wait up to 15 s for its answer, then up to 20 s to show it) ends with it."""
+    avatar, server, _, stop = _plugin_beside(tmp_path, [Stall(30.0)])
+    try:
+        assert server.wait_for(lambda srv: srv.requests, 20), "the start-up check did not run"
+        assert _doctors(server.base_url)
+        avatar.kill()   # SIGKILL: the plugin's own cleanup never runs
+        deadline = time.monotonic() + 5
+        while _doctors(server.base_url) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = _doctors(server.base_url)
+    finally:
+        stop()
+    assert not left, "the start-up check outlived the plugin"

@@ -5,6 +5,7 @@ is cut with a note, Ctrl-C ends everything cleanly at any moment."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,9 +15,10 @@ from tests.harness import BIN, pipeline_env, processes_with, write_config
 from tests.pty_term import PtyProcess
 
 
-def gone_within(marker: str, seconds: float) -> bool:
+def gone_within(marker: str, seconds: float, but: int = 0) -> bool:
+    """Whether every process whose environment holds ``marker`` (but pid ``but``) is gone within ``seconds``."""
     deadline = time.monotonic() + seconds
-    while processes_with(marker):
+    while [pid for pid in processes_with(marker) if pid != but]:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)
@@ -80,6 +82,60 @@ def test_ctrl_c_during_start_up_and_at_the_prompt(tmp_path: Path):
     code, text = ctrl_c_once("you> ", 40)
     assert code in (0, 130) and "Traceback" not in text, text[-2000:]
     assert gone_within(str(cfg_path), 5)
+
+
+def test_what_the_console_started_ends_when_it_is_killed(tmp_path: Path):
+    """Killed outright (no cleanup of its own): its stages, its bridge and its start-up check
+    see its pid gone and stop. Run from a shell, which stays: the terminal's session does not
+    end, so no SIGHUP ends them instead."""
+    cfg_path = write_config(tmp_path)
+    term = PtyProcess(["sh", "-c", f'"{BIN / "mmdagent-llm"}" console; echo "console ended"; read line'],
+                      str(tmp_path), pipeline_env(cfg_path, None))
+    try:
+        term.expect("you> ", 40)
+        ours = [p for p in processes_with(str(cfg_path)) if p != term.proc.pid]
+        console = [p for p in ours if Path(f"/proc/{p}/stat").read_text().split(")")[1].split()[1]
+                   == str(term.proc.pid)]
+        assert len(console) == 1 and len(ours) >= 6, ours   # the console, broker, llm, segmenter, sequencer, bridge
+        os.kill(console[0], signal.SIGKILL)
+        term.expect("console ended", 10)
+        assert gone_within(str(cfg_path), 5, but=term.proc.pid), "a process outlived the killed console"
+    finally:
+        term.close()
+
+
+# A Ctrl-C taken while the main thread cannot act on it: by another thread, or in the moment
+# between readline's prompt and its wait for a key (there the signal's handler only notes it,
+# and nothing wakes the wait). Here, deterministically, by another thread once readline is
+# about to wait (its pre-input hook); the ``except`` says a second Ctrl-C does not cut it short.
+_CTRL_C_ELSEWHERE = """
+import os, readline, signal, threading, time
+from stages.commands import ctrl_c
+ctrl_c.install()
+waiting = threading.Event()
+readline.set_pre_input_hook(waiting.set)
+def elsewhere():
+    waiting.wait()
+    signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+threading.Thread(target=elsewhere, daemon=True).start()
+try:
+    input("you> ")
+except KeyboardInterrupt:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.3)
+    print("interrupted, cleaned up", flush=True)
+"""
+
+
+def test_ctrl_c_reaches_a_main_thread_waiting_at_the_prompt(tmp_path: Path):
+    term = PtyProcess([sys.executable, "-c", _CTRL_C_ELSEWHERE], str(tmp_path), dict(os.environ))
+    try:
+        term.expect("you> ", 20)
+        term.expect("interrupted, cleaned up", 5)   # without ctrl_c.install(): it waits for a key
+        assert term.wait(5) == 0
+    finally:
+        term.close()
+    assert "Traceback" not in term.text
 
 
 def test_a_bridge_run_by_hand_stops_cleanly_on_ctrl_c(tmp_path: Path):

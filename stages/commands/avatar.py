@@ -32,6 +32,7 @@ import zmq
 from broker import config as config_mod
 from broker import wire
 from broker.runtime import connect
+from stages.commands import ctrl_c
 from stages.commands.avatar_sim import MAX_MESSAGE_BYTES, SimulatedMMDAgent
 
 try:
@@ -136,6 +137,7 @@ def converse(avatar: SimulatedMMDAgent, term: Terminal, hint: str = "") -> int:
 
 
 def main(cfg: config_mod.Config, plugin: str = "", mdf_dir: Path | None = None, quiet: bool = False) -> int:
+    ctrl_c.install()
     for stream in (sys.stdin, sys.stdout):
         stream.reconfigure(encoding="utf-8")  # type: ignore[union-attr]
     term = Terminal()

@@ -10,7 +10,9 @@ about it (``turn_result``'s ``cause``). At start, ``mmdagent-llm doctor --notice
 LLM server, the key and the model in the background and its finding is printed the same way.
 The terminal is :mod:`stages.commands.avatar`'s: the prompt comes back after each sentence, an
 interruption is shown, a line too long for MMDAgent-EX is cut with a note, ``/quit`` or Ctrl-D
-leaves (an empty line does nothing), and Ctrl-C ends everything cleanly at any moment.
+leaves (an empty line does nothing), and Ctrl-C ends everything cleanly at any moment
+(:mod:`stages.commands.ctrl_c`). Every process it starts also watches its pid
+(``MMDAGENTLLM_OWNER_PID``) and stops by itself should the console be killed outright.
 
 The console's conversation is its own (``history-<session>-console.json`` in the state folder)
 and starts afresh each time, unless ``--continue``: then the earlier exchanges are given to the
@@ -33,6 +35,8 @@ from pathlib import Path
 
 from broker import config as config_mod
 from broker import curve, sessions
+from broker.runtime import OWNER_ENV
+from stages.commands import ctrl_c
 from stages.commands.avatar import Terminal, converse, show_bus
 from stages.commands.avatar_sim import SimulatedMMDAgent
 from stages.commands.launcher import PIPELINE, Pipeline, start_doctor, wait_ready
@@ -79,6 +83,7 @@ def _refusal(cfg: config_mod.Config) -> str | None:
 
 
 def main(cfg: config_mod.Config, resume: bool = False) -> int:
+    ctrl_c.install()
     for stream in (sys.stdin, sys.stdout):
         stream.reconfigure(encoding="utf-8")  # type: ignore[union-attr]
     refusal = _refusal(cfg)
@@ -90,13 +95,16 @@ def main(cfg: config_mod.Config, resume: bool = False) -> int:
     print(f"mmdagent-llm console: starting the pipeline (logs: {log_path})", flush=True)
     term = Terminal()
     stop = threading.Event()
-    env = dict(os.environ)
+    # every process started here stops by itself once this one is gone, however it ends (even
+    # one started in the very moment of a Ctrl-C, which this process then never knew of)
+    env = dict(os.environ, **{OWNER_ENV: str(os.getpid())})
     history = _history(cfg, resume, env)
-    pipeline = Pipeline(env=env, stderr=log).start()
-    threading.Thread(target=show_bus, args=(cfg, term, stop), name="bus", daemon=True).start()
-    doctor = start_doctor(stderr=log)  # the LLM server, key and model, checked without waiting for it
-    avatar = None
-    try:
+    pipeline = Pipeline(env=env, stderr=log)
+    doctor = avatar = None
+    try:  # Ctrl-C may come at any moment from here on: the finally stops whatever was started
+        pipeline.start()
+        threading.Thread(target=show_bus, args=(cfg, term, stop), name="bus", daemon=True).start()
+        doctor = start_doctor(stderr=log, env=env)  # the LLM server, key and model, checked without waiting
         try:
             beats = wait_ready(cfg, PIPELINE, 30)
         except TimeoutError as exc:
@@ -114,7 +122,7 @@ def main(cfg: config_mod.Config, resume: bool = False) -> int:
             print("(a new conversation; `mmdagent-llm console --continue` goes on with the last one)")
         command = f'"{sys.executable}" -m stages.commands.cli bridge'
         avatar = SimulatedMMDAgent(
-            command, mdf_dir=Path.cwd(), stderr=log,
+            command, mdf_dir=Path.cwd(), stderr=log, env=env,
             voices=(cfg["speech"]["voice"],),
             on_speech=lambda model, text, started: term.show(f"  avatar> {text}") if started else None,
         ).start()
@@ -125,7 +133,7 @@ def main(cfg: config_mod.Config, resume: bool = False) -> int:
         if avatar is not None:
             avatar.close_stdin()
             avatar.kill()
-        if doctor.poll() is None:
+        if doctor is not None and doctor.poll() is None:
             doctor.kill()
             doctor.wait(5)
         pipeline.stop()

@@ -22,7 +22,7 @@ import zmq
 from broker import wire
 from broker import config as config_mod
 from stages.llm.llm import cause_of, redact
-from broker.runtime import connect, setup_logging
+from broker.runtime import connect, setup_logging, watch_owner
 from stages.expression import Vocabulary
 from stages.llm.offline_responder import OFFLINE_NOTICE
 
@@ -102,6 +102,7 @@ def main(cfg: config_mod.Config, notice: bool = False) -> int:
         check_motions(cfg, Path.cwd(), lambda line: print(line, flush=True))
         return 1 if check(cfg, lambda line: print(line, flush=True)) else 0
     setup_logging("doctor")
+    watch_owner(lambda: os._exit(1))  # a start-up check is of no use once its plugin or console is gone
     sub = connect(cfg, zmq.SUB, "events_out", ("heartbeat.bridge", "notice"))  # meanwhile, it connects
     try:
         check_motions(cfg, Path.cwd(), log.warning)

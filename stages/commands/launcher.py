@@ -23,11 +23,12 @@ def stage_command(name: str) -> list[str]:
     return [sys.executable, "-m", "stages.commands.cli", name]
 
 
-def start_doctor(stderr: IO[bytes] | int | None = None) -> subprocess.Popen:
+def start_doctor(stderr: IO[bytes] | int | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
     """``mmdagent-llm doctor --notice`` in the background: the start-up check of ``plugin`` and
     ``console``. Start-up does not wait for it, and the process that starts it (the plugin is
-    the bridge) never imports the LLM client. It ends by itself (at most about 40 s)."""
-    return subprocess.Popen([*stage_command("doctor"), "--notice"], stdin=subprocess.DEVNULL,
+    the bridge) never imports the LLM client. It ends by itself (at most about 40 s), and at
+    once when the process that started it is gone, if ``env`` names it (``MMDAGENTLLM_OWNER_PID``)."""
+    return subprocess.Popen([*stage_command("doctor"), "--notice"], env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=stderr)
 
 

@@ -27,6 +27,8 @@
   history``, run in that folder, shows or clears it.
 - In the background, ``DOCTOR_DELAY`` seconds in, ``mmdagent-llm doctor --notice`` checks the
   LLM server, the key and the model; what it finds wrong appears on the avatar's screen (``NOTIFY_SHOW``) and in the log.
+  It ends with the plugin too (killed when the plugin exits; its own watch of the plugin's pid
+  when MMDAgent-EX kills the plugin).
 """
 
 from __future__ import annotations
@@ -152,7 +154,10 @@ def main(cfg: config_mod.Config) -> int:
     # its finding reaches the screen through the bridge (a notice); it starts a little later, so
     # that its own start (an LLM client to import) does not slow the pipeline's on 2 cores
     doctor: list[subprocess.Popen] = []
-    timer = threading.Timer(DOCTOR_DELAY, lambda: doctor.append(start_doctor()))
+    # it watches this process's pid like the stages (MMDAgent-EX's SIGKILL skips the finally
+    # below); not a parent death signal, which would come as soon as the timer's thread ends
+    doctor_env = _stage_env(cfg)
+    timer = threading.Timer(DOCTOR_DELAY, lambda: doctor.append(start_doctor(env=doctor_env)))
     timer.daemon = True
     timer.start()
     code = 1

@@ -4,8 +4,8 @@ What it sends (through the ``commands`` queue and the bridge, like every line to
 the bridge's default ``[bridge] allow_senders``/``allow_types`` admit it):
 
 - ``CAPTION_SETSTYLE|<style>|<font>|<color>|<edge1>|<edge2>|<basecolor>`` (6 arguments, the
-  only other count MMDAgent-EX takes being 3) before the first caption, and again whenever
-  the bridge is new (a new MMDAgent-EX has no styles).
+  only other count MMDAgent-EX takes being 3) before the first caption, and again after the
+  bridge was restarted (a new pid: perhaps a new MMDAgent-EX, which has no styles).
 - ``CAPTION_START|mmdagent-llm|<style>|<text>|<size>|<position>|<height>|<frames>`` (exactly 7
   arguments) when a sentence's ``SYNTH_EVENT_START`` came (the sequencer's ``speech``
   ``started``). ``frames`` (30 = 1 s) is the longest the sentence may take to speak, so a
@@ -13,6 +13,12 @@ the bridge's default ``[bridge] allow_senders``/``allow_types`` admit it):
 - ``CAPTION_STOP|mmdagent-llm`` when its ``SYNTH_EVENT_STOP`` came, or it was cut off.
 - with ``[captions] show_user``: the user's utterance as ``CAPTION_START|mmdagent-llm-user|...``
   for ``user_seconds``, at its own height.
+
+The observer follows the sequencer's events, so it lags the speech by a few hops: on a loaded
+machine a caption may come on a moment after its sentence started, or even after it ended (a
+short one), and go off after the next sentence started. It never comes on before its sentence
+started nor goes off before it ended (or was cut off), and each caption goes off before the
+next comes on.
 
 Text is made safe by :func:`caption_text`. An event older than :data:`STALE` seconds (this
 process was stopped, then resumed) is not shown: a late caption would belong to other speech.
@@ -140,8 +146,13 @@ class Captions(Stage):
             self._send("CAPTION_STOP", [ALIAS], turn)
 
     def on_peer(self, name: str, change: str) -> None:
-        if name == "bridge" and change in ("up", "restarted", "back"):
-            self.styled = False  # perhaps a new MMDAgent-EX: its styles are gone
+        # Only a new bridge process can mean a new MMDAgent-EX (it starts the bridge), whose
+        # styles and captions are gone. Not "up": the bridge's first heartbeat may come up to a
+        # second after this observer started and showed a caption through that very bridge;
+        # forgetting it then lost the caption's CAPTION_STOP. Not "back": the same process was
+        # only silent for a while (a loaded machine), and its MMDAgent-EX still shows our caption.
+        if name == "bridge" and change == "restarted":
+            self.styled = False
             self.showing = None
 
 
