@@ -91,7 +91,8 @@ KINDS: dict[str, str] = {
     body: ``text`` (str, the utterance). ``turn`` is the new turn's id; ids only grow. The llm
     stage answers it; stages drop work items of older turns. A *resumed* answer (a stage was lost
     after the avatar had begun to answer, see :mod:`stages.bridge.turns`) also has ``resume``
-    (int: the turn whose answer goes on, cancelled with reason ``lost``) and ``heard`` (list[str]:
+    (int: the turn the answer that goes on was first asked under; every id of it since was
+    cancelled with reason ``lost``) and ``heard`` (list[str]:
     the answer's segments written to MMDAgent-EX already, from its start): the llm sends the
     answer again from its start, and on, under the new id, the segmenter skipping as many
     segments as were heard; an llm restarted meanwhile holds no answer, and

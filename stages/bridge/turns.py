@@ -134,7 +134,8 @@ class TurnController:
         self.done_by: set[str] = set()  # stages whose part of the current turn is complete
         self.cued: list[tuple[str, list[str]]] | None = None  # lines to write when the speech ends
         self.written: list[str] = []  # the answer's segments written to MMDAgent-EX, under all its ids
-        self.resume_of: int | None = None  # a lost turn whose rest is asked for once the avatar is quiet
+        self.resuming = False         # a stage was lost mid-answer: its rest is asked for once the avatar is quiet
+        self.asked_turn = 0           # the id the current answer was first asked under (the llm knows it by it)
         self.start_body: dict[str, Any] = {}  # the current turn's turn_start, to send it again
         self.motions = Motions(vocabulary, model)  # listening, thinking, gestures (stages.bridge.motions)
         self.speech_limits = speech_limits  # [speech] timeouts: how long a speech may go without its events
@@ -328,7 +329,7 @@ class TurnController:
         if llm_turn >= self.epoch and self.turn < self.epoch:  # before our first turn: see _behind_clock
             return self._behind_clock(llm_turn)
         if (self.machine != C.ANSWERING or llm_turn >= self.turn or "llm" in self.done_by or self.next_segment
-                or self.resume_of is not None or now - self.sent_at < RESEND_AFTER):
+                or self.resuming or now - self.sent_at < RESEND_AFTER):
             return []
         self.sent_at = now
         log.info("turn %d: the llm has not received it (it is on turn %d): sending it again", self.turn, llm_turn)
@@ -367,7 +368,7 @@ class TurnController:
             return []
         if self.total_segments is not None and self.next_segment >= self.total_segments:
             return []  # every sentence was written already: nothing of it is lost
-        if self.written or self.resume_of is not None:  # something of the answer was said
+        if self.written or self.resuming:  # something of the answer was said
             if force and name == "llm":  # a restarted llm that cannot go on with it (no [llm] prefill)
                 return self._fail(f"{name} was lost in the middle of the answer", time.time())
             return self._lose(name, now)
@@ -379,32 +380,35 @@ class TurnController:
         return actions
 
     def _lose(self, name: str, now: float) -> list[Action]:
-        """A stage other than the llm was lost after the avatar began to answer: the llm still
-        holds the answer. What was written stays (the avatar finishes its sentence); the rest of
-        this id is dropped everywhere (``cancel`` ``lost``), and once the avatar is quiet the
-        answer is asked for again under a new id (:meth:`_resume_when_quiet`), the sentences
-        written so far skipped: the user hears each sentence once, in order."""
-        if self.resume_of is None:
-            log.info("turn %d: %s was lost after %d sentences were written: the rest follows", self.turn, name,
-                     len(self.written))
-            self.resume_of = self.turn
-            self.next_segment, self.total_segments, self.cued = 0, None, None
-            self.cancelled = self.turn
-            self.last_cancel = Publish("cancel", {"reason": "lost", "stopped": False, "spoken": list(self.voice.spoken)},
-                                       self.turn, time.time())
-            return [self.last_cancel, *self._resume_when_quiet(now)]
-        return self._resume_when_quiet(now)
+        """A stage was lost after the avatar began to answer: the llm still holds the answer (or,
+        restarted, can ask for its rest). What was written stays (the avatar finishes its
+        sentence); the rest of this id is dropped everywhere (``cancel`` ``lost``), and once the
+        avatar is quiet and the pipeline reachable, the answer is asked for again under a new id
+        (:meth:`_resume_when_quiet`, from the loop's tick, a ``SYNTH_EVENT_STOP`` or the pipeline's
+        return), the sentences written so far skipped: each sentence is heard once, in order."""
+        if self.resuming:
+            return []
+        log.info("turn %d: %s was lost after %d sentences were written: the rest follows", self.turn, name,
+                 len(self.written))
+        self.resuming = True
+        self.next_segment, self.total_segments, self.cued = 0, None, None
+        self.cancelled = self.turn
+        self.last_cancel = Publish("cancel", {"reason": "lost", "stopped": False, "spoken": list(self.voice.spoken)},
+                                   self.turn, time.time())
+        return [self.last_cancel]
 
     def _resume_when_quiet(self, now: float) -> list[Action]:
-        """The lost turn's rest, asked for as a new turn: once the avatar has finished what was
-        written (a new SYNTH_START would cut it off) and the pipeline is reachable."""
-        if self.resume_of is None or self.machine != C.ANSWERING or self.voice.audible or not self.pipeline_up:
+        """The lost answer's rest, asked for as a new turn: once the avatar has finished what was
+        written (a new SYNTH_START would cut it off) and the pipeline is reachable. ``resume`` names
+        the id the answer was first asked under: the one the llm knows it by, however many ids
+        of it came to nothing in a broker that died."""
+        if not self.resuming or self.machine != C.ANSWERING or self.voice.audible or not self.pipeline_up:
             return []
-        of, self.resume_of = self.resume_of, None
+        self.resuming = False
         self.turn = max(self.turn + 1, int(time.time() * 1000), self.epoch)
         self.next_segment, self.total_segments, self.done_by, self.cued = 0, None, set(), None
         self.progress_at = self.sent_at = now
-        self.start_body = {"text": self.user_text, "resume": of, "heard": list(self.written)}
+        self.start_body = {"text": self.user_text, "resume": self.asked_turn, "heard": list(self.written)}
         return [Publish("turn_start", self.start_body, self.turn, self.asked_origin)]
 
     # -- transitions ---------------------------------------------------------------------
@@ -458,7 +462,7 @@ class TurnController:
         self.turn = max(self.turn + 1, int(time.time() * 1000), self.epoch)
         self.user_text, self.asked_at, self.asked_origin = text, asked_at, origin
         self.voice.spoken = []
-        self.resume_of, self.written = None, []
+        self.resuming, self.written = False, []
         self.next_segment = 0
         self.total_segments = None
         self.done_by = set()
@@ -472,6 +476,7 @@ class TurnController:
         self.progress_at = self.sent_at = now
         self.motions.think_from(now)
         self.machine.move(C.ANSWERING, f"turn {self.turn} sent")
+        self.asked_turn = self.turn
         self.start_body = {"text": self.user_text}
         return [Publish("turn_start", self.start_body, self.turn, self.asked_origin)]
 
@@ -512,7 +517,7 @@ class TurnController:
         if stopped:
             self.voice.outstanding = None
         self.cued = None
-        self.resume_of = None
+        self.resuming = False
         self.cancelled = self.turn
         log.info("turn %d cancelled (%s)%s", self.turn, reason, ": SYNTH_STOP sent" if stopped and stop else "")
         self.last_cancel = Publish("cancel", {"reason": reason, "stopped": stopped, "spoken": list(self.voice.spoken)},

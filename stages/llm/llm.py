@@ -197,6 +197,7 @@ class LlmStage(Stage):
         self.inbox.bind(self.worker_address)
         self.extra[self.inbox] = self._on_worker
         self.turn = 0
+        self.asked_turn = 0  # the turn the current answer was first asked under (a resume names it)
         self.cancelled = 0  # highest cancelled turn: a turn_start of it or an older one is stale
         self.heard: list[str] = []  # the current turn's sentences the avatar began to say (speech started)
         self.worker: _Worker | None = None
@@ -253,7 +254,7 @@ class LlmStage(Stage):
     def _begin(self, turn: int, text: str) -> None:
         if self.machine != TurnState.IDLE:  # the bridge cancels first; this is only a safety net
             self._end_turn("superseded", "")
-        self.turn = turn
+        self.turn = self.asked_turn = turn
         self.user_text = text
         self.answer = []
         self.heard = []
@@ -269,9 +270,9 @@ class LlmStage(Stage):
         rest as it streams; history records it once, as one answer. A restarted llm holds no
         answer to go on with: it asks the server for the rest (``[llm] prefill``), or keeps what
         was heard in history and reports the turn broken (the bridge ends it with the notice)."""
-        if of != self.turn or not (self.answer or self.machine != TurnState.IDLE):
+        if of != self.asked_turn or not (self.answer or self.machine != TurnState.IDLE):
             if self.cfg["llm"]["prefill"] and heard:
-                self._continue(env, join_segments(heard))
+                self._continue(env, of, join_segments(heard))
                 return
             log.warning("turn %d: asked to go on with turn %d, which this process does not hold", env.turn, of)
             self.turn = env.turn
@@ -290,10 +291,11 @@ class LlmStage(Stage):
             self.publish("turn_result", {"reason": self.ended, "answer": "".join(self.answer), "error": "",
                                          "cause": "", "first_token": self.first_token_at}, turn=self.turn)
 
-    def _continue(self, env: wire.Envelope, heard: str) -> None:
+    def _continue(self, env: wire.Envelope, of: int, heard: str) -> None:
         """This process was restarted in the middle of the answer: ask for its rest, with what the
         user heard as the assistant's beginning (``[llm] prefill``: a server that continues it)."""
         self._begin(env.turn, str(env.body.get("text", "")).strip())
+        self.asked_turn = of  # still the answer to that question, should it be resumed again
         self.answer, self.heard = [heard], []
         log.info("turn %d: asking for the rest of an answer after %d heard characters", self.turn, len(heard))
         messages = [*self.history.request(self.user_text), {"role": "assistant", "content": heard}]
