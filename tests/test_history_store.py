@@ -56,23 +56,23 @@ def test_new_history_with_the_same_store_continues_the_conversation(tmp_path):
 def test_lowered_limits_apply_after_loading_and_the_file_is_archived_before_it_is_trimmed(tmp_path):
     path = tmp_path / "h.json"
     archive = Archive(tmp_path / "conversations", 20)
-    h = History("sys", 10, 10_000, store=HistoryStore(path, archive=archive))
+    h = History("sys", 10, 10_000, store=HistoryStore(path, archive=archive.copy_in))
     for i in range(6):
         h.add(f"q{i}", f"a{i}")
     assert archive.entries() == []  # within the limits: nothing to keep aside
     said = HistoryStore(path).load()
     os.utime(path, (1_600_000_000, 1_600_000_000))
 
-    fewer = History("sys", 2, 10_000, store=HistoryStore(path, archive=archive))  # restarted with a lower limit
+    fewer = History("sys", 2, 10_000, store=HistoryStore(path, archive=archive.copy_in))  # restarted with a lower limit
     assert [p[0]["content"] for p in fewer.pairs] == ["q4", "q5"]
     assert len(HistoryStore(path).load()) == 2  # trimming is a change: saved ...
     [kept] = archive.entries()  # ... after every pair was copied aside, dated like the conversation
     assert HistoryStore(kept.path).load() == said and kept.exchanges == 6 and kept.when == 1_600_000_000
     assert kept.path.name.startswith("h-") and kept.path.suffix == ".json"
 
-    again = History("sys", 2, 10_000, store=HistoryStore(path, archive=archive))  # within them now: no copy
+    again = History("sys", 2, 10_000, store=HistoryStore(path, archive=archive.copy_in))  # within them now: no copy
     assert len(again.pairs) == 2 and len(archive.entries()) == 1
-    small = History("sys", 100, 20, store=HistoryStore(path, archive=archive))  # by tokens, the same
+    small = History("sys", 100, 20, store=HistoryStore(path, archive=archive.copy_in))  # by tokens, the same
     assert small.tokens() <= 20 and len(small.pairs) == 1 and [e.exchanges for e in archive.entries()] == [2, 6]
 
 

@@ -37,14 +37,11 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from broker.config import safe_name, state_dir
 from broker.curve import make_folders
-
-if TYPE_CHECKING:
-    from stages.llm.history_archive import Archive
 
 log = logging.getLogger("mmdagent_llm")
 
@@ -54,6 +51,8 @@ VERSION = 1
 MEMORY_ONLY = "none"
 
 Pair = tuple[dict, dict]
+#: copies a file's pairs into the archive before the file loses some: (path, pairs, session) -> the copy
+ArchiveCopy = Callable[[Path, list[Pair], str | None], Path | None]
 #: what identifies one version of the file: inode, size, modification time (ns)
 Fingerprint = tuple[int, int, int]
 
@@ -98,20 +97,19 @@ def path_for(cfg: dict[str, dict[str, Any]]) -> Path | None:
     return Path(value).expanduser() if value else default_path(cfg["bus"]["session"])
 
 
-def store_for(cfg: dict[str, dict[str, Any]]) -> HistoryStore | None:
+def store_for(cfg: dict[str, dict[str, Any]], archive: ArchiveCopy | None = None) -> HistoryStore | None:
     """The store ``[llm] history_file`` asks for: ``"none"`` = memory only (None); ``""`` = the
     default file of ``[bus] session`` (:func:`default_path`); anything else = that path. Pairs
-    trimmed at start-up go to the archive of ``[llm] archive_keep``."""
-    from stages.llm.history_archive import archive_of
-
+    trimmed at start-up go to ``archive`` first (the llm gives
+    :meth:`stages.llm.history_archive.Archive.copy_in`)."""
     path = path_for(cfg)
-    return None if path is None else HistoryStore(path, session=cfg["bus"]["session"], archive=archive_of(cfg))
+    return None if path is None else HistoryStore(path, session=cfg["bus"]["session"], archive=archive)
 
 
 class HistoryStore:
     """Load and save the user/assistant pairs of one session in ``path``."""
 
-    def __init__(self, path: Path | str, *, session: str | None = None, archive: Archive | None = None) -> None:
+    def __init__(self, path: Path | str, *, session: str | None = None, archive: ArchiveCopy | None = None) -> None:
         self.path = Path(path)
         self.session = session
         self.archive = archive
@@ -183,7 +181,7 @@ class HistoryStore:
         (None: there is no archive, or the copy failed, which is logged)."""
         if self.archive is None:
             return None
-        return self.archive.copy_in(self.path, pairs, self.session)
+        return self.archive(self.path, pairs, self.session)
 
     def _remove_stale_temps(self) -> None:
         """Temporary files a crash in the middle of :meth:`save` left behind."""

@@ -39,6 +39,7 @@ from broker import wire
 from broker import config as config_mod
 from stages.expression import Vocabulary
 from stages.llm.history import History
+from stages.llm.history_archive import archive_of
 from stages.llm.history_store import store_for
 from stages.llm.llm_http import make_client
 from broker.runtime import Stage, setup_logging
@@ -180,7 +181,7 @@ class LlmStage(Stage):
     def __init__(self, cfg: config_mod.Config) -> None:
         super().__init__(cfg)
         c = cfg["llm"]
-        store = store_for(cfg)
+        store = store_for(cfg, archive=archive_of(cfg).copy_in)
         prompt = "\n".join(p for p in (c["system_prompt"], Vocabulary(cfg).prompt) if p)  # + the tags it may write
         self.history = History(prompt, c["history_turns"], c["history_tokens"], store=store)
         if store is not None and self.history.pairs:  # said, so nobody wonders what the LLM "remembers"
