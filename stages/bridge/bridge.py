@@ -199,7 +199,8 @@ class Bridge(Stage):
             self._refuse(f"type {msg_type[:40]}", f"a {msg_type[:40]!r} from {env.sender!r}: not in [bridge] allow_types")
             return
         if not self.turns.accepts(msg_type, env.turn):
-            log.info("dropped a %s of turn %d: not the current turn (%d)", msg_type, env.turn, self.turns.turn)
+            why = "cancelled" if env.turn == self.turns.turn else f"not the current turn ({self.turns.turn})"
+            log.info("dropped a %s of turn %d: %s", msg_type, env.turn, why)
             return
         segment = env.body.get("segment")
         if type(segment) is int and self.turns.written_already(env.turn, segment):
