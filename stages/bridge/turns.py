@@ -46,11 +46,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from broker.wire import CAUSES
 from stages.bridge.motions import Motions
+from stages.bridge.voice import Voice
 from stages.expression import Vocabulary
 from stages.states import CONVERSATION_TRANSITIONS, ConversationState as C, Machine
 
@@ -79,33 +80,6 @@ class Publish:
 Action = Write | Publish
 
 
-@dataclass
-class _Voice:
-    """What the bridge knows of the model's speech from the lines it wrote and read."""
-    speaking: bool = False           # SYNTH_EVENT_START came, SYNTH_EVENT_STOP not yet
-    outstanding: str | None = None   # text of our SYNTH_START not yet ended by SYNTH_EVENT_STOP
-    spoken: list[str] = field(default_factory=list)  # current turn's segments that started
-    quiet_since: float = 0.0         # monotonic time the last speech ended
-    since: float = 0.0               # monotonic time of the last SYNTH_START written or SYNTH_EVENT_START read
-
-    @property
-    def audible(self) -> bool:
-        return self.speaking or self.outstanding is not None
-
-    def deadline(self, limits: dict[str, Any] | None) -> float | None:
-        """When the speech in progress counts as over though no event said so: MMDAgent-EX sends
-        nothing at all for a ``SYNTH_START`` with an unknown voice (``[speech] start_timeout``), and
-        the end of a speech is bounded as the sequencer bounds it."""
-        if limits is None or not self.audible:
-            return None
-        if not self.speaking:
-            return self.since + limits["start_timeout"]
-        return self.since + limits["stop_timeout_base"] + limits["stop_timeout_per_char"] * len(self.outstanding or "")
-
-    def over(self, now: float) -> None:
-        self.speaking, self.outstanding, self.quiet_since = False, None, now
-
-
 class TurnController:
     def __init__(self, turn_cfg: dict[str, Any], model: str, voice: str, startup_grace: float = 0.0,
                  vocabulary: Vocabulary | None = None, speech_limits: dict[str, Any] | None = None) -> None:
@@ -120,7 +94,7 @@ class TurnController:
         self.machine: Machine[C] = Machine("conversation", CONVERSATION_TRANSITIONS, C.IDLE)
         self.turn = 0
         self.cancelled = 0  # highest cancelled turn
-        self.voice = _Voice(quiet_since=-1e9)
+        self.voice = Voice(quiet_since=-1e9)
         self.pipeline_up = False
         # just started: the stages' heartbeats may not have come yet; no alarm during this time
         self.quiet_until = time.monotonic() + startup_grace
