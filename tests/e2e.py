@@ -100,8 +100,10 @@ class World:
 
         turn = self.bus.wait_for(finished, timeout)
         assert turn, f"the turn for {text!r} was not spoken within {timeout} s"
+        # the llm's turn_result and the sequencer's spoken come from two processes: either may be first
+        assert self.bus.wait_for(lambda envs: any(e.kind == "turn_result" and e.turn == turn for e in envs), 10), \
+            f"turn {turn} has no turn_result"
         results = self.bus.of("turn_result", turn)
-        assert results, f"turn {turn} has no turn_result"
         lines = [r.line for r in self.avatar.received[first_line:]]
         speech = [e.body for e in self.bus.of("speech", turn)]
         return Turn(turn, lines, results[0].body, speech)

@@ -503,3 +503,17 @@ def test_a_broker_death_seen_stage_by_stage_resumes_once_the_pipeline_is_back():
     assert "turn_start" not in kinds(actions) and kinds(actions).count("cancel") == 1
     back = tc.on_pipeline(True, now=2.0)
     assert kinds(back) == ["turn_start"] and back[0].body["resume"] == old and back[0].body["heard"] == ["一文目。"]
+
+
+def test_a_sentence_held_behind_speech_that_never_ends_is_written_when_that_is_taken_as_over():
+    # an unknown voice: no event ever comes; the sequencer's plain copy of its cue (sent on its own
+    # timeout, a little before the bridge's) is held, and must not stay held for good
+    limits = {"start_timeout": 0.5, "stop_timeout_base": 5.0, "stop_timeout_per_char": 0.5}
+    tc = TurnController(controller().cfg, model="0", voice="typo", speech_limits=limits)
+    tc.on_pipeline(True)
+    say(tc, "質問", now=0.0)
+    tc.on_written("SYNTH_START", ["0", "typo", "一。"], tc.turn, now=0.0)
+    second = [("SYNTH_START", ["0", "typo", "二。"])]
+    assert tc.on_speech(second, tc.turn) == []                    # plainly, at 0.45 s: still "audible"
+    assert kinds(tc.on_tick(0.5)) == ["SYNTH_START"]              # the first taken as over: written now
+    assert tc.cued is None

@@ -251,6 +251,9 @@ class TurnController:
             self.voice.over(now)
         answering = self.machine == C.ANSWERING and not self.written
         motions: list[Action] = [Write(t, a) for t, a in self.motions.on_tick(now, answering)]
+        if self.cued is not None and not self.voice.audible and self.machine == C.ANSWERING:
+            lines, self.cued = self.cued, None  # what it waited for is taken as over: its turn now
+            motions += self._speech(lines)
         motions += self._resume_when_quiet(now)
         deadline = self._own_deadline()
         if deadline is None or now < deadline:
