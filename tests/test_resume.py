@@ -15,8 +15,8 @@ from stages.llm.offline_responder import Token
 from tests.e2e import World, managed, speech_pattern_ok, tokens_of
 from tests.test_restart import pid_of, restarted
 
-SENTENCES = ["一つ目の文をゆっくり話します。", "二つ目の文もゆっくり話します。", "三つ目の文が続きます。",
-             "四つ目で終わりです。"]
+# the second, said when a stage is killed, lasts longer than a restart; the others are short
+SENTENCES = ["はじめの文です。", "二つ目の文はゆっくりと長めに話します。", "三つ目です。", "おわりです。"]
 ANSWER = "".join(SENTENCES)
 VOICE = "SYNTH_START|0|mei_voice_normal|"
 # a sentence lasts longer than a stage takes to restart: a restarted sequencer is handed the next
@@ -100,10 +100,7 @@ def test_the_llm_killed_mid_stream_without_prefill_ends_with_the_notice(tmp_path
         got = said(world, start)
         assert got[-1] == notice and got[:-1] == SENTENCES[:len(got) - 1], got
         assert len(world.server.requests) == 1  # not asked again: OpenAI would start a new answer
-        said_at = world.avatar.wait_line(VOICE + notice, 1).t
-        assert world.avatar.wait_inbox(lambda inbox: any(r.line == "SYNTH_EVENT_STOP|0" and r.t > said_at
-                                                         for r in inbox), 10)
-        world.avatar.send("RECOG_EVENT_START")
+        world.avatar.send("RECOG_EVENT_START")  # cuts the notice short: it is in no history
         world.avatar.send("RECOG_EVENT_STOP|続けて")
         assert world.bus.wait_for(lambda envs: len(world.server.requests) > 1, 20)
         history = [(m["role"], m["content"]) for m in world.server.requests[1]["messages"][1:-1]]
