@@ -42,6 +42,9 @@ ENDPOINTS = (
 CHOICES = {("bus", "transport"): ("tcp", "ipc"), ("turn", "barge_in"): ("interrupt", "ignore"),
            ("plugin", "pipeline"): ("builtin", "supervisord"), ("expression", "untagged"): ("keep", "neutral")}
 
+# keys that meant something once and are accepted, unused, so an old config still loads
+RETIRED = {("segmenter", "first_soft_chars"): "the first segment is the first clause (stages.segmenter.pacing)"}
+
 # the allowed range of every number (inclusive; None: no bound). A number not listed must be >= 0.
 _PORT = (0, 65535)
 RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
@@ -49,7 +52,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("llm", "temperature"): (0, 2), ("llm", "first_token_timeout"): (0.1, 3600), ("llm", "chunk_timeout"): (0.1, 3600),
     ("llm", "turn_timeout"): (0.1, 86400), ("llm", "max_retries"): (0, 10), ("llm", "history_tokens"): (0, 10_000_000),
     ("llm", "archive_keep"): (0, 10_000),
-    ("segmenter", "first_soft_chars"): (1, None), ("segmenter", "soft_cut_chars"): (1, None),
+    ("segmenter", "soft_cut_chars"): (1, None),
     ("segmenter", "max_bytes"): (16, 1900), ("segmenter", "pause_release"): (0.01, 10),
     ("speech", "start_timeout"): (0.1, 600), ("speech", "stop_timeout_base"): (0.1, 3600),
     ("speech", "cut_timeout"): (0.1, 600), ("turn", "listen_timeout"): (0.1, 3600), ("turn", "max_age"): (0.1, 86400),
@@ -223,6 +226,8 @@ def _overlay(cfg: Config, user: dict[str, Any], source: str, sources: dict[tuple
         if section not in cfg or not isinstance(values, dict):
             raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(cfg)})")
         for key, value in values.items():
+            if (section, key) in RETIRED:
+                continue
             if key not in cfg[section]:
                 raise ConfigError(f"{source}: unknown key {key!r} in [{section}]")
             cfg[section][key] = _coerce(cfg[section][key], value, f"{source} [{section}] {key}")
@@ -234,6 +239,8 @@ def _overlay_env(cfg: Config, environ: os._Environ[str] | dict[str, str], source
         if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
             continue
         section, _, key = name[len(ENV_PREFIX):].lower().partition("_")
+        if (section, key) in RETIRED:
+            continue
         if section not in cfg or key not in cfg[section]:
             raise ConfigError(f"environment {name}: no key {key!r} in [{section}]")
         default = cfg[section][key]

@@ -94,8 +94,8 @@ KINDS: dict[str, str] = {
     (int: the turn the answer that goes on was first asked under; every id of it since was
     cancelled with reason ``lost``) and ``heard`` (list[str]:
     the answer's segments written to MMDAgent-EX already, from its start): the llm sends the
-    answer again from its start, and on, under the new id, the segmenter skipping as many
-    segments as were heard; an llm restarted meanwhile holds no answer, and
+    answer again from its start, and on, under the new id, the segmenter skipping what
+    was heard; an llm restarted meanwhile holds no answer, and
     asks for its rest with ``heard`` as the assistant's beginning (``[llm] prefill``), or
     reports the turn ``broken``.""",
     "cancel": """A turn is cancelled: drop everything of it, now (bus, bridge).
@@ -121,8 +121,8 @@ KINDS: dict[str, str] = {
     "token": """A piece of the answer as the LLM streamed it (work queue ``tokens``: llm -> segmenter).
 
     body: ``text`` (str), ``index`` (int, 0-based within the turn: a gap means tokens were
-    lost), and on the first token of a resumed answer ``skip`` (int: the segmenter cuts the text
-    as usual but does not send its first ``skip`` segments, which were heard already). ``origin``
+    lost), and on the first token of a resumed answer ``heard`` (list[str]: the segments the user
+    heard already; the segmenter cuts the text as usual but does not send again what they hold). ``origin``
     is when the llm process received it.""",
     "segment": """A speakable piece of the answer (work queue ``segments``: segmenter -> sequencer).
 

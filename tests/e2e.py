@@ -24,6 +24,7 @@ from stages.commands.avatar_sim import SimulatedMMDAgent
 from broker import config as config_mod
 from stages.commands.launcher import Pipeline, wait_ready
 from stages.llm.offline_responder import ChatCompletionServer, Token
+from stages.segmenter.sentences import letters
 from tests.harness import BusWatcher, pipeline_env, supervised, wait_pipeline, write_config
 
 PLUGIN_COMMAND = "mmdagent-llm bridge"
@@ -68,6 +69,16 @@ class Turn:
     @property
     def spoken(self) -> list[str]:
         return [line.split("|", 3)[3] for line in self.lines if line.startswith("SYNTH_START|")]
+
+    @property
+    def said(self) -> str:
+        """What was said, whatever the cuts (they depend on the avatar's timing): see :func:`words`."""
+        return words(self.spoken)
+
+
+def words(segments: Iterable[str]) -> str:
+    """The letters and digits of ``segments`` in order: the same for an answer however it was cut."""
+    return letters("".join(segments))
 
 
 @dataclass

@@ -35,7 +35,7 @@ def test_the_builtin_pipeline_answers_restarts_and_dies_with_the_plugin(tmp_path
         avatar.send("RECOG_EVENT_START")
         avatar.send("RECOG_EVENT_STOP|聞こえますか")
         said = avatar.wait_line("SYNTH_START|", 30)
-        assert said is not None and said.line.endswith("|はい、聞こえます。")
+        assert said is not None and said.line.endswith("|はい、")  # the first clause, at once
         # a stage that dies comes back
         assert bus.wait_for(lambda envs: any(e.body.get("stage") == "segmenter" for e in envs), 5)
         seg = [e.body["pid"] for e in bus.envelopes if e.body.get("stage") == "segmenter"][-1]

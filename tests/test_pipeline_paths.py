@@ -11,7 +11,7 @@ import pytest
 
 from stages.llm.offline_responder import OFFLINE_NOTICE, ChatCompletionServer, offline_text
 from stages.segmenter.sentences import SentenceCutter
-from tests.e2e import ScriptedLLM, launched, speech_pattern_ok
+from tests.e2e import ScriptedLLM, launched, speech_pattern_ok, words
 
 ANSWER = "こんにちは！今日はいい天気ですね。Let's take a walk, shall we? 円周率は3.14です。"
 EXPECTED = ["こんにちは！", "今日はいい天気ですね。", "Let's take a walk, shall we?", "円周率は3.14です。"]
@@ -20,7 +20,7 @@ APOLOGY = "ごめんなさい、今はうまく答えられません。"
 
 def segments_of(text: str) -> list[str]:
     cutter = SentenceCutter()
-    return cutter.feed(text) + cutter.flush()
+    return [p.text for p in cutter.feed(text) + cutter.flush()]
 
 
 def test_offline_default_answers_in_the_users_language_and_says_so_once(tmp_path: Path):
@@ -29,8 +29,8 @@ def test_offline_default_answers_in_the_users_language_and_says_so_once(tmp_path
         en = world.talk("Hello there, how are you today?")
         beats = world.bus.of("heartbeat")
     assert ja.result["reason"] == "done" and en.result["reason"] == "done"
-    assert ja.spoken == segments_of(offline_text("こんにちは、元気ですか？"))
-    assert en.spoken == segments_of(offline_text("Hello there, how are you today?"))
+    assert ja.said == words(segments_of(offline_text("こんにちは、元気ですか？")))
+    assert en.said == words(segments_of(offline_text("Hello there, how are you today?")))
     assert len(ja.spoken) >= 2 and len(en.spoken) >= 2
     assert any(b.body.get("stage") == "llm" and b.body["info"]["offline"] for b in beats)
     log = (tmp_path / "pipeline.log").read_text(encoding="utf-8")
@@ -43,7 +43,7 @@ def test_non_streaming_mode_speaks_the_same_sentences(tmp_path: Path):
         with launched(tmp_path, server=server, llm={"stream": False}) as world:
             turn = world.talk("こんにちは")
             assert speech_pattern_ok(world.avatar)
-        assert turn.spoken == EXPECTED
+        assert turn.said == words(EXPECTED)
         assert not server.requests[-1].get("stream")
     finally:
         server.stop()
@@ -54,7 +54,7 @@ def test_ipc_transport(tmp_path: Path):
     try:
         with launched(tmp_path, server=server, transport="ipc") as world:
             assert world.cfg["bus"]["transport"] == "ipc"
-            assert world.talk("こんにちは").spoken == EXPECTED
+            assert world.talk("こんにちは").said == words(EXPECTED)
     finally:
         server.stop()
 
@@ -83,7 +83,7 @@ def test_refused_connection_ends_the_turn_with_the_configured_apology(tmp_path: 
         turn = world.talk("聞こえますか", timeout=30)
     assert turn.result["reason"] == "error"
     assert "APIConnectionError" in turn.result["error"] and turn.result["cause"] == "unreachable"
-    assert turn.spoken == ([apology] if apology else [])
+    assert turn.said == words([apology]) and bool(turn.spoken) == bool(apology)
     assert "APIConnectionError" in (tmp_path / "pipeline.log").read_text(encoding="utf-8")
 
 

@@ -7,19 +7,30 @@ import unicodedata
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from stages.segmenter.sentences import LEADING_JUNK, SentenceCutter, speakable
+from stages.segmenter.pacing import whole_answer
+from stages.segmenter.sentences import LEADING_JUNK, Piece, SentenceCutter, speakable
 
 
-def cut(text: str, sizes: list[int] | None = None, **kw: int) -> list[str]:
+def pieces(text: str, sizes: list[int] | None = None, **kw: int) -> list[Piece]:
     """Feed ``text`` split into tokens of the given sizes (cycled), then flush."""
     cutter = SentenceCutter(**kw)
-    out: list[str] = []
+    out: list[Piece] = []
     pos, k = 0, 0
     while pos < len(text):
         size = sizes[k % len(sizes)] if sizes else len(text)
         out += cutter.feed(text[pos:pos + size])
         pos, k = pos + size, k + 1
     return out + cutter.flush()
+
+
+def cut(text: str, sizes: list[int] | None = None, **kw: int) -> list[str]:
+    """The segments of ``text`` when the whole answer is known (:func:`whole_answer`)."""
+    merge = {"merge_chars": kw["soft_cut_chars"]} if "soft_cut_chars" in kw else {}
+    return [p.text for p in whole_answer(pieces(text, sizes, **kw), max_bytes=kw.get("max_bytes", 600), **merge)]
+
+
+def texts(text: str, sizes: list[int] | None = None, **kw: int) -> list[str]:
+    return [p.text for p in pieces(text, sizes, **kw)]
 
 
 def words(text: str) -> str:
@@ -41,9 +52,13 @@ def words(text: str) -> str:
     ("It costs 1,000 yen. Mr. Smith uses Node.js at example.com. Write to a.b@example.com. J. K. Rowling wrote it.",
      ["It costs 1,000 yen.", "Mr. Smith uses Node.js at example.com.", "Write to a.b@example.com.",
       "J. K. Rowling wrote it."]),
-    # a fast first segment: 、 cuts it after 8 characters, later segments only after 40
+    # the first segment is the first clause; later ones whole sentences, cut at a clause past 40 characters
     ("えーと、今日の東京の天気は、晴れのち曇りで、午後からは少し風が強くなるそうですよ、気をつけてね。",
-     ["えーと、今日の東京の天気は、", "晴れのち曇りで、午後からは少し風が強くなるそうですよ、気をつけてね。"]),
+     ["えーと、", "今日の東京の天気は、晴れのち曇りで、午後からは少し風が強くなるそうですよ、気をつけてね。"]),
+    ("はい、今日の東京はよく晴れていて、午後から少し風が強くなりそうなので、お出かけの際は上着があると安心です。"
+     "夕方には気温も下がりますので、暖かい服装で、無理をせず、楽しい一日をお過ごしくださいね、本当に。",
+     ["はい、", "今日の東京はよく晴れていて、午後から少し風が強くなりそうなので、お出かけの際は上着があると安心です。",
+      "夕方には気温も下がりますので、暖かい服装で、無理をせず、楽しい一日をお過ごしくださいね、", "本当に。"]),
     # markdown, code, URLs and emoji stay out of speech
     ("## 手順\n1. **まず**、[公式サイト](https://example.com/dl?x=1)を開きます😀\n```sh\nrm -rf /\n```\n- 次に`install`を実行！",
      ["手順", "1 まず、公式サイトを開きます", "次にinstallを実行！"]),
@@ -125,7 +140,7 @@ def test_arbitrary_unicode_is_split_invariant(text: str, sizes: list[int]) -> No
        st.lists(st.sampled_from(["。", "、", " ", "です", "Yes. ", "\n", ", "]), min_size=1), splits())
 def test_numbers_addresses_and_quotes_are_never_cut(keep: list[str], glue: list[str], sizes: list[int]) -> None:
     text = "".join(k + glue[i % len(glue)] for i, k in enumerate(keep))
-    segments = cut(text, sizes, first_soft_chars=1, soft_cut_chars=1)
+    segments = texts(text, sizes, soft_cut_chars=1)
     for k in keep:
         assert any(k in s for s in segments), (k, segments)
 
@@ -138,14 +153,17 @@ def test_url_text_never_reaches_speech() -> None:
 
 def test_a_pause_releases_a_finished_sentence_but_not_an_unfinished_one():
     cutter = SentenceCutter()
-    assert cutter.feed("はい、わかりました。") == ["はい、わかりました。"]  # 。 with nothing open: at once
+
+    def said(pieces: list[Piece]) -> list[str]:
+        return [p.text for p in pieces]
+    assert said(cutter.feed("はい、わかりました。")) == ["はい、", "わかりました。"]  # 、 and 。: at once
     assert cutter.feed("Version 3.") == []                # may be 3.14: waits for the next character
-    assert cutter.ripe() == ["Version 3."]
+    assert said(cutter.ripe()) == ["Version 3."]
     assert cutter.feed("次は") == [] and cutter.ripe() == [] and cutter.has_pending()
-    assert cutter.feed("ですね。それで") == ["次はですね。"]
-    assert cutter.feed(" it is done.") == [] and cutter.ripe() == ["それで it is done."]
+    assert said(cutter.feed("ですね。それで")) == ["次はですね。"]
+    assert cutter.feed(" it is done.") == [] and said(cutter.ripe()) == ["それで it is done."]
     assert not cutter.has_pending()
-    assert cutter.feed("「それは」") == [] and cutter.ripe() == ["「それは」"]
+    assert cutter.feed("「それは」") == [] and said(cutter.ripe()) == ["「それは」"]
 
 
 @pytest.mark.parametrize("text, released", [
@@ -157,7 +175,7 @@ def test_a_pause_releases_a_finished_sentence_but_not_an_unfinished_one():
     ('He said "yes!', []),           # the quote is open
 ])
 def test_a_certain_end_is_released_without_waiting_for_the_next_token(text: str, released: list[str]):
-    assert SentenceCutter().feed(text) == released
+    assert [p.text for p in SentenceCutter().feed(text)] == released
 
 
 @pytest.mark.parametrize("text", [
@@ -170,3 +188,46 @@ def test_found_by_hypothesis(text: str) -> None:
     for size in (1, 2, 3):
         assert cut(text, [size]) == whole
     assert words("".join(whole)) == words(speakable(text))
+
+
+@pytest.mark.parametrize("text, expected", [
+    # an opening, a greeting or a phrase ending in hiragana is a breath group: the clause ends there
+    ("はい、そうです。", ["はい、", "そうです。"]),
+    ("うーん、難しいですね。", ["うーん、", "難しいですね。"]),
+    ("そうですね、今日は晴れて、暖かいです。", ["そうですね、", "今日は晴れて、", "暖かいです。"]),
+    ("実際、最近、一方、", ["実際、", "最近、", "一方、"]),
+    ("Well, I think so. Sure, go ahead, please.", ["Well,", "I think so.", "Sure,", "go ahead, please."]),
+    ("If it rains tomorrow, we stay home.", ["If it rains tomorrow,", "we stay home."]),
+    # a bare noun before a comma is a list, not a pause; nor are numbers or what is inside brackets
+    ("東京、大阪、名古屋に行きます。", ["東京、大阪、名古屋に行きます。"]),
+    ("apples, oranges, and pears.", ["apples, oranges, and pears."]),
+    ("価格は1,000円と2,500円です。", ["価格は1,000円と2,500円です。"]),
+    ("彼は「はい、そうです、わかりました」と言った。", ["彼は「はい、そうです、わかりました」と言った。"]),
+    ("(well, maybe, who knows) fine.", ["(well, maybe, who knows) fine."]),
+    # any comma ends a clause once it is long (soft_cut_chars)
+    ("東京都千代田区丸の内一丁目東京駅前広場中央口改札外観光案内所受付窓口係員詰所前室、大阪",
+     ["東京都千代田区丸の内一丁目東京駅前広場中央口改札外観光案内所受付窓口係員詰所前室、", "大阪"]),
+])
+def test_clauses(text: str, expected: list[str]) -> None:
+    for sizes in (None, [1], [2]):
+        assert texts(text, sizes) == expected
+
+
+def test_a_piece_says_whether_its_sentence_ends_and_whether_a_space_stood_before_it() -> None:
+    got = pieces("Well, I see. はい、そうです。\nNext")
+    assert [(p.text, p.ends, p.spaced) for p in got] == [
+        ("Well,", False, False), ("I see.", True, True), ("はい、", False, True), ("そうです。", True, False),
+        ("Next", True, True)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(answers(), splits(), st.integers(min_value=8, max_value=80), st.integers(min_value=1, max_value=60))
+def test_pieces_are_split_invariant_and_whole(text: str, sizes: list[int], cap: int, soft: int) -> None:
+    whole = pieces(text, max_bytes=cap, soft_cut_chars=soft)
+    assert pieces(text, sizes, max_bytes=cap, soft_cut_chars=soft) == whole
+    assert words("".join(p.text for p in whole)) == words(speakable(text))
+    for piece in whole:
+        assert len(piece.text.encode()) <= cap and piece.text == piece.text.strip() and words(piece.text)
+        assert piece.text[0] not in LEADING_JUNK, piece
+    if whole:
+        assert whole[-1].ends  # the end of the answer ends its last sentence

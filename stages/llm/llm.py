@@ -267,7 +267,7 @@ class LlmStage(Stage):
 
     def _resume(self, env: wire.Envelope, of: int, heard: list[str]) -> None:
         """A stage was lost in the middle of turn ``of``: its answer goes on under ``env.turn``. Sent
-        again from its start (the segmenter skips the segments ``heard`` already), then the
+        again from its start (the segmenter skips what was ``heard`` already), then the
         rest as it streams; history records it once, as one answer. A restarted llm holds no
         answer to go on with: it asks the server for the rest (``[llm] prefill``), or keeps what
         was heard in history and reports the turn broken (the bridge ends it with the notice)."""
@@ -284,7 +284,7 @@ class LlmStage(Stage):
         log.info("turn %d goes on as turn %d: %d characters again, %d segments heard", of, env.turn,
                  len("".join(self.answer)), len(heard))
         self.turn, self.tokens_sent = env.turn, 0
-        self.push("token", {"text": "".join(self.answer), "index": 0, "skip": len(heard)}, turn=self.turn,
+        self.push("token", {"text": "".join(self.answer), "index": 0, "heard": heard}, turn=self.turn,
                   origin=env.origin)
         self.tokens_sent = 1
         if self.machine == TurnState.IDLE:  # the whole answer had come: it ends here too

@@ -137,7 +137,7 @@ class Transcript(Stage):
                 self._close(older, self.turns[older].reason or "superseded")
             self.turns[n] = _Turn()
             if "resume" in body:  # the same utterance: the rest of turn `of`'s answer, after a stage was lost
-                self.record("resumed", n, env.ts, of=body.get("resume"), skip=body.get("skip"))
+                self.record("resumed", n, env.ts, of=body.get("resume"), skip=len(body.get("heard") or []))
             else:
                 self.record("user", n, env.origin, text=str(body.get("text", "")))
             return

@@ -9,11 +9,13 @@ same for any split of the answer into tokens (the property tests check exactly t
    the filter holds back the trailing run of ASCII symbols/letters, an open code fence and a
    line whose start is not decided yet, and releases them once the next character shows what
    they are.
-2. :class:`SentenceCutter` cuts the filtered text:
+2. :class:`SentenceCutter` cuts the filtered text into :class:`Piece` s, each a clause or the
+   end of a sentence. Which pieces go out together as one segment, when, is not decided here
+   (:mod:`stages.segmenter.pacing`): a cut here is only where speech *may* pause.
 
    - ``。｡！？!?`` with no bracket or quote open end the sentence at once (:data:`CERTAIN_ENDS`):
      nothing that follows can change that cut, so it does not wait for the next token (a mark or
-     closing bracket that follows is not spoken and is dropped with the next segment's start).
+     closing bracket that follows is not spoken and is dropped with the next piece's start).
    - Other end marks (``．…‥``, and any inside an open bracket or quote), with newline: a run of
      them is one end (``……``), closing marks right after stay with the sentence
      (``」』）】〕〉》”’"')]``); the cut waits for the next character, and does not happen when that
@@ -22,16 +24,20 @@ same for any split of the answer into tokens (the property tests check exactly t
    - ASCII ``.`` ends a sentence only before whitespace, a non-ASCII character or the end, and
      not after a known abbreviation (``Mr.``) or an initial; so ``3.14``, ``Node.js``,
      ``example.com`` and e-mail addresses are never cut.
-   - ``、，,`` are soft cuts, used only once the segment has ``first_soft_chars`` characters (the
-     first segment of a turn: speech starts sooner) or ``soft_cut_chars`` (later ones); never
-     between digits (``1,000``).
-   - No segment is over ``max_bytes`` UTF-8 bytes: a longer run is cut at its last space, or
+   - ``、，,`` end a clause (a breath group) when what stands before them since the last cut is
+     one: an opening (:data:`OPENINGS`: ``はい``, ``うーん``, ``そうですね``, ``Well``, a
+     greeting...), a Japanese phrase ending in hiragana (a particle or a verb form: ``晴れていて、``;
+     a bare noun, ``東京、大阪``, is a list, not a pause), three or more English words, or
+     anything of ``soft_cut_chars`` characters or more. Never between digits (``1,000``), never
+     inside an open bracket or quote.
+   - No piece is over ``max_bytes`` UTF-8 bytes: a longer run is cut at its last space, or
      else at a character that is not inside a number.
-   - Whitespace at a cut is dropped; spacing inside a segment is kept as written (no spaces are
-     added between CJK characters). Segments with no letter or digit (``！``, ``」``) are dropped.
+   - Whitespace at a cut is dropped (:attr:`Piece.spaced` says it was there, so pieces joined
+     again read as written); no spaces are added between CJK characters. Pieces with no letter
+     or digit (``！``, ``」``) are dropped.
 
-Nothing else is lost or duplicated: the letters and digits of the segments, in order, are those
-of :func:`speakable` applied to the whole answer. The segments depend only on the text, never on
+Nothing else is lost or duplicated: the letters and digits of the pieces, in order, are those
+of :func:`speakable` applied to the whole answer. The pieces depend only on the text, never on
 how it was split into tokens, with one deliberate exception: :meth:`SentenceCutter.ripe`, called
 when the stream pauses, releases a finished sentence without waiting for the next character.
 """
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from dataclasses import dataclass
 
 END_MARKS = frozenset("。．｡！？!?…‥\n")
 CLOSERS = frozenset("」』）】〕〉》”’\"')]")
@@ -51,6 +58,17 @@ QUOTING_PARTICLES = ("と", "って")
 #: next: cut at once instead of waiting for the next token (``.`` still waits: ``3.14``)
 CERTAIN_ENDS = frozenset("。｡！？!?")
 _PAIRS = ("「」", "『』", "（）", "【】", "〔〕", "〈〉", "《》", "“”", "()", "[]")
+#: what may open an answer and be said on its own before a comma: interjections, short answers,
+#: greetings and sentence adverbs (most Japanese ones end in hiragana and need no entry here)
+OPENINGS = frozenset({
+    "はい", "いいえ", "ええ", "うん", "うーん", "ううん", "ええと", "えーと", "えっと", "あの", "あのー", "まあ",
+    "そうですね", "そうですねえ", "なるほど", "もちろん", "確かに", "実は", "実際", "最近", "一方", "以上", "結論",
+    "今日", "本日", "現在", "正直", "例えば", "ところで", "さて", "では", "じゃあ", "まず", "次に", "最後に", "ただ",
+    "でも", "しかし", "また", "ちなみに", "こんにちは", "こんばんは", "おはようございます", "ありがとうございます",
+    "すみません", "ごめんなさい", "いらっしゃいませ", "お疲れさまです", "お疲れ様です",
+    "well", "yes", "yeah", "no", "sure", "ok", "okay", "oh", "ah", "hmm", "um", "hi", "hello", "hey", "so",
+    "actually", "of course", "right", "indeed", "thanks", "thank you", "first", "now", "however", "well then",
+})
 ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "no", "fig", "approx",
                            "inc", "ltd", "co", "e.g", "i.e", "cf", "p.s", "a.m", "p.m"})
 
@@ -141,32 +159,43 @@ class SpeechFilter:
         return end
 
 
-def _has_words(text: str) -> bool:
-    return any(unicodedata.category(ch)[0] in "LN" for ch in text)
+@dataclass(frozen=True)
+class Piece:
+    """A clause or a sentence's end, as cut: ``text`` (stripped), ``ends`` (a sentence ends with
+    it: nothing that follows belongs with it), ``spaced`` (whitespace stood before it), ``tags``
+    (the known expression tags that open it: see :mod:`stages.segmenter.tags`)."""
+    text: str
+    ends: bool
+    spaced: bool = False
+    tags: tuple[str, ...] = ()
+
+
+def letters(text: str) -> str:
+    """The letters and digits of ``text``: what is said, whatever the cuts and spacing."""
+    return "".join(ch for ch in text if unicodedata.category(ch)[0] in "LN")
 
 
 class SentenceCutter:
-    """Streaming cutter: ``feed(token)`` returns the segments completed by it, ``flush()`` the rest."""
+    """Streaming cutter: ``feed(token)`` returns the pieces completed by it, ``flush()`` the rest."""
 
-    def __init__(self, first_soft_chars: int = 8, soft_cut_chars: int = 40, max_bytes: int = 600) -> None:
+    def __init__(self, soft_cut_chars: int = 40, max_bytes: int = 600) -> None:
         if max_bytes < 8:
             raise ValueError("max_bytes must be at least 8")
-        self.first_soft_chars = first_soft_chars
         self.soft_cut_chars = soft_cut_chars
         self.max_bytes = max_bytes
         self._filter = SpeechFilter()
         self._pending = ""
-        self._emitted = 0
+        self._spaced = False  # whitespace was dropped since the last piece
 
-    def feed(self, token: str) -> list[str]:
+    def feed(self, token: str) -> list[Piece]:
         self._pending += self._filter.feed(token)
         return self._cut(final=False)
 
-    def flush(self) -> list[str]:
+    def flush(self) -> list[Piece]:
         self._pending += self._filter.flush()
         return self._cut(final=True)
 
-    def ripe(self) -> list[str]:
+    def ripe(self) -> list[Piece]:
         """The stream has paused: a sentence that only waits for the character after its end
         mark is released now (the pause decides it). Otherwise nothing; the cutter goes on."""
         held = self._pending + self._filter.held()
@@ -179,34 +208,38 @@ class SentenceCutter:
     def has_pending(self) -> bool:
         return bool(self._pending.strip() or self._filter.held().strip())
 
-    def _cut(self, final: bool) -> list[str]:
-        out: list[str] = []
+    def _cut(self, final: bool) -> list[Piece]:
+        out: list[Piece] = []
         while True:
-            self._pending = self._pending.lstrip()
-            while self._pending[:1] in LEADING_JUNK and self._pending:
-                self._pending = self._pending[1:].lstrip()
-            end = self._find_cut(self._pending, final)
-            if end is None:
+            rest = self._pending.lstrip()
+            while rest[:1] in LEADING_JUNK and rest:
+                rest = rest[1:].lstrip()
+            # whitespace dropped before a piece stood between words: kept as a flag
+            self._spaced = self._spaced or any(c.isspace() for c in self._pending[:len(self._pending) - len(rest)])
+            self._pending = rest
+            cut = self._find_cut(rest, final)
+            if cut is None:
                 break
-            segment, self._pending = self._pending[:end].strip(), self._pending[end:]
-            if _has_words(segment):
-                out.append(segment)
-                self._emitted += 1
+            end, ends = cut
+            text, self._pending = rest[:end].strip(), rest[end:]
+            if letters(text):
+                out.append(Piece(text, ends, self._spaced))
+                self._spaced = False
         return out
 
-    def _find_cut(self, text: str, final: bool) -> int | None:
-        """Where the first segment of ``text`` ends, or None while that is not decided yet."""
-        soft_after = self.first_soft_chars if self._emitted == 0 else self.soft_cut_chars
+    def _find_cut(self, text: str, final: bool) -> tuple[int, bool] | None:
+        """Where the first piece of ``text`` ends and whether a sentence ends there, or None while
+        that is not decided yet."""
         size = 0
         for i, ch in enumerate(text):
             size += len(ch.encode("utf-8"))
             if size > self.max_bytes:
-                return _hard_cut(text, i)
+                return _hard_cut(text, i), True
             if ch == "\n":
-                return i
+                return i, True
             if ch in END_MARKS or ch == ".":
                 if ch in CERTAIN_ENDS and not _open_quote(text[:i]):
-                    return i + 1
+                    return i + 1, True
                 if ch in ".．" and not _period_may_end(text, i):
                     continue
                 end = i + 1
@@ -217,7 +250,7 @@ class SentenceCutter:
                 while len(text[:end].encode("utf-8")) > self.max_bytes:
                     end -= 1  # only closing marks are given up to the cap: they are not spoken
                 if end >= len(text):
-                    return end if final else None
+                    return (end, True) if final else None
                 if ch in ".．" and not (text[end].isspace() or not text[end].isascii()):
                     continue
                 closed = any(c in CLOSERS for c in text[i:end])
@@ -227,15 +260,32 @@ class SentenceCutter:
                         return None
                     if rest.startswith(QUOTING_PARTICLES):
                         continue
-                return end
-            if ch in SOFT_MARKS and len(text[:i].strip()) >= soft_after:
+                return end, True
+            if ch in SOFT_MARKS and self._clause_ends(text, i):
                 if ch != "、" and text[i - 1:i].isdigit():  # 1,000 is no pause
                     if i + 1 >= len(text):
-                        return i + 1 if final else None
+                        return (i + 1, False) if final else None
                     if text[i + 1].isdigit():
                         continue
-                return i + 1
-        return len(text) if final and text else None
+                return i + 1, False
+        return (len(text), True) if final and text else None
+
+    def _clause_ends(self, text: str, i: int) -> bool:
+        """Whether the comma at ``text[i]`` ends a breath group (see the module's rules)."""
+        clause = text[:i].strip()
+        if not clause or _open_quote(clause):
+            return False
+        if len(clause) >= self.soft_cut_chars or clause.lower() in OPENINGS:
+            return True
+        before = clause[-1]
+        if not before.isascii():
+            return _is_hiragana(before)
+        return text[i] == "," and len(clause.split()) >= 3
+
+
+def _is_hiragana(ch: str) -> bool:
+    # a phrase ending in a particle or a verb form (or a drawn-out one: そうねー)
+    return "\u3041" <= ch <= "\u309f" or ch == "ー"
 
 
 def _open_quote(text: str) -> bool:

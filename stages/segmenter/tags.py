@@ -11,15 +11,15 @@
 
 :class:`TaggedCutter` puts the reader in front of :class:`stages.segmenter.sentences.SentenceCutter`:
 a tag opens a new sentence (text held before it is released as a sentence of its own) and
-belongs to the sentence that follows it. The segments, and their tags, are the same for any
-split of the answer into tokens.
+belongs to the sentence that follows it (:attr:`Piece.tags` of its first piece). The pieces, and
+their tags, are the same for any split of the answer into tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from stages.segmenter.sentences import SentenceCutter
+from stages.segmenter.sentences import Piece, SentenceCutter
 
 OPEN, CLOSE = "[［", "]］"
 MAX_NAME = 32
@@ -99,26 +99,26 @@ def strip_tags(text: str) -> str:
 
 @dataclass
 class TaggedCutter:
-    """Segments with the names of their known tags; tags it could not use in :attr:`ignored`."""
+    """Pieces with the names of their known tags; tags it could not use in :attr:`ignored`."""
     cutter: SentenceCutter
     reader: TagReader
     pending: list[str] = field(default_factory=list)   # known tags for the next segment
     ignored: list[Tag] = field(default_factory=list)   # unknown and malformed, for the caller to log
 
-    def feed(self, text: str) -> list[tuple[str, list[str]]]:
+    def feed(self, text: str) -> list[Piece]:
         return self._take(self.reader.feed(text))
 
-    def flush(self) -> list[tuple[str, list[str]]]:
+    def flush(self) -> list[Piece]:
         return self._take(self.reader.end()) + self._tagged(self.cutter.flush())
 
-    def ripe(self) -> list[tuple[str, list[str]]]:
+    def ripe(self) -> list[Piece]:
         return self._tagged(self.cutter.ripe())
 
     def has_pending(self) -> bool:
         return self.cutter.has_pending()
 
-    def _take(self, pieces: list[str | Tag]) -> list[tuple[str, list[str]]]:
-        out: list[tuple[str, list[str]]] = []
+    def _take(self, pieces: list[str | Tag]) -> list[Piece]:
+        out: list[Piece] = []
         for piece in pieces:
             if isinstance(piece, str):
                 out += self._tagged(self.cutter.feed(piece))
@@ -129,9 +129,9 @@ class TaggedCutter:
                 self.ignored.append(piece)
         return out
 
-    def _tagged(self, segments: list[str]) -> list[tuple[str, list[str]]]:
+    def _tagged(self, pieces: list[Piece]) -> list[Piece]:
         out = []
-        for text in segments:
-            out.append((text, self.pending))
+        for piece in pieces:
+            out.append(replace(piece, tags=tuple(self.pending)) if self.pending else piece)
             self.pending = []
         return out
