@@ -25,9 +25,11 @@ it is the same whoever sends the command, and not ours to cut.
 **Finding a sentence in the answer.** Spoken text differs from the answer (the pipeline drops
 markup and spacing at cuts; the seed's script strips every token), so sentences are matched on
 their letters and digits (Unicode categories L* and N*) only, in order, with a cursor: a repeated
-phrase is found at its own place. A sentence whose letters are not in the rest of the answer
-raises :class:`LocateError`; letters of the answer that no sentence spoke are counted in
-:attr:`Heard.text_lost`, never guessed around.
+phrase is found at its own place. A sentence stands where its letters first stand whole after
+the one before; failing that (text dropped inside it, e.g. a URL), each letter at the first
+place after the one before. A sentence whose letters are not, in order, in the rest of the
+answer raises :class:`LocateError`; letters of the answer that no sentence spoke are counted
+in :attr:`Heard.text_lost`.
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ def is_letter(ch: str) -> bool:
     return unicodedata.category(ch)[0] in "LN"
 
 
+def letters(text: str) -> str:
+    """The letters and digits of ``text``, what sentences are matched on."""
+    return "".join(ch for ch in text if is_letter(ch))
+
+
 def first_clause(text: str) -> str:
     """``text`` up to and including its first clause mark, or all of it if it has none."""
     end = next((i for i, ch in enumerate(text) if ch in CLAUSE_MARKS), len(text) - 1)
@@ -82,30 +89,48 @@ def _completed(answer: str, last: int, floor: int, marked: bool) -> int:
     return j if j < len(answer) and answer[j] in CLAUSE_MARKS else last
 
 
+def _place(own: str, text: str, cursor: int) -> list[int] | None:
+    """Where the letters ``own`` are in ``text`` at ``cursor`` or later: where they first stand
+    whole; else each at the first place after the one before (the speaker dropped text inside the
+    sentence, e.g. a URL); None if they are not there in order."""
+    at = text.find(own, cursor)
+    if at >= 0:
+        return list(range(at, at + len(own)))
+    out, i = [], cursor
+    for ch in own:
+        i = text.find(ch, i)
+        if i < 0:
+            return None
+        out.append(i)
+        i += 1
+    return out
+
+
 def clause_ends(sentences: Sequence[str], answer: str) -> tuple[list[int], int]:
     """For each sentence, the index in ``answer`` of the character that completed its first
     clause; and how many letters of ``answer`` no sentence spoke. Raises :class:`LocateError`."""
     where = [i for i, ch in enumerate(answer) if is_letter(ch)]
-    text = "".join(answer[i] for i in where)
+    text = letters(answer)
     cursor, floor, lost, ends = 0, 0, 0, []  # floor: the answer's characters before it were spoken
     for n, sentence in enumerate(sentences):
-        own = "".join(ch for ch in sentence if is_letter(ch))
+        own = letters(sentence)
         if not own and not CLAUSE_MARKS & set(sentence):
             raise LocateError(f"sentence {n + 1} {sentence!r} has neither a letter nor a mark to place it by")
-        at = text.find(own, cursor)
-        if at < 0:
+        placed = _place(own, text, cursor)
+        if placed is None:
             raise LocateError(f"sentence {n + 1} {sentence!r} is not in the answer after letter {cursor} "
                               f"(answer: {answer!r})")
+        placed = [cursor - 1] + placed  # a sentence of marks alone stands after the letter before it
         clause = first_clause(sentence)
-        last = at + sum(1 for ch in clause if is_letter(ch)) - 1  # the clause's last letter, in ``text``
+        last = placed[sum(1 for ch in clause if is_letter(ch))]  # the clause's last letter, in ``text``
         end = _completed(answer, where[last] if last >= 0 else -1, floor, clause[-1] in CLAUSE_MARKS)
         if end < 0:
             raise LocateError(f"sentence {n + 1} {sentence!r}: its mark is not in the answer")
         ends.append(end)
-        last = at + len(own) - 1
+        last = placed[-1]
         floor = _completed(answer, where[last] if last >= 0 else -1, floor, sentence.rstrip()[-1] in CLAUSE_MARKS) + 1
-        lost += at - cursor
-        cursor = at + len(own)
+        lost += last + 1 - cursor - len(own)
+        cursor = last + 1
     return ends, lost + len(text) - cursor
 
 

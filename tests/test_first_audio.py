@@ -80,6 +80,10 @@ def test_clauses_are_found_by_letters_in_order():
 def test_text_no_sentence_spoke_is_counted():
     assert clause_ends(["はい、", "夜は雪です。"], ANSWER) == ([2, 21], len("今日は晴れです夕方は雨"))
     assert clause_ends(["はい、"], ANSWER)[1] == len("今日は晴れです夕方は雨夜は雪です")
+    # dropped inside a sentence (the pipeline never speaks a URL): the sentence is still placed
+    answer = "はい、詳しくは https://example.com/a をどうぞ。次です。"
+    assert clause_ends(["はい、詳しくは をどうぞ。", "次です。"], answer) == (
+        [2, len(answer) - 1], len("httpsexamplecoma"))
 
 
 @pytest.mark.parametrize("sentences, message", [
