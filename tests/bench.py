@@ -229,20 +229,27 @@ def pipeline_round(turns: int, idle: float, observer: bool = False, tagged: bool
     return out
 
 
+@contextmanager
+def seed_script(server: ChatCompletionServer, avatar_kwargs: dict) -> Iterator[SimulatedMMDAgent]:
+    """:mod:`tests.seed_baseline` run by the fake MMDAgent-EX (``avatar_kwargs``) against
+    ``server``, in a folder of its own; killed on exit."""
+    env = dict(os.environ, OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY="none", PYTHONPATH=str(ROOT))
+    with tempfile.TemporaryDirectory(prefix="mmdagent-llm-seed-") as tmp:
+        avatar = SimulatedMMDAgent(f"{sys.executable} -u -m tests.seed_baseline", mdf_dir=tmp, env=env,
+                                   stderr=subprocess.DEVNULL, **avatar_kwargs).start()
+        try:
+            yield avatar
+        finally:
+            avatar.kill()
+
+
 def baseline_round(turns: int, idle: float, tagged: bool = False) -> dict:
     streams = Streams(tagged)
     server = ChatCompletionServer(streams).start()
-    env = dict(os.environ, OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY="none",
-               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            avatar = SimulatedMMDAgent(f"{sys.executable} -u -m tests.seed_baseline", mdf_dir=tmp, env=env,
-                                       stderr=open(os.devnull, "wb"), **AVATAR).start()
-            try:
-                out = talk_turns(avatar, server, streams, turns)
-                out["rss"], out["pss"], out["idle_cpu"] = rss_and_cpu(descendants(avatar.pid), idle)
-            finally:
-                avatar.kill()
+        with seed_script(server, AVATAR) as avatar:
+            out = talk_turns(avatar, server, streams, turns)
+            out["rss"], out["pss"], out["idle_cpu"] = rss_and_cpu(descendants(avatar.pid), idle)
     finally:
         server.stop()
     return out
@@ -409,6 +416,14 @@ def transport_floor(samples: int = 1000) -> dict[str, list[float]]:
     return out
 
 
+def machine() -> str:
+    """The CPU, its cores, the system and Python, for a bench's heading."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "") if Path("/proc/cpuinfo").exists() else ""
+    return (f"{cpu or platform.processor()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
 def pct(values: list[float], q: float) -> float:
     ms = sorted(values)
     return ms[min(len(ms) - 1, round(q * (len(ms) - 1)))] if ms else float("nan")
@@ -451,10 +466,7 @@ def main() -> None:
             ("hops p50 (ms)", "hops", 0.5, 1000), ("hops p99 (ms)", "hops", 0.99, 1000),
             ("between sentences p50 (ms)", "between", 0.5, 1000), ("between sentences p99 (ms)", "between", 0.99, 1000),
             ("first SYNTH_START p50 (ms)", "first", 0.5, 1000)]
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    print(f"\nmachine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
-          f"Python {platform.python_version()}; {args.rounds} rounds x {args.turns} turns per side, tokens of 1-3 "
+    print(f"\nmachine: {machine()}; {args.rounds} rounds x {args.turns} turns per side, tokens of 1-3 "
           f"characters {GAP * 1000:.0f} ms apart. Each figure: median of the rounds (min-max of the rounds)")
     print(f"{'figure':<30} {'pipeline':>24} {'+ observer of everything':>24} {'seed baseline':>24} {'ratio':>6}")
     for name, key, q, scale in rows:

@@ -224,6 +224,24 @@ def test_synth_start_plays_with_a_duration_from_the_text(launch):
     assert len(lipsync.split("|")[2].split(",")) % 2 == 0
 
 
+def synth_delay(avatar: SimulatedMMDAgent, text: str) -> float:
+    """From ``SYNTH_START`` of ``text`` written back to the script to its ``SYNTH_EVENT_START``."""
+    say(avatar, f"SYNTH_START|0|mei_voice_normal|{text}\n")
+    first = inbox_index(avatar, f"SYNTH_START|0|mei_voice_normal|{text}")
+    start = avatar.wait_inbox_line("SYNTH_EVENT_START|0", WAIT, after=first)
+    assert start is not None and avatar.wait_inbox_line("SYNTH_EVENT_STOP|0", WAIT, after=first)
+    return start.t - avatar.inbox[first].t
+
+
+def test_the_synth_delay_grows_with_the_text(launch):
+    # the timer starts once the SYNTH_START was written back: the delays can only come out longer
+    avatar = launch(start_delay=0.02, synth_seconds_per_char=0.01)
+    short, long = synth_delay(avatar, "はい、"), synth_delay(avatar, "い" * 60)  # 0.05 s, 0.62 s
+    assert short >= 0.05 and long >= 0.62 and short < long - 0.3
+    fixed = launch(start_delay=0.02)  # the default: no per-character part
+    assert synth_delay(fixed, "い" * 60) < 0.3
+
+
 def test_other_plugins_speech_and_unknown_model_alias(launch):
     avatar = launch()
     avatar.send("SYNTH_START|1|mei_voice_happy|ほかのプラグイン")

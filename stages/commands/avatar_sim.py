@@ -37,18 +37,21 @@ Reading the script's stdout (its own thread)
 Speech (Plugin_Open_JTalk), per model alias; events go through one scheduler thread
   - ``SYNTH_START|model|voice|text`` with ``voice`` not in ``voices`` (or an empty field):
     ignored, no event at all, the current speech goes on. Unknown model aliases are accepted.
-  - Normal: after ``start_delay``: ``SYNTH_EVENT_START``, ``LIPSYNC_START|model|<phoneme,ms,...>``,
-    ``LIPSYNC_EVENT_START``; after max(min_speech, seconds_per_char * len(text)):
-    ``LIPSYNC_EVENT_STOP``, ``SYNTH_EVENT_STOP``. No ``LIPSYNC_STOP``: in MMDAgent-EX that is
-    the barge-in command the synthesizer sends to the lip-sync plugin, not an end event.
+  - Normal: after ``start_delay + synth_seconds_per_char * len(text)`` (Open JTalk synthesises
+    the whole segment before it plays, so a longer one starts later; default 0: a fixed delay):
+    ``SYNTH_EVENT_START``, ``LIPSYNC_START|model|<phoneme,ms,...>``, ``LIPSYNC_EVENT_START``;
+    after max(min_speech, seconds_per_char * len(text)): ``LIPSYNC_EVENT_STOP``,
+    ``SYNTH_EVENT_STOP``. No ``LIPSYNC_STOP``: in MMDAgent-EX that is the barge-in command the
+    synthesizer sends to the lip-sync plugin, not an end event.
   - ``SYNTH_STOP|model`` while speaking: ``LIPSYNC_STOP`` and ``LIPSYNC_EVENT_STOP`` at once,
     ``SYNTH_EVENT_STOP`` after ``stop_delay``. While not speaking (or already stopping): nothing.
   - ``SYNTH_START`` while the model speaks cuts it off: ``LIPSYNC_STOP``, ``LIPSYNC_EVENT_STOP``
     at once, the old sentence's ``SYNTH_EVENT_STOP`` after ``cut_delay``, then the new sentence
-    plays normally (its ``SYNTH_EVENT_START`` ``start_delay`` later). A further ``SYNTH_START``
-    during that ``cut_delay`` replaces the waiting sentence, which then produces no event.
+    plays normally (its ``SYNTH_EVENT_START`` after its own start delay, as above). A further
+    ``SYNTH_START`` during that ``cut_delay`` replaces the waiting sentence, which then produces
+    no event.
   - Every accepted sentence that was handed to the synthesizer gets exactly one
-    ``SYNTH_EVENT_START`` and one ``SYNTH_EVENT_STOP``: one interrupted during ``start_delay``
+    ``SYNTH_EVENT_START`` and one ``SYNTH_EVENT_STOP``: one interrupted during its start delay
     gets its ``SYNTH_EVENT_START`` at once (no lip sync) and is then stopped as above.
   - ``SYNTH_START`` from :meth:`send` (another plugin, the .fst) is spoken the same way.
 Captions, as observed on the real app (the argument counts are exact; a wrong one is silence)
@@ -164,6 +167,7 @@ class SimulatedMMDAgent:
     def __init__(self, command: str, *, mdf_dir: str | os.PathLike, env: dict[str, str] | None = None,
                  voices: Collection[str] = EXAMPLE_VOICES,
                  seconds_per_char: float = 0.2, min_speech: float = 0.3, start_delay: float = 0.03,
+                 synth_seconds_per_char: float = 0.0,
                  stop_delay: float = 0.9, cut_delay: float = 1.1, motion_seconds: float = 1.0,
                  on_message: Callable[[str], None] | None = None,
                  on_speech: Callable[[str, str, bool], None] | None = None,
@@ -175,6 +179,7 @@ class SimulatedMMDAgent:
         self.voices = frozenset(voices)
         self.seconds_per_char, self.min_speech = seconds_per_char, min_speech
         self.start_delay, self.stop_delay, self.cut_delay = start_delay, stop_delay, cut_delay
+        self.synth_seconds_per_char = synth_seconds_per_char
         self.on_message, self.on_speech = on_message, on_speech
         self.stderr = stderr
         self.received: list[Received] = []
@@ -468,7 +473,8 @@ class SimulatedMMDAgent:
 
     def _begin(self, model: str, text: str) -> None:
         speech = self._speech[model] = _Speech(text)
-        self._after(self.start_delay, lambda: self._play(model, speech))
+        delay = self.start_delay + self.synth_seconds_per_char * len(text)
+        self._after(delay, lambda: self._play(model, speech))
 
     def _play(self, model: str, speech: _Speech) -> None:
         if self._speech.get(model) is not speech or speech.phase != "starting":
