@@ -157,6 +157,7 @@ KINDS: dict[str, str] = {
     body: ``stage`` (str), ``pid`` (int), ``ready`` (bool: its subscriptions are in place, it
     has seen its own heartbeat come back through the broker), ``info`` (map, stage-specific:
     llm's ``backend``, ``model`` and ``errors`` (failed turns by cause since its start); the
+    segmenter's ``seconds_per_char`` (voice alias -> the speaking rate it learned); the
     bridge's ``bad_input`` (stdin problems by reason), ``refused`` (commands it would not write,
     by ``type X`` or ``sender X``), ``restarts`` (stage name -> how often a new pid took over
     since the bridge started) and ``turns`` (the last turns' ``turn``, ``first_token``,

@@ -57,6 +57,10 @@ class SegmenterStage(Stage):
         self.last_token_at = 0.0
         self.ignored_tags: set[tuple[str, str]] = set()  # logged once each
 
+    def info(self) -> dict:
+        """The speaking rate learned per voice (seconds per character), for ``status`` and tests."""
+        return {"seconds_per_char": {voice: round(rate, 4) for voice, rate in self.clock.rates.items()}}
+
     def _new_turn(self) -> None:
         self.cutter, self.count, self.last_token, self.waiting = self._new_cutter(), 0, None, []
         self.clock.reset()
