@@ -388,15 +388,16 @@ class LlmStage(Stage):
     # -- the connection, ahead of turns -------------------------------------------------------
     def _open_ahead(self) -> None:
         """On a thread of its own: open a connection to the server; the outcome goes to the loop."""
+        error = None
+        try:
+            open_ahead(self.client, warm.OPEN_TIMEOUT)
+        except Exception as exc:  # the underlying cause (refused, a certificate) says more than "Connection error."
+            error = describe(exc) + (f" ({redact(str(exc.__cause__))})" if exc.__cause__ else "")
+        finally:
+            self.opening_done.set()  # a turn waiting for it goes on, whatever happened
         out = self.ctx.socket(zmq.PUSH)
         out.linger = 1000
         out.connect(self.worker_address)
-        try:
-            open_ahead(self.client, warm.OPEN_TIMEOUT)
-            error = None
-        except Exception as exc:  # the underlying cause (refused, a certificate) says more than "Connection error."
-            error = describe(exc) + (f" ({redact(str(exc.__cause__))})" if exc.__cause__ else "")
-        self.opening_done.set()
         try:
             out.send_pyobj((0, "warm", error))
         finally:
