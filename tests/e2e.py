@@ -156,14 +156,16 @@ def speech_pattern_ok(avatar: SimulatedMMDAgent) -> bool:
 
 @contextmanager
 def launched(tmp: Path, *, server: ChatCompletionServer | None = None, base_url: str | None = None,
-             transport: str = "tcp", avatar_kwargs: dict | None = None, **sections: dict) -> Iterator[World]:
+             transport: str = "tcp", avatar_kwargs: dict | None = None, extra_env: dict[str, str] | None = None,
+             **sections: dict) -> Iterator[World]:
     """The real stage processes started by :class:`stages.commands.launcher.Pipeline` (no manager), the fake
-    avatar and a bus watcher. ``base_url`` None and no ``server``: the embedded offline default."""
+    avatar and a bus watcher. ``base_url`` None and no ``server``: the embedded offline default.
+    ``extra_env``: added to the processes' environment (``SSL_CERT_FILE``)."""
     mdf = tmp / "content"
     mdf.mkdir()
     cfg_path = write_config(mdf, transport=transport, **sections)
     cfg = config_mod.load(cfg_path)
-    env = pipeline_env(cfg_path, server.base_url if server else base_url)
+    env = {**pipeline_env(cfg_path, server.base_url if server else base_url), **(extra_env or {})}
     log_path = tmp / "pipeline.log"
     bus = avatar = None
     with open(log_path, "wb") as log, Pipeline(env=env, stderr=log) as pipeline:

@@ -19,6 +19,10 @@
 - Server: OpenAI, or any OpenAI-compatible server via ``OPENAI_BASE_URL``; with neither
   ``OPENAI_API_KEY`` nor ``OPENAI_BASE_URL``, the embedded offline responder
   (:mod:`stages.llm.offline_responder`), announced once in the log and in the heartbeat.
+- The connection to the server is opened ahead of turns, so none pays a handshake: at start,
+  after a request was cut off or failed, when the user starts speaking
+  (``mmd.RECOG_EVENT_START``) and every few seconds while idle, if it is not open (decisions in
+  :mod:`stages.llm.warm`; the opening runs on a thread of its own, never during a turn's request).
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from stages.expression import Vocabulary
 from stages.llm.history import History
 from stages.llm.history_archive import archive_of
 from stages.llm.history_store import store_for
-from stages.llm.llm_http import make_client
+from stages.llm.llm_http import make_client, open_ahead
+from stages.llm import warm
 from broker.runtime import Stage, setup_logging
 from stages.states import Machine, TURN_TRANSITIONS, TurnState
 
@@ -136,6 +141,8 @@ class _Worker(threading.Thread):
         out.connect(self.stage.worker_address)
         cfg = self.stage.cfg["llm"]
         kwargs: dict[str, Any] = {"model": cfg["model"], "messages": self.messages, "temperature": cfg["temperature"]}
+        # a connection being opened ahead is nearer than a new one: its handshake is under way
+        self.stage.opening_done.wait(warm.TURN_WAITS)
         if cfg["max_tokens"] > 0:
             kwargs["max_tokens"] = cfg["max_tokens"]
         try:
@@ -174,7 +181,7 @@ class _Worker(threading.Thread):
 
 class LlmStage(Stage):
     name = "llm"
-    topics = ("turn_start", "cancel", "speech", "spoken")
+    topics = ("turn_start", "cancel", "speech", "spoken", "mmd.RECOG_EVENT_START")
     watches_peers = False
     output_queue = "tokens"
 
@@ -193,6 +200,9 @@ class LlmStage(Stage):
         self.machine: Machine[TurnState] = Machine("turn", TURN_TRANSITIONS, TurnState.IDLE)
         self.offline_server = None
         self.client, self.backend = self._make_client()
+        self.warmth = warm.Warmth(self.backend) if warm.worth_keeping_warm(str(self.client.base_url)) else None
+        self.opening_done = threading.Event()  # clear while a connection is being opened ahead of turns
+        self.opening_done.set()
         self.worker_address = f"inproc://llm-workers-{id(self)}"
         self.inbox = self.ctx.socket(zmq.PULL)
         self.inbox.bind(self.worker_address)
@@ -233,7 +243,10 @@ class LlmStage(Stage):
 
     # -- turns -----------------------------------------------------------------------------
     def on_event(self, env: wire.Envelope) -> None:
-        if env.kind == "cancel":
+        if env.kind == "mmd" and env.body.get("type") == "RECOG_EVENT_START":  # a turn will need the connection
+            if self.warmth is not None:
+                self.warmth.soon()
+        elif env.kind == "cancel":
             self._cancel(env)
         elif env.kind == "turn_start" and env.turn > max(self.turn, self.cancelled):
             self._start(env)
@@ -324,6 +337,9 @@ class LlmStage(Stage):
     def _on_worker(self) -> None:
         while self.inbox.poll(0):
             turn, what, data = self.inbox.recv_pyobj()
+            if what == "warm":
+                self._warmed(data)
+                continue
             if self.worker is None or turn != self.worker.turn or self.machine == TurnState.IDLE:
                 continue  # a superseded or timed-out request still finishing
             if what == "token":
@@ -345,7 +361,7 @@ class LlmStage(Stage):
         self.push("token", {"text": text, "index": self.tokens_sent}, turn=self.turn, origin=arrived)
         self.tokens_sent += 1
 
-    def next_deadline(self) -> float | None:
+    def _turn_deadline(self) -> float | None:
         if self.machine == TurnState.IDLE:
             return None
         c = self.cfg["llm"]
@@ -354,11 +370,48 @@ class LlmStage(Stage):
             end = min(end, self.turn_started + c["first_token_timeout"])
         return end
 
+    def next_deadline(self) -> float | None:
+        if self.machine != TurnState.IDLE:
+            return self._turn_deadline()
+        return self.warmth.next_deadline() if self.warmth is not None else None
+
     def on_tick(self, now: float) -> None:
-        deadline = self.next_deadline()
+        deadline = self._turn_deadline()
         if deadline is not None and now >= deadline:
             which = "first_token_timeout" if self.machine == TurnState.REQUESTING else "turn_timeout"
             self._end_turn("error", f"no answer within [llm] {which} = {self.cfg['llm'][which]} s", cause="timeout")
+        if self.warmth is not None and self.warmth.due(now, busy=self.machine != TurnState.IDLE):
+            if self.warmth.looked(now, self.connections.warm()):
+                self.opening_done.clear()
+                threading.Thread(target=self._open_ahead, name="open-ahead", daemon=True).start()
+
+    # -- the connection, ahead of turns -------------------------------------------------------
+    def _open_ahead(self) -> None:
+        """On a thread of its own: open a connection to the server; the outcome goes to the loop."""
+        error = None
+        try:
+            open_ahead(self.client, warm.OPEN_TIMEOUT)
+        except Exception as exc:  # the underlying cause (refused, a certificate) says more than "Connection error."
+            error = describe(exc) + (f" ({redact(str(exc.__cause__))})" if exc.__cause__ else "")
+        finally:
+            self.opening_done.set()  # a turn waiting for it goes on, whatever happened
+        out = self.ctx.socket(zmq.PUSH)
+        out.linger = 1000
+        out.connect(self.worker_address)
+        try:
+            out.send_pyobj((0, "warm", error))
+        finally:
+            out.close()
+
+    def _warmed(self, error: str | None) -> None:
+        """An opening ended (``error`` None: it answered); a connection the server closed at once
+        after answering (``Connection: close``) counts as failed, so it is not asked again and again."""
+        assert self.warmth is not None
+        if error is None and self.machine == TurnState.IDLE and not self.connections.warm():
+            error = "the server closed the connection after answering"
+        line = self.warmth.opened(time.monotonic(), error)
+        if line is not None:
+            log.log(*line)
 
     def _end_turn(self, reason: str, error: str, used_tokens: int | None = None, spoken: str | None = None,
                   cause: str = "") -> None:
@@ -368,6 +421,11 @@ class LlmStage(Stage):
             if reason != "done":  # a finished request keeps its connection for the next turn
                 self.worker.cancel()
             self.worker = None
+        if self.warmth is not None:
+            if reason == "done":
+                self.warmth.used(time.monotonic())
+            else:  # cut off (or failed): open another before the next turn needs it
+                self.warmth.soon(warm.FAILED if reason == "error" else warm.CUT)
         answer = "".join(self.answer)
         if reason == "error":
             log.error("turn %d failed (%s: %s): %s", self.turn, cause, wire.CAUSES.get(cause, ""), error)

@@ -21,10 +21,15 @@ with servers that answer once the model produces something: a :class:`Status` wo
 nothing was sent, and a :class:`Stall` before any output leaves the client waiting for headers.
 
 For tests, under one :class:`threading.Condition` (see :meth:`~ChatCompletionServer.wait_for`):
-``requests``, every request body (never headers, so never the API key), and ``connections``,
+``requests``, every request body (never headers, so never the API key), ``connections``,
 one :class:`ConnectionRecord` per request with ``time.monotonic()`` stamps and
 ``closed_by_client`` (a write failed, or EOF was seen while the server paused, before the
-response was complete). No global state; every wait is bounded; ``stop()`` never hangs.
+response was complete), and ``links``, one :class:`LinkRecord` per TCP connection accepted (when
+its TLS handshake completed; each request names its link). Optionally the server speaks TLS
+(``ssl_context``, then :attr:`~ChatCompletionServer.base_url` is ``https://``) and closes a
+connection on which no request came for ``idle_timeout`` seconds, as uvicorn (5 s) and nginx
+(75 s) close idle keep-alive connections. No global state; every wait is bounded; ``stop()``
+never hangs.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import random
 import re
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -109,6 +115,17 @@ class ConnectionRecord:
     closed_by_client: bool = False    # the client hung up before the response was complete
     outcome: str = ""                 # done, status, error_event, cut, client_closed, stopped, error: ...
     sent: list[tuple[float, str]] = field(default_factory=list)  # (when written, text) of each token
+    link: int = -1                    # the TCP connection it came on: its index in ``links``
+
+
+@dataclass
+class LinkRecord:
+    """One TCP connection as the server saw it; times are ``time.monotonic()``."""
+    accepted: float                   # its handler started, right after the accept
+    handshaken: float | None = None   # its TLS handshake completed (None: plain HTTP, or it failed)
+    closed: float | None = None
+    idle_closed: bool = False         # closed by the server: no request within ``idle_timeout``
+    requests: int = 0
 
 
 class _ClientGone(Exception):
@@ -116,24 +133,37 @@ class _ClientGone(Exception):
 
 
 class ChatCompletionServer:
-    """Serves POST /v1/chat/completions (stream and non-stream) and GET /v1/models on 127.0.0.1."""
+    """Serves POST /v1/chat/completions (stream and non-stream) and GET /v1/models on 127.0.0.1;
+    over TLS with ``ssl_context`` (a server-side context holding the certificate); closing a
+    connection idle for ``idle_timeout`` seconds, if given."""
 
-    def __init__(self, reply: ReplyFn, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, reply: ReplyFn, *, host: str = "127.0.0.1", port: int = 0,
+                 ssl_context: ssl.SSLContext | None = None, idle_timeout: float | None = None) -> None:
         self.reply = reply
+        self.ssl_context = ssl_context
+        self.idle_timeout = idle_timeout
         self.requests: list[dict] = []
         self.connections: list[ConnectionRecord] = []
-        self.cond = threading.Condition()  # guards requests, connections and _sockets
+        self.links: list[LinkRecord] = []
+        self.cond = threading.Condition()  # guards requests, connections, links and _sockets
         self._stopping = threading.Event()
         self._sockets: set[socket.socket] = set()
         self._thread: threading.Thread | None = None
-        self._httpd = ThreadingHTTPServer((host, port), type("Handler", (_Handler,), {"owner": self}))
+        self._httpd = _Server((host, port), type("Handler", (_Handler,), {"owner": self}))
         self._httpd.daemon_threads = True
         self._httpd.block_on_close = False  # stop() must not wait for handler threads
+        self._httpd.ssl_context = ssl_context
 
     @property
     def base_url(self) -> str:
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"{'https' if self.ssl_context else 'http'}://{host}:{port}/v1"
+
+    @property
+    def handshakes(self) -> int:
+        """TLS handshakes completed so far."""
+        with self.cond:
+            return sum(1 for link in self.links if link.handshaken is not None)
 
     def start(self) -> "ChatCompletionServer":
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
@@ -161,11 +191,21 @@ class ChatCompletionServer:
         with self.cond:
             return bool(self.cond.wait_for(lambda: predicate(self), timeout))
 
-    def _note(self, record: ConnectionRecord, **changes: Any) -> None:
+    def _note(self, record: "ConnectionRecord | LinkRecord", **changes: Any) -> None:
         with self.cond:
             for name, value in changes.items():
                 setattr(record, name, value)
             self.cond.notify_all()
+
+
+class _Server(ThreadingHTTPServer):
+    ssl_context: ssl.SSLContext | None = None
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        if self.ssl_context is not None:  # the handshake is the handler thread's: a slow client blocks no other
+            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
 
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Transfer-Encoding": "chunked",
@@ -177,17 +217,49 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"     # keep-alive and chunked framing, as OpenAI serves
     timeout = 60                      # bounds every blocking socket call of a forgotten client
     record: ConnectionRecord
+    link: LinkRecord
+    link_index: int
 
     def handle(self) -> None:
         with self.owner.cond:
             self.owner._sockets.add(self.connection)
+            self.link = LinkRecord(accepted=time.monotonic())
+            self.link_index = len(self.owner.links)
+            self.owner.links.append(self.link)
+            self.owner.cond.notify_all()
         try:
+            if isinstance(self.connection, ssl.SSLSocket):
+                self.connection.do_handshake()  # a failed one raises ssl.SSLError, an OSError
+                self.owner._note(self.link, handshaken=time.monotonic())
             super().handle()
         except (OSError, ValueError):
             pass  # a client resetting an idle keep-alive connection is normal, not an error
         finally:
             with self.owner.cond:
                 self.owner._sockets.discard(self.connection)
+            try:  # the FIN goes out now, not when the server gets round to closing: ``closed`` is true
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.owner._note(self.link, closed=time.monotonic())
+
+    def handle_one_request(self) -> None:
+        idle = self.owner.idle_timeout
+        if idle is not None and not self._request_within(idle):
+            self.close_connection = True
+            self.owner._note(self.link, idle_closed=True)
+            return
+        super().handle_one_request()
+
+    def _request_within(self, seconds: float) -> bool:
+        """Whether the next request starts within ``seconds`` (or the client hangs up, or the server
+        stops: the read that follows sees it). Clients do not pipeline, so nothing waits in rfile."""
+        if isinstance(self.connection, ssl.SSLSocket) and self.connection.pending():
+            return True
+        try:
+            return bool(select.select([self.connection], [], [], seconds)[0])
+        except (OSError, ValueError):
+            return True
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # the stage logs outcomes; a line per request would be noise
@@ -201,9 +273,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(self._post)
 
     def _serve(self, method: Callable[[], None]) -> None:
-        self.record = ConnectionRecord(opened=time.monotonic(), path=self.path)
+        self.record = ConnectionRecord(opened=time.monotonic(), path=self.path, link=self.link_index)
         with self.owner.cond:
             self.owner.connections.append(self.record)
+            self.link.requests += 1
             self.owner.cond.notify_all()
         try:
             method()
