@@ -19,7 +19,7 @@ import trustme
 
 from stages.llm import warm
 from stages.llm.offline_responder import ChatCompletionServer, ConnectionRecord, Stall, Token
-from tests.e2e import ScriptedLLM, World, launched, tokens_of
+from tests.e2e import ScriptedLLM, World, launched, tokens_of, words
 from tests.harness import SECRET_KEY
 
 WAIT = 15.0
@@ -93,7 +93,7 @@ def test_open_before_the_first_turn_and_kept_through_ordinary_turns(world: World
         time.sleep(pause)
         world.llm.queue(tokens_of(f"はい、{i}番目です。"))
         turn = world.talk(f"質問{i}")
-        assert turn.result["reason"] == "done" and turn.spoken == [f"はい、{i}番目です。"]
+        assert turn.result["reason"] == "done" and turn.said == words([f"はい、{i}番目です。"])
     assert [c.link for c in chats(server)] == [0, 0, 0]
     assert server.handshakes == 1 and len(server.links) == 1
     assert all(c.outcome == "done" for c in server.connections)
@@ -189,7 +189,7 @@ def test_an_unreachable_server_is_logged_once_and_not_asked_in_a_loop(tmp_path: 
             assert 1 <= len(accepted) <= 3, accepted
             turn = world.talk("聞こえますか")
             assert turn.result["cause"] == "unreachable"
-            assert turn.spoken == ["ごめんなさい、今はうまく答えられません。"]
+            assert turn.said == words(["ごめんなさい、今はうまく答えられません。"])
             assert warnings() == 1
             assert SECRET_KEY not in log_path.read_text(encoding="utf-8")
     finally:
