@@ -178,6 +178,7 @@ def bench(turns: int, rounds: int, answers: list[str] = ANSWERS, avatar: dict = 
 FIGURES = (("first SYNTH_START after the utterance", "first_synth"), ("first sound after the utterance", "first_sound"),
            ("first SYNTH_START after the first token", "synth_after_first_token"),
            ("first sound after the first token", "after_first_token"),
+           ("first SYNTH_START after its first clause was sent", "synth_after_clause"),
            ("silence while text waited, per turn", "waiting_silence"), ("  its largest single gap", "max_gap_waiting"),
            ("whole answer said (first sound to last stop)", "said"))
 

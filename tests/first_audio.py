@@ -55,6 +55,7 @@ class Heard:
     first_sound: float              # first SYNTH_EVENT_START - the utterance
     synth_after_first_token: float  # first SYNTH_START received - first content token sent
     after_first_token: float        # first SYNTH_EVENT_START - first content token sent
+    synth_after_clause: float       # first SYNTH_START received - its first clause's last character sent
     waiting_silence: float          # sum over the gaps between sentences (see the module's docstring)
     max_gap_waiting: float          # the largest single term of that sum (0 with one sentence)
     segments: int                   # SYNTH_STARTs of the turn
@@ -173,5 +174,6 @@ def measure(inbox: Sequence[Received], received: Sequence[Received], sent: Seque
              for t_stop, (t_next, _), end in zip(stops, starts[1:], ends[1:])]
     return Heard(first_synth=starts[0][0] - utterance, first_sound=sounds[0] - utterance,
                  synth_after_first_token=starts[0][0] - first_token, after_first_token=sounds[0] - first_token,
+                 synth_after_clause=starts[0][0] - sent_at(sent, ends[0]),
                  waiting_silence=sum(terms), max_gap_waiting=max(terms, default=0.0), segments=len(starts),
                  said=stops[len(starts) - 1] - sounds[0], text_lost=lost)

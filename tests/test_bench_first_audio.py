@@ -48,7 +48,7 @@ def test_text_a_side_drops_is_reported_not_a_crash():
 
 def heard(first_synth: float, after_token: float, waiting: float) -> Heard:
     return Heard(first_synth=first_synth, first_sound=first_synth + 0.02, synth_after_first_token=after_token,
-                 after_first_token=after_token + 0.02, waiting_silence=waiting, max_gap_waiting=waiting,
+                 after_first_token=after_token + 0.02, synth_after_clause=0.003, waiting_silence=waiting, max_gap_waiting=waiting,
                  segments=2, said=5.0, text_lost=0)
 
 

@@ -42,6 +42,7 @@ def test_one_turn_exact_figures():
     assert heard.first_sound == pytest.approx(0.47)
     assert heard.synth_after_first_token == pytest.approx(0.05)
     assert heard.after_first_token == pytest.approx(0.07)
+    assert heard.synth_after_clause == pytest.approx(10.45 - 10.43)  # "、" of はい、 sent at 10.43
     assert heard.waiting_silence == pytest.approx(0.10 + 0.05 + 0)
     assert heard.max_gap_waiting == pytest.approx(0.10)
     assert heard.segments == 4
