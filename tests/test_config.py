@@ -34,6 +34,15 @@ def test_user_file_and_environment_override(tmp_path, monkeypatch):
     assert config.endpoint(cfg, "commands_out") == "tcp://127.0.0.1:50007"
 
 
+def test_a_retired_key_of_an_older_config_still_loads(tmp_path, monkeypatch):
+    path = tmp_path / "c.toml"
+    path.write_text("[segmenter]\nfirst_soft_chars = 8\nsoft_cut_chars = 30\n", encoding="utf-8")
+    monkeypatch.setenv("MMDAGENT_LLM_CONFIG", str(path))
+    monkeypatch.setenv("MMDAGENT_LLM_SEGMENTER_FIRST_SOFT_CHARS", "5")
+    cfg = config.load()
+    assert cfg["segmenter"]["soft_cut_chars"] == 30 and "first_soft_chars" not in cfg["segmenter"]
+
+
 def test_local_file_in_working_directory_is_found(tmp_path, monkeypatch):
     monkeypatch.delenv("MMDAGENT_LLM_CONFIG", raising=False)
     (tmp_path / "mmdagent-llm.toml").write_text('[speech]\nmodel = "mei"\n', encoding="utf-8")
