@@ -13,7 +13,7 @@ import heapq
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from stages.segmenter.pacing import LEAD, SpeakingClock, join, next_segment, release, unheard, whole_answer
+from stages.segmenter.pacing import CAUTION, LEAD, SpeakingClock, join, next_segment, release, unheard, whole_answer
 from stages.segmenter.sentences import Piece, SentenceCutter, letters
 
 
@@ -65,13 +65,13 @@ def test_the_clock_learns_the_rate_and_estimates_the_end() -> None:
     clock = SpeakingClock(rate=0.1)
     assert clock.free_at() is None and clock.free_in(100.0) == 0.0
     clock.sent(0, 10, now=100.0)
-    assert clock.free_at() == pytest.approx(101.0)           # not started: from when it was sent
+    assert clock.free_at() == pytest.approx(100.0 + CAUTION * 1.0)  # not started: from when it was sent
     clock.speech(0, "started", at=100.2, voice="v")
     clock.sent(1, 5, now=100.3)
-    assert clock.free_at() == pytest.approx(100.2 + 1.0 + 0.5)
+    assert clock.free_at() == pytest.approx(100.2 + CAUTION * (1.0 + 0.5))
     clock.speech(0, "finished", at=102.2, voice="v")          # 2 s for 10 characters
     assert clock.rates["v"] == pytest.approx(0.1 + 0.3 * (0.2 - 0.1))
-    assert clock.free_at() == pytest.approx(100.3 + 5 * clock.rates["v"])  # 1 had not started: from its send
+    assert clock.free_at() == pytest.approx(100.3 + CAUTION * 5 * clock.rates["v"])  # 1 had not started
     clock.speech(1, "timeout", at=103.0)
     assert clock.free_at() is None
     clock.sent(2, 4, now=104.0)

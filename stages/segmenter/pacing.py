@@ -13,7 +13,8 @@ a pure function of those, so its tests are as exact as the cutter's.
   joined (Open JTalk reads a whole sentence with better prosody), up to ``merge_chars``
   characters: a longer one goes in parts, each ending at the first clause once it has that many.
 - **Never silent while a clause waits.** The clauses of an unfinished sentence wait only while
-  the avatar has more than :data:`LEAD` seconds of speech left; then the complete ones go out
+  the avatar has more than :data:`LEAD` seconds of speech left (by an estimate that errs short);
+  then the complete ones go out
   together, so the next segment is at MMDAgent-EX (the sequencer's cue) when the current one
   ends. If the estimate was long, the sequencer's ``finished`` event frees them just the same.
 - **The end of the answer** (``final``): everything waiting is complete and goes out as above.
@@ -32,8 +33,13 @@ from typing import Sequence
 from stages.segmenter.sentences import Piece, letters
 
 #: seconds of speech left at which waiting clauses go out: covers the hops to the bridge's cue
-#: (a few ms, a tenth of a second on a loaded machine) and the error of the estimate
-LEAD = 0.15
+#: (a few ms) and how late the speech events reach us (a frame of MMDAgent-EX: 8-16 ms, 100 ms
+#: and more while it renders a 3D model on a busy machine)
+LEAD = 0.3
+#: the estimate errs short: a clause handed over a little early costs some prosody, one handed
+#: over late costs silence. Open JTalk's time per character varies by about a quarter from one
+#: sentence to the next (measured on the real app: 0.11-0.19 s for mei_voice_normal)
+CAUTION = 0.85
 #: seconds per character before anything was learned: a little faster than Open JTalk's normal
 #: voice (about 0.12-0.15), so an early guess errs towards handing clauses over early
 DEFAULT_RATE = 0.1
@@ -148,7 +154,8 @@ class SpeakingClock:
         return sum(self.rates.values()) / len(self.rates) if self.rates else self.default_rate
 
     def duration(self, chars: int, voice: str = "") -> float:
-        return chars * self.rates.get(voice, self._fallback())
+        """How long ``chars`` characters take to say, erring short (:data:`CAUTION`)."""
+        return CAUTION * chars * self.rates.get(voice, self._fallback())
 
     def free_at(self) -> float | None:
         """When the avatar is expected to have said everything handed over; None: nothing is."""
