@@ -5,7 +5,8 @@ It follows the team's record of the real program's behaviour,
 with MMDAgent-EX's Plugin_AnyScript/ChildProcess.cpp; where a detail was left open, the choice is
 written here. Used as the fake MMDAgent-EX of the end-to-end tests and by ``mmdagent-llm console``.
 
-Starting the script
+Starting the script (``command`` None: no script at all, an app reached only over Plugin_Remote,
+which :mod:`stages.commands.avatar_remote` adds on top: :meth:`SimulatedMMDAgent.add_listener`)
   - POSIX: argv = :func:`split_plugin_command` (spaces split, ``"..."``/``'...'`` quote a whole
     argument, nothing else; PATH lookup like execvp), no shell. Windows: the command line as
     written (CreateProcess). cwd = the ``.mdf`` folder, environment inherited unless ``env``,
@@ -164,7 +165,7 @@ EXAMPLE_VOICES = ("mei_voice_normal", "mei_voice_angry", "mei_voice_bashful", "m
 class SimulatedMMDAgent:
     """Runs ``command`` as MMDAgent-EX's Plugin_AnyScript would and plays MMDAgent-EX around it."""
 
-    def __init__(self, command: str, *, mdf_dir: str | os.PathLike, env: dict[str, str] | None = None,
+    def __init__(self, command: str | None, *, mdf_dir: str | os.PathLike, env: dict[str, str] | None = None,
                  voices: Collection[str] = EXAMPLE_VOICES,
                  seconds_per_char: float = 0.2, min_speech: float = 0.3, start_delay: float = 0.03,
                  synth_seconds_per_char: float = 0.0,
@@ -172,8 +173,8 @@ class SimulatedMMDAgent:
                  on_message: Callable[[str], None] | None = None,
                  on_speech: Callable[[str, str, bool], None] | None = None,
                  stderr: int | IO | None = None) -> None:
-        self.command = command
-        self.argv = command if sys.platform == "win32" else split_plugin_command(command)
+        self.command = command  # None: no Plugin_AnyScript script (an app reached only over Plugin_Remote)
+        self.argv = command if sys.platform == "win32" or command is None else split_plugin_command(command)
         self.mdf_dir = os.fspath(mdf_dir)
         self.env = env
         self.voices = frozenset(voices)
@@ -203,14 +204,20 @@ class SimulatedMMDAgent:
         self._closing = False
         self._stdin_open = False
         self._threads: list[threading.Thread] = []
+        self._started = False
+        self._listeners: list[Callable[[str], None]] = []  # see add_listener
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> "SimulatedMMDAgent":
-        # bufsize=0: no Python-side buffer may hide a script that stopped reading
-        self._proc = subprocess.Popen(self.argv, cwd=self.mdf_dir, env=self.env, stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=self.stderr, bufsize=0)
-        self._stdin_open = True
-        for target, name in ((self._main_loop, "main"), (self._read_stdout, "stdout"), (self._scheduler, "timers")):
+        threads = [(self._main_loop, "main"), (self._scheduler, "timers")]
+        if self.argv is not None:
+            # bufsize=0: no Python-side buffer may hide a script that stopped reading
+            self._proc = subprocess.Popen(self.argv, cwd=self.mdf_dir, env=self.env, stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=self.stderr, bufsize=0)
+            self._stdin_open = True
+            threads.insert(1, (self._read_stdout, "stdout"))
+        self._started = True
+        for target, name in threads:
             thread = threading.Thread(target=target, name=f"avatar-sim-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -244,7 +251,7 @@ class SimulatedMMDAgent:
         self._post(_EOF)
 
     def __enter__(self) -> "SimulatedMMDAgent":
-        return self if self._proc else self.start()
+        return self if self._started else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
@@ -260,11 +267,16 @@ class SimulatedMMDAgent:
     # -- input and observation ----------------------------------------------------------------
     def send(self, line: str) -> None:
         """Put a message on MMDAgent-EX's queue, as the recognizer or another plugin would."""
-        if self._proc is None:
+        if not self._started:
             raise RuntimeError("start() first")
         if "\n" in line:
             raise ValueError("a message is one line; send its lines one by one")
         self._post(line)
+
+    def add_listener(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(message)`` for every message the main loop dispatches (after the script
+        got it), from the main loop's thread: what Plugin_Remote relays to its clients."""
+        self._listeners.append(listener)
 
     def wait_for(self, predicate: Callable[[list[Received]], bool], timeout: float) -> bool:
         """Wait until ``predicate(received)`` holds; False after ``timeout`` seconds."""
@@ -317,6 +329,8 @@ class SimulatedMMDAgent:
                 self._close_pipe_in()
                 continue
             self._deliver(item)
+            for listener in self._listeners:
+                self._call(listener, item)
             with self._lock:
                 self._handle(item)
 
@@ -328,7 +342,7 @@ class SimulatedMMDAgent:
             pass
 
     def _deliver(self, line: str) -> None:
-        if not self._stdin_open or self._proc.poll() is not None:
+        if self._proc is None or not self._stdin_open or self._proc.poll() is not None:
             return  # the real plugin skips a script it knows to be gone
         data = (line + "\n").encode("utf-8", errors="replace")[:MAX_MESSAGE_BYTES]
         view, fd = memoryview(data), self._proc.stdin.fileno()
