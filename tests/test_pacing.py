@@ -9,12 +9,25 @@ whole whenever the stream keeps ahead of the voice, and nothing is lost or said 
 from __future__ import annotations
 
 import heapq
+from typing import Sequence
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from stages.segmenter.pacing import CAUTION, LEAD, SpeakingClock, join, next_segment, release, unheard, whole_answer
+from stages.segmenter.pacing import CAUTION, LEAD, SpeakingClock, join, next_segment, release, unheard
 from stages.segmenter.sentences import Piece, SentenceCutter, letters
+
+
+def whole_answer(pieces: Sequence[Piece], merge_chars: int = 40, max_bytes: int = 600) -> list[Piece]:
+    """The segments :func:`release` gives an answer whose pieces are all known at once (a burst, or the answer
+    over): the first piece, then sentence-sized segments. Each is given as a :class:`Piece`
+    (its text joined, the tags of its first piece)."""
+    out, waiting = [], list(pieces)
+    while waiting:
+        n = release(waiting, first=not out, final=True, free_in=0.0, merge_chars=merge_chars, max_bytes=max_bytes)
+        out.append(Piece(join(waiting[:n]), waiting[n - 1].ends, waiting[0].spaced, waiting[0].tags))
+        waiting = waiting[n:]
+    return out
 
 
 def P(text: str, ends: bool = False, spaced: bool = False, tags: tuple[str, ...] = ()) -> Piece:

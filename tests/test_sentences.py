@@ -7,8 +7,8 @@ import unicodedata
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from stages.segmenter.pacing import whole_answer
 from stages.segmenter.sentences import LEADING_JUNK, Piece, SentenceCutter, speakable
+from tests.test_pacing import whole_answer
 
 
 def pieces(text: str, sizes: list[int] | None = None, **kw: int) -> list[Piece]:

@@ -82,6 +82,18 @@ def assert_no_handshake_of_its_own(server: ChatCompletionServer, record: Connect
     assert handshakes_by(server, record.opened) == handshakes_by(server, asked)
 
 
+def answered_on_it(world: World, link: int, question: str, answer: str) -> None:
+    """``question`` is asked and answered on the connection ``link`` opened ahead, with no
+    handshake of its own."""
+    server = world.server
+    world.llm.queue(tokens_of(answer))
+    asked = time.monotonic()
+    record = ask(world, question, len(server.connections))
+    assert record.link == link
+    assert_no_handshake_of_its_own(server, record, asked)
+    assert server.wait_for(lambda s: record.outcome == "done", WAIT)
+
+
 def test_open_before_the_first_turn_and_kept_through_ordinary_turns(world: World):
     server = world.server
     # before anyone spoke: one TCP connection, its handshake done, its one request the opening
@@ -112,13 +124,7 @@ def test_a_request_cut_by_a_barge_in_is_followed_by_an_opening_before_the_next_t
     # while the user is still speaking, a new connection is opened (its handshake done, its opening answered)
     assert server.wait_for(lambda s: s.handshakes == before + 1 and s.connections[-1].path == "/v1/models"
                            and s.connections[-1].closed is not None, QUICK), "no connection opened after the cut"
-    opened = server.connections[-1].link
-    world.llm.queue(tokens_of("はい、次です。"))
-    asked = time.monotonic()
-    record = ask(world, "次の質問", len(server.connections))
-    assert record.link == opened
-    assert_no_handshake_of_its_own(server, record, asked)
-    assert server.wait_for(lambda s: record.outcome == "done", WAIT)
+    answered_on_it(world, server.connections[-1].link, "次の質問", "はい、次です。")
 
 
 def test_a_server_closing_idle_connections_costs_no_turn_a_handshake(tmp_path: Path, ca):
@@ -136,13 +142,7 @@ def test_a_server_closing_idle_connections_costs_no_turn_a_handshake(tmp_path: P
                          and s.links[c.link].closed is None), None)
 
         assert server.wait_for(opened, QUICK), "no connection opened when the user started speaking"
-        link = opened(server)
-        world.llm.queue(tokens_of("はい、聞こえます。"))
-        asked = time.monotonic()
-        record = ask(world, "聞こえますか", len(server.connections))
-        assert record.link == link
-        assert_no_handshake_of_its_own(server, record, asked)
-        assert server.wait_for(lambda s: record.outcome == "done", WAIT)
+        answered_on_it(world, opened(server), "聞こえますか", "はい、聞こえます。")
         reopened_idle = sum(1 for c in server.connections if c.path == "/v1/models") - 1
         assert reopened_idle >= 2  # ... yet one line says so: not one per opening
         log = (world.run_dir / "pipeline.log").read_text(encoding="utf-8")

@@ -80,18 +80,6 @@ def release(waiting: Sequence[Piece], *, first: bool, final: bool, free_in: floa
     return n if complete or final or free_in <= LEAD + 1e-6 else 0  # (a deadline computed as free_at - LEAD)
 
 
-def whole_answer(pieces: Sequence[Piece], merge_chars: int = 40, max_bytes: int = 600) -> list[Piece]:
-    """The segments of an answer whose pieces are all known at once (a burst, or the answer
-    over): the first piece, then sentence-sized segments. Each is given as a :class:`Piece`
-    (its text joined, the tags of its first piece)."""
-    out, waiting = [], list(pieces)
-    while waiting:
-        n = release(waiting, first=not out, final=True, free_in=0.0, merge_chars=merge_chars, max_bytes=max_bytes)
-        out.append(Piece(join(waiting[:n]), waiting[n - 1].ends, waiting[0].spaced, waiting[0].tags))
-        waiting = waiting[n:]
-    return out
-
-
 def unheard(piece: Piece, heard: int) -> tuple[Piece | None, int]:
     """What of ``piece`` is left to say when the user heard ``heard`` letters before it, and the
     letters still to skip after it. Heard segments were whole pieces, so a piece is either heard
