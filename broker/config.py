@@ -58,6 +58,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("speech", "cut_timeout"): (0.1, 600), ("turn", "listen_timeout"): (0.1, 3600), ("turn", "max_age"): (0.1, 86400),
     ("turn", "stall_timeout"): (0.1, 86400), ("transcript", "max_bytes"): (100, None), ("transcript", "keep"): (1, 100),
     ("captions", "size"): (0.1, 100), ("captions", "line_chars"): (1, 200), ("captions", "max_lines"): (1, 20),
+    ("remote", "max_connections"): (1, 1000), ("remote", "liveness"): (0.1, 3600),
     ("subtitles", "port"): _PORT, ("metrics", "port"): _PORT, ("expression", "thinking_after"): (0.1, 60),
 }
 
@@ -116,7 +117,32 @@ def load(path: Path | None = None, sources: dict[tuple[str, str], str] | None = 
     for key in ("model", "voice"):  # both are fields of every SYNTH_START
         _check_field(cfg["speech"][key], f"[speech] {key}", _from(sources, "speech", key))
     _check_expression(cfg["expression"], _from(sources, "expression", "names"))
+    _check_remote(cfg["remote"], _from(sources, "remote", "avatars"))
     return cfg
+
+
+def _check_remote(remote: dict[str, Any], where: str) -> None:
+    """``[remote] allow`` is addresses or networks; each avatar a session name with an address."""
+    for entry in remote["allow"]:
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(f"[remote] allow: {entry!r} is not an address or network (e.g. \"192.168.1.0/24\")"
+                              f"{where}") from None
+    avatars = remote["avatars"]
+    if not isinstance(avatars, dict):
+        raise ConfigError(f"[remote.avatars] must be a table of name = {{ address = ..., config = ... }}{where}")
+    for name, entry in avatars.items():
+        at = f"[remote.avatars] {name}"
+        if not isinstance(entry, dict) or set(entry) - {"address", "config"} or \
+                not all(isinstance(v, str) for v in entry.values()):
+            raise ConfigError(f"{at}: expected {{ address = \"<IP>\", config = \"<file.toml>\" }}{where}")
+        if safe_name(name) != name:
+            raise ConfigError(f"{at}: a name is letters, digits, - and _ (it names the avatar's session){where}")
+        try:
+            ipaddress.ip_address(entry.get("address", ""))
+        except ValueError:
+            raise ConfigError(f"{at}: address = {entry.get('address')!r} is not an IP address{where}") from None
 
 
 TAG_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")

@@ -179,7 +179,8 @@ class Stage:
         self.push_sock = connect(cfg, zmq.PUSH, f"{self.output_queue}_in", ctx=self.ctx) if self.output_queue else None
         if self.push_sock is not None:
             self.push_sock.sndtimeo = 2000
-        self.extra: dict[zmq.Socket | int, Callable[[], None]] = {}  # sockets or raw fds to poll too
+        # sockets or raw fds to poll too; may change between two turns of the loop
+        self.extra: dict[zmq.Socket | int, Callable[[], None]] = {}
         self._twins: set[int] = set()  # other pids beating under our name (reported)
         self._handshake = self.sub.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(_HANDSHAKE_FAILURES))
@@ -270,11 +271,18 @@ class Stage:
         log.info("started, pid %d, broker at %s", os.getpid(), config_mod.endpoint(self.cfg, "events_in"))
         next_beat = time.monotonic()
         poller = zmq.Poller()  # one for the whole loop: no allocation per message
-        for sock in (self.sub, self.pull, *self.extra):
+        for sock in (self.sub, self.pull):
             if sock is not None:
                 poller.register(sock, zmq.POLLIN)
+        polled: set = set()  # of self.extra, which a stage may change as it runs (a connection made or lost)
         try:
             while not stop_requested():
+                if polled != self.extra.keys():
+                    for sock in polled - self.extra.keys():
+                        poller.unregister(sock)
+                    for sock in self.extra.keys() - polled:
+                        poller.register(sock, zmq.POLLIN)
+                    polled = set(self.extra)
                 now = time.monotonic()
                 if now >= next_beat:
                     self._on_handshake()

@@ -105,7 +105,8 @@ KINDS: dict[str, str] = {
     notice; ``restarted``: asked again under a new id before a word was said; ``gone``: a new
     bridge started, so the one that asked for every turn up to ``turn`` has gone, with its
     MMDAgent-EX: published by each bridge once it is ready, with ``turn`` just below its own
-    first turn id, so no stage waits for events a dead MMDAgent-EX cannot send; ``lost``: a stage
+    first turn id, so no stage waits for events a dead MMDAgent-EX cannot send; and by a
+    remote bridge for its current turn when its avatar's connection ends; ``lost``: a stage
     was lost in the middle of the answer, whose rest comes as a resumed turn (``turn_start``'s
     ``resume``): the llm keeps the answer going, the others drop this id's items), ``stopped`` (bool: ``SYNTH_STOP`` was written,
     so one more ``SYNTH_EVENT_STOP`` will come for the stopped speech), ``spoken`` (list[str]:

@@ -13,6 +13,7 @@ Conversation (owned by the bridge, :mod:`stages.bridge.turns`: who may speak now
     HOLDING --pipeline up again--> ANSWERING
     HOLDING --older than max_age: failure notice--> IDLE
     ANSWERING --a stage restarted after speech began, or no progress: failure notice--> IDLE
+    any --the avatar app gone (a remote bridge's connection ended)--> IDLE
 
 LLM request of a turn (owned by the llm stage)::
 

@@ -81,7 +81,11 @@ class Bridge(Stage):
         self.clock = TurnClock()
         self._inbox: zmq.Socket | None = None
         self._splitter = mmd_line.LineSplitter(MAX_IN_BYTES)
-        if stdin is None and sys.platform != "win32":
+        self._open_input(stdin is not None)
+
+    def _open_input(self, given: bool) -> None:
+        """Start reading MMDAgent-EX: in this loop where the pipe can be polled, else on a thread."""
+        if not given and sys.platform != "win32":
             self.extra[self.stdin.fileno()] = self._read_fd
             return
         self._inbox = self.ctx.socket(zmq.PAIR)
@@ -102,6 +106,10 @@ class Bridge(Stage):
                 self._take(line)
             self._take(b"")
             return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Bytes read from MMDAgent-EX: each line they complete is taken."""
         for item in self._splitter.feed(data):
             if isinstance(item, int):
                 self._bad("line too long", f"over {MAX_IN_BYTES} bytes: cut, {item} more bytes skipped")
@@ -143,8 +151,7 @@ class Bridge(Stage):
     def _take(self, raw: bytes) -> bool:
         """One line from MMDAgent-EX (``b""``: the end of input); False once input has ended."""
         if raw == b"":
-            log.info("end of input from MMDAgent-EX: exiting")
-            request_stop()
+            self._input_ended()
             return False
         try:
             text = raw.decode("utf-8")
@@ -166,6 +173,10 @@ class Bridge(Stage):
         self._carry_out(self.turns.on_line(msg_type, args, arrived), arrived,
                         then=lambda: self.publish("mmd", {"type": msg_type, "args": args}, origin=arrived))
         return True
+
+    def _input_ended(self) -> None:
+        log.info("end of input from MMDAgent-EX: exiting")
+        request_stop()
 
     def _carry_out(self, actions: list[Action], origin: float, then: Callable[[], None] | None = None) -> None:
         """Writes first (SYNTH_STOP is what the user waits for), then ``then``, then bus events."""
@@ -222,12 +233,7 @@ class Bridge(Stage):
 
     def _write(self, msg_type: str, args: list[str], turn: int, origin: float) -> None:
         line = mmd_line.format_line(msg_type, args)
-        try:
-            self.stdout.write(line)
-            self.stdout.flush()
-        except (BrokenPipeError, OSError, ValueError) as exc:
-            log.error("stdout to MMDAgent-EX is gone (%s): exiting", exc)
-            request_stop()
+        if not self._send(line):
             return
         self.lines_out += 1
         written_type, written_args = mmd_line.parse_line(line[:-1].decode("utf-8"))
@@ -236,6 +242,17 @@ class Bridge(Stage):
             self.clock.mark(turn, "first_synth", time.time())
         self.publish("written", {"type": written_type, "args": written_args, "bytes": len(line) - 1},
                      turn=turn, origin=origin)
+
+    def _send(self, line: bytes) -> bool:
+        """Write one formatted line to MMDAgent-EX; False if it could not be written."""
+        try:
+            self.stdout.write(line)
+            self.stdout.flush()
+            return True
+        except (BrokenPipeError, OSError, ValueError) as exc:
+            log.error("stdout to MMDAgent-EX is gone (%s): exiting", exc)
+            request_stop()
+            return False
 
     def on_event(self, env: wire.Envelope) -> None:
         self.clock.observe(env)

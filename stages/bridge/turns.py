@@ -111,6 +111,7 @@ class TurnController:
         self.resuming = False         # a stage was lost mid-answer: its rest is asked for once the avatar is quiet
         self.asked_turn = 0           # the id the current answer was first asked under (the llm knows it by it)
         self.start_body: dict[str, Any] = {}  # the current turn's turn_start, to send it again
+        self.vocabulary = vocabulary
         self.motions = Motions(vocabulary, model)  # listening, thinking, gestures (stages.bridge.motions)
         self.speech_limits = speech_limits  # [speech] timeouts: how long a speech may go without its events
         # every turn id of this bridge is at least this; all below belong to bridges gone before it
@@ -282,6 +283,24 @@ class TurnController:
         ``SYNTH_EVENT_STOP`` or a turn that cannot come."""
         self.last_cancel = Publish("cancel", {"reason": "gone", "stopped": False, "spoken": []}, self.epoch - 1)
         return [self.last_cancel]
+
+    def on_avatar_gone(self, origin: float, now: float | None = None) -> list[Action]:
+        """The avatar app went away (a remote bridge's connection ended; the bridge itself goes
+        on): whatever it was saying, hearing or about to say is gone with it. A turn in progress
+        is cancelled (reason ``gone``: nothing to stop, no ``SYNTH_EVENT_STOP`` will come), a held
+        utterance is dropped, and the conversation waits, idle, for the app to come back: its
+        next utterance is a turn like any other."""
+        now = time.monotonic() if now is None else now
+        state = self.machine.state
+        self.voice.over(now)
+        self.motions = Motions(self.vocabulary, self.model)  # a restarted app plays none of ours
+        actions: list[Action] = []
+        if state in (C.ANSWERING, C.HOLDING) and self.turn > self.cancelled:
+            actions = self._cancel("gone", origin, stop=False)
+        self.cued, self.resuming = None, False
+        if state != C.IDLE:
+            self.machine.move(C.IDLE, "the avatar app is gone")
+        return actions
 
     def on_stage_back(self) -> list[Action]:
         """A pipeline process (re)started, or the broker did: the latest cancel may never have

@@ -23,6 +23,7 @@ PROCESSES = {
     "sequencer": "stages.sequencer.sequencer:main",
     "console": "stages.commands.console:main",
     "plugin": "stages.commands.plugin:main",
+    "remote": "stages.commands.remote:main",
     "doctor": "stages.commands.doctor:main",
     "status": "stages.commands.status:main",
     "avatar": "stages.commands.avatar:main",
@@ -55,6 +56,8 @@ HELP = {
     "sequencer": "run the sequencer: one SYNTH_START at a time, each after the last was spoken",
     "console": "talk to the pipeline in this terminal, without MMDAgent-EX",
     "plugin": _plugin_help(),
+    "remote": "the bridge over TCP (MMDAgent-EX's Plugin_Remote), plus the pipeline if none is running: "
+              "--connect HOST:PORT to MMDAgent-EX's server, or --listen HOST:PORT for MMDAgent-EX to connect to",
     "doctor": "check the LLM server, the key and the model with one cheap request",
     "status": "one screen: each process up or down, the LLM, the last turns; exit 1 when unhealthy",
     "avatar": "a simulated MMDAgent-EX in this terminal, running a plugin command (default: attach to the "
@@ -110,6 +113,11 @@ def _main(argv: list[str] | None) -> int:
                                     "(default: mmdagent-llm bridge, which attaches to the running pipeline)")
     commands["avatar"].add_argument("--mdf-dir", type=Path, help="the plugin's working folder (default: here)")
     commands["avatar"].add_argument("--quiet", action="store_true", help="show only what the avatar says")
+    door = commands["remote"].add_mutually_exclusive_group(required=True)
+    door.add_argument("--connect", metavar="HOST:PORT", help="connect to MMDAgent-EX (Plugin_Remote_EnableServer)")
+    door.add_argument("--listen", metavar="HOST:PORT",
+                      help="wait for MMDAgent-EX (Plugin_Remote_EnableClient); [remote] allow says who may connect")
+    door.add_argument("--handoff", type=int, help=argparse.SUPPRESS)  # --listen's avatar process: its channel fd
     commands["history"].add_argument("--console", action="store_true", help="the console's history")
     what = commands["history"].add_mutually_exclusive_group()
     what.add_argument("--clear", action="store_true",
@@ -168,6 +176,8 @@ def _main(argv: list[str] | None) -> int:
         extra = {"console": args.console, "clear": args.clear, "archive": args.archive}
     elif args.command == "console":
         extra = {"resume": args.resume}
+    elif args.command == "remote":
+        extra = {"connect": args.connect, "listen": args.listen, "handoff": args.handoff}
     elif args.command == "avatar":
         extra = {"plugin": args.plugin, "mdf_dir": args.mdf_dir, "quiet": args.quiet}
     module, _, func = target.partition(":")

@@ -41,6 +41,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from broker import config as config_mod
 from broker import curve, sessions
@@ -50,6 +51,9 @@ from stages.commands.keeper import Keeper, die_with_parent
 from stages.llm.history_store import content_path
 from broker.liveness import PIPELINE
 from broker.runtime import OWNER_ENV, alive, setup_logging
+
+if TYPE_CHECKING:
+    from stages.bridge.bridge import Bridge
 
 log = logging.getLogger("mmdagent_llm")
 
@@ -88,39 +92,49 @@ def _run_folder(cfg: config_mod.Config) -> Path:
     return curve.private_dir(state_dir() / f"run-{safe_name(cfg['bus']['session'])}")  # logs: ours only
 
 
-def _stage_env(cfg: config_mod.Config) -> dict[str, str]:
-    """The environment of the stages the plugin starts (they run in another folder)."""
+def _stage_env(cfg: config_mod.Config, content_history: bool = True) -> dict[str, str]:
+    """The environment of the stages the plugin starts (they run in another folder);
+    ``content_history``: the conversation is the ``.mdf`` folder's (not for a remote avatar)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env[OWNER_ENV] = str(os.getpid())
     found = config_mod.user_config_path()
     if found is not None:  # the stages run elsewhere: they must not lose the .mdf folder's file
         env[config_mod.ENV_CONFIG] = str(Path(found).resolve())
     history_env = f"{config_mod.ENV_PREFIX}LLM_HISTORY_FILE"
-    if not cfg["llm"]["history_file"] and history_env not in env:  # this content's own conversation
+    if content_history and not cfg["llm"]["history_file"] and history_env not in env:  # this content's own
         env[history_env] = str(content_path(cfg["bus"]["session"], Path.cwd()))
     return env
 
 
-def start_pipeline(cfg: config_mod.Config) -> subprocess.Popen:
+def start_pipeline(cfg: config_mod.Config, content_history: bool = True) -> subprocess.Popen:
     run = _run_folder(cfg)
     conf = run / "supervisord.conf"
     conf.write_text(supervisord_conf(run, os.getpid()), encoding="utf-8")
     log.info("no pipeline running: starting one under supervisord (logs in %s)", run)
     return subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-c", str(conf)], cwd=run,
-                            env=_stage_env(cfg), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            env=_stage_env(cfg, content_history), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL,
                             umask=0o077,  # its logs and files: the user's only
                             preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
 
 
-def start_keeper(cfg: config_mod.Config) -> Keeper:
+def start_keeper(cfg: config_mod.Config, content_history: bool = True) -> Keeper:
     run = _run_folder(cfg)
     log.info("no pipeline running: starting one, kept by this process (logs in %s)", run)
-    return Keeper(_stage_env(cfg), run).start()
+    return Keeper(_stage_env(cfg, content_history), run).start()
 
 
 def main(cfg: config_mod.Config) -> int:
     setup_logging("bridge")
+    from stages.bridge.bridge import Bridge
+    return serve(cfg, lambda: Bridge(cfg), _notify)
+
+
+def serve(cfg: config_mod.Config, make_bridge: Callable[[], "Bridge"], notify: Callable[[str], None],
+          content_history: bool = True) -> int:
+    """Join the session's pipeline or start one (see the module's docstring), run the bridge
+    ``make_bridge`` makes, and end everything started here when it ends (the process too).
+    ``notify`` shows a refusal on the avatar's screen, if it can."""
     session = cfg["bus"]["session"]
     on_bus = sessions.present(cfg, JOIN_WAIT)
     gone = sessions.leaving(on_bus)
@@ -135,7 +149,7 @@ def main(cfg: config_mod.Config) -> int:
         log.error("session %r has a bridge already (pid %s): each avatar needs a session of its own. Set "
                   "[bus] session = \"<name>\" in this content's mmdagent-llm.toml to run beside it",
                   session, on_bus["bridge"].get("pid"))
-        _notify(f"mmdagent-llm: session {session!r} is in use by another avatar (see the log)")
+        notify(f"mmdagent-llm: session {session!r} is in use by another avatar (see the log)")
         return 1
     if "broker" in on_bus:
         log.info("a pipeline is running: joining it")
@@ -143,26 +157,26 @@ def main(cfg: config_mod.Config) -> int:
         clash = sessions.conflict(cfg, "the plugin's pipeline")
         if clash is not None:
             log.error("%s", clash)
-            _notify(f"mmdagent-llm: session {session!r} cannot start: its ports are taken (see the log)")
+            notify(f"mmdagent-llm: session {session!r} cannot start: its ports are taken (see the log)")
             return 1
         if cfg["plugin"]["pipeline"] == "builtin" or sys.platform == "win32":  # no supervisord on Windows
-            keeper = start_keeper(cfg)
+            keeper = start_keeper(cfg, content_history)
         else:
-            supervisor = start_pipeline(cfg)
-    from stages.bridge.bridge import Bridge, exit_now
+            supervisor = start_pipeline(cfg, content_history)
+    from stages.bridge.bridge import exit_now
     from stages.commands.launcher import start_doctor
     # its finding reaches the screen through the bridge (a notice); it starts a little later, so
     # that its own start (an LLM client to import) does not slow the pipeline's on 2 cores
     doctor: list[subprocess.Popen] = []
     # it watches this process's pid like the stages (MMDAgent-EX's SIGKILL skips the finally
     # below); not a parent death signal, which would come as soon as the timer's thread ends
-    doctor_env = _stage_env(cfg)
+    doctor_env = _stage_env(cfg, content_history)
     timer = threading.Timer(DOCTOR_DELAY, lambda: doctor.append(start_doctor(env=doctor_env)))
     timer.daemon = True
     timer.start()
     code = 1
     try:
-        code = Bridge(cfg).run()
+        code = make_bridge().run()
     finally:
         timer.cancel()
         timer.join(5)
