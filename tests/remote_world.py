@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker import config as config_mod
-from stages.commands.avatar_remote import RemoteServer
+from stages.commands.avatar_remote import RemoteDialer, RemoteServer
 from stages.commands.avatar_sim import SimulatedMMDAgent
 from stages.commands.launcher import wait_ready
 from stages.llm.offline_responder import ChatCompletionServer
@@ -65,17 +65,21 @@ class AppLog:
 class App:
     """One run of the fake MMDAgent-EX with Plugin_Remote's server on ``port``."""
     sim: SimulatedMMDAgent
-    server: RemoteServer
+    server: RemoteServer | RemoteDialer
     log: AppLog
 
     @classmethod
-    def start(cls, folder: Path, port: int = 0, **kwargs) -> "App":
+    def start(cls, folder: Path, port: int = 0, dial: str = "", retry_count: int = 20, source: str = "",
+              **kwargs) -> "App":
+        """Plugin_Remote's server on ``port``; or, with ``dial`` (the pipeline's host), its client
+        mode connecting to ``dial:port`` (``retry_count`` retries 0.5 s apart) from ``source``."""
         sim = SimulatedMMDAgent(None, mdf_dir=folder, seconds_per_char=kwargs.pop("seconds_per_char", 0.005),
                                 min_speech=kwargs.pop("min_speech", 0.05), **kwargs)
         log = AppLog()
         sim.add_listener(log)
         sim.start()
-        return cls(sim, RemoteServer(sim, "127.0.0.1", port), log)
+        remote = RemoteDialer(sim, dial, port, retry_count, source) if dial else RemoteServer(sim, "127.0.0.1", port)
+        return cls(sim, remote, log)
 
     def quit(self) -> None:
         self.server.close()

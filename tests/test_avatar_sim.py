@@ -326,6 +326,7 @@ def test_script_exit_is_noted_not_restarted_and_not_announced(launch):
     pid = avatar.pid
     avatar.send("T_EXIT|3")
     assert avatar.wait_exit(WAIT) == 3
+    assert avatar.wait_inbox_line("T_EXIT|3", WAIT)  # recorded after the write: the script may exit first
     written = len(avatar.inbox)
     avatar.send("RECOG_EVENT_STOP|まだいる？")
     avatar.send("SYNTH_START|0|mei_voice_normal|ひとりごと")   # the rest of MMDAgent-EX goes on

@@ -7,6 +7,7 @@ waiting on an app that went away would hold the next answer that long."""
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
@@ -14,9 +15,18 @@ import pytest
 
 from stages.llm.offline_responder import Token
 from tests.e2e import tokens_of
+from tests.harness import free_base_port
 from tests.remote_world import App, RemoteRun
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+def shut(sock: socket.socket) -> bool:
+    """Whether the other end closed ``sock`` (a close with our line unread is a reset)."""
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
 
 
 @pytest.fixture
@@ -29,7 +39,8 @@ def run(tmp_path: Path, own_state):
 
 
 def test_connect_answers_barges_in_survives_the_app_restarting_and_leaves_nothing(run: RemoteRun, tmp_path: Path):
-    app = App.start(tmp_path)
+    # below the ephemeral ports: a retried connect to a closed loopback port there can connect to itself
+    app = App.start(tmp_path, free_base_port(1))
     try:
         run.start("--connect", f"127.0.0.1:{app.server.port}")
         run.wait_connected()
@@ -56,5 +67,48 @@ def test_connect_answers_barges_in_survives_the_app_restarting_and_leaves_nothin
         assert took < 10, f"the first answer after the app came back took {took:.1f} s"  # 40 s if anything waited
     finally:
         app.quit()
+    left = run.stop()
+    assert not left, f"processes left after the remote process was stopped: {left}"
+
+
+def test_listen_answers_barges_in_survives_the_app_restarting_and_refuses_strangers(run: RemoteRun,
+                                                                                     tmp_path: Path):
+    port = free_base_port(1)
+    run.start("--listen", f"127.0.0.1:{port}")
+    app = App.start(tmp_path, port, dial="127.0.0.1")
+    stranger = None
+    try:
+        run.wait_connected()
+        app.ask("こんにちは")
+
+        # an address outside [remote] allow (loopback 127.0.0.1 only) is shut out, and logged once
+        for _ in range(3):
+            stranger = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.5", 0), timeout=5)
+            stranger.sendall("RECOG_EVENT_STOP|ただで答えて\n".encode())
+            assert shut(stranger), "a stranger's connection was not closed at once"
+            stranger.close()
+        assert run.logs().count("refused a connection from 127.0.0.5") == 1
+        assert "ただで答えて" not in " ".join(app.log.since(0))
+
+        run.llm.queue(tokens_of("長い答えです。" * 6, delay=0.01))
+        start = app.log.count()
+        app.sim.send("RECOG_EVENT_STOP|長く話して")
+        assert app.log.wait("SYNTH_EVENT_START|", 20, start), "the long answer did not start"
+        app.sim.send("RECOG_EVENT_START")
+        assert app.log.wait("SYNTH_STOP|0", 10, start), "no SYNTH_STOP after the barge-in"
+
+        run.llm.queue([Token("ずっと", 0.01)] + tokens_of("話しています。" * 4, delay=0.2))
+        start = app.log.count()
+        app.sim.send("RECOG_EVENT_STOP|話し続けて")
+        assert app.log.wait("SYNTH_EVENT_START|", 20, start)
+        app.quit()
+        app = App.start(tmp_path, port, dial="127.0.0.1")
+        run.wait_connected(connections=2)
+        took = app.ask("もどりました")
+        assert took < 10, f"the first answer after the app came back took {took:.1f} s"  # 40 s if anything waited
+    finally:
+        app.quit()
+        if stranger is not None:
+            stranger.close()
     left = run.stop()
     assert not left, f"processes left after the remote process was stopped: {left}"

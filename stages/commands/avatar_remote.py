@@ -167,6 +167,10 @@ class RemoteServer:
     def close(self) -> None:
         """Stop listening and drop every client (the app quits)."""
         self._closed = True
+        try:  # close() alone leaves a thread blocked in accept() holding the port (and accepting)
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._listener.close()
         with self._lock:
             clients, self._clients = list(self._clients), []
@@ -178,8 +182,9 @@ class RemoteDialer:
     """Plugin_Remote's client mode on ``app``: it connects out to the pipeline at ``host:port``
     (one network thread, ``avatar-sim-remote-dialer``, that dials, reads and dials again)."""
 
-    def __init__(self, app: SimulatedMMDAgent, host: str, port: int, retry_count: int = 0) -> None:
+    def __init__(self, app: SimulatedMMDAgent, host: str, port: int, retry_count: int = 0, source: str = "") -> None:
         self.app, self.host, self.port, self.retry_count = app, host, port, retry_count
+        self.source = source  # the address this app's PC connects from ("": the system's choice)
         self.connections = 0  # connections made
         self.failed_tries = 0  # connect attempts that failed, over the whole run
         self.gave_up = False  # every try of a round failed: nothing more is ever tried
@@ -258,6 +263,8 @@ class RemoteDialer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # gethostbyname: IPv4 only
         try:
             sock.settimeout(CONNECT_TIMEOUT)
+            if self.source:  # many "PCs" on one machine: 127.0.0.2, 127.0.0.3...
+                sock.bind((self.source, 0))
             sock.connect((socket.gethostbyname(self.host), self.port))
             sock.settimeout(None)
             return sock

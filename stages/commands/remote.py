@@ -16,7 +16,9 @@
   waits for it. ``HOST`` is loopback unless you say otherwise (``0.0.0.0`` for every interface).
 
 The avatar's name is its session; its ``config`` file, if given, is its configuration
-(``MMDAGENT_LLM_CONFIG``). Logs name the avatar: ``mmdagent-llm[bridge/<name>]``.
+(``MMDAGENT_LLM_CONFIG``), else the listener's is. Its bus (tcp) takes the eight ports after
+the previous avatar's, the first avatar's right after the listener's session's, so no two
+collide. Logs name the avatar: ``mmdagent-llm[bridge/<name>]``.
 """
 
 from __future__ import annotations
@@ -91,17 +93,20 @@ class Listener:
         entries = remote["avatars"] or {cfg["bus"]["session"]: {}}
         self.door = Door(networks(remote["allow"]), {n: e.get("address", "") for n, e in entries.items()},
                          remote["max_connections"])
-        self.avatars = {name: Avatar(name, self._env(name, entry, bool(remote["avatars"])))
-                        for name, entry in entries.items()}
+        base = cfg["bus"]["base_port"] or config_mod.derived_base_port(cfg["bus"]["session"])
+        self.avatars = {name: Avatar(name, self._env(name, entry, base + 8 * (i + 1) if remote["avatars"] else 0))
+                        for i, (name, entry) in enumerate(entries.items())}
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.server = socket.create_server((host, port), family=family, backlog=64)
         self.port = self.server.getsockname()[1]
 
     @staticmethod
-    def _env(name: str, entry: dict[str, str], named: bool) -> dict[str, str]:
+    def _env(name: str, entry: dict[str, str], base_port: int) -> dict[str, str]:
+        """An avatar's process environment; ``base_port`` 0: this configuration's own session."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if named:
+        if base_port:  # its own bus: ports after the listener's, in the table's order (no two alike)
             env[f"{config_mod.ENV_PREFIX}BUS_SESSION"] = name
+            env[f"{config_mod.ENV_PREFIX}BUS_BASE_PORT"] = str(base_port)
         if entry.get("config"):
             path = Path(entry["config"]).expanduser().resolve()
             if not path.is_file():
