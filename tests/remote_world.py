@@ -116,9 +116,10 @@ class RemoteRun:
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     @classmethod
-    def make(cls, tmp: Path, **sections: dict) -> "RemoteRun":
+    def make(cls, tmp: Path, reply=None, **sections: dict) -> "RemoteRun":
+        """``reply``: the LLM server's answer to a request body (default: a :class:`ScriptedLLM`)."""
         llm = ScriptedLLM()
-        server = ChatCompletionServer(llm).start()
+        server = ChatCompletionServer(reply or llm).start()
         folder = tmp / "pipeline"
         folder.mkdir(exist_ok=True)
         sections.setdefault("speech", {}).update(SLOW_TIMEOUTS)
@@ -136,6 +137,12 @@ class RemoteRun:
         log.close()
         self.procs.append(proc)
         return proc
+
+    def avatar_cfg(self, name: str) -> config_mod.Config:
+        """The configuration avatar ``name`` of a listener runs with (its session, its ports)."""
+        index = list(self.cfg["remote"]["avatars"]).index(name)
+        base = self.cfg["bus"]["base_port"] or config_mod.derived_base_port(self.cfg["bus"]["session"])
+        return {**self.cfg, "bus": {**self.cfg["bus"], "session": name, "base_port": base + 8 * (index + 1)}}
 
     def logs(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.tmp.glob("remote-*.log")))

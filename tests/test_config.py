@@ -175,3 +175,19 @@ def test_paths_are_in_the_users_folders_never_here(tmp_path):
     for place in places[1:]:
         assert place.startswith((str(tmp_path / "state"), str(tmp_path / "home"))), place
         assert not place.startswith(str(work))
+
+
+def test_remote_avatars_and_allow_are_checked(tmp_path):
+    from broker import config as config_mod
+    good = tmp_path / "good.toml"
+    good.write_text('[remote]\nallow = ["192.168.1.0/24"]\n[remote.avatars]\nfront = { address = "192.168.1.21", '
+                    'config = "front.toml" }\n', encoding="utf-8")
+    assert config_mod.load(good)["remote"]["avatars"]["front"]["address"] == "192.168.1.21"
+    for text, words in (('[remote]\nallow = ["nonsense"]\n', "is not an address or network"),
+                        ('[remote.avatars]\nfront = { address = "kiosk" }\n', "is not an IP address"),
+                        ('[remote.avatars]\n"a b" = { address = "10.0.0.1" }\n', "a name is letters"),
+                        ('[remote.avatars]\nfront = { addr = "10.0.0.1" }\n', "expected { address")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text, encoding="utf-8")
+        with pytest.raises(config_mod.ConfigError, match=re.escape(words)):
+            config_mod.load(bad)

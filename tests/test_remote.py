@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,60 @@ def test_listen_answers_barges_in_survives_the_app_restarting_and_refuses_strang
             stranger.close()
     left = run.stop()
     assert not left, f"processes left after the remote process was stopped: {left}"
+
+
+def test_twenty_avatars_through_one_listener_each_hear_only_their_own(tmp_path: Path, own_state):
+    """Twenty apps dial one ``remote --listen``, each from its own address (127.0.0.11-30), all
+    asking at once; three barge in on a long answer, and one quits and comes back meanwhile."""
+    names = [f"a{i:02d}" for i in range(1, 21)]
+    barging, restarting = set(names[:3]), names[3]
+
+    def reply(body: dict) -> list[Token]:
+        asked = str(body["messages"][-1]["content"])
+        name = asked[:3]
+        if name in barging and "長く" in asked:
+            return tokens_of(f"{name}の長い話です。" * 8, delay=0.05)
+        return tokens_of(f"{name}への答えです。")
+
+    avatars = {name: {"address": f"127.0.0.{10 + i}"} for i, name in enumerate(names, 1)}
+    run = RemoteRun.make(tmp_path, reply=reply, remote={"allow": ["127.0.0.0/8"], "avatars": avatars})
+    port = free_base_port(1)
+    apps: dict[str, App] = {}
+    try:
+        run.start("--listen", f"127.0.0.1:{port}")
+        for name in names:
+            folder = tmp_path / name
+            folder.mkdir()
+            apps[name] = App.start(folder, port, dial="127.0.0.1", retry_count=240, source=avatars[name]["address"])
+        for name in names:
+            run.wait_connected(run.avatar_cfg(name), timeout=120)
+
+        def talk(name: str) -> None:
+            app = apps[name]
+            if name in barging:
+                start = app.log.count()
+                app.sim.send(f"RECOG_EVENT_STOP|{name}、長く話して")
+                assert app.log.wait("SYNTH_EVENT_START|", 30, start), f"{name}: the long answer did not start"
+                app.sim.send("RECOG_EVENT_START")
+                assert app.log.wait("SYNTH_STOP|0", 10, start), f"{name}: no SYNTH_STOP after the barge-in"
+            elif name == restarting:
+                app.quit()
+                folder = tmp_path / f"{name}-again"
+                folder.mkdir()
+                apps[name] = app = App.start(folder, port, dial="127.0.0.1", retry_count=240,
+                                             source=avatars[name]["address"])
+                run.wait_connected(run.avatar_cfg(name), connections=2, timeout=60)
+            app.ask(f"{name}から", f"{name}への答えです。", timeout=60)
+
+        with ThreadPoolExecutor(len(names)) as pool:
+            for future in [pool.submit(talk, name) for name in names]:
+                future.result()
+        for name, app in apps.items():
+            heard = "".join(app.spoken_after(0))
+            assert not [other for other in names if other != name and other in heard], f"{name} heard {heard!r}"
+    finally:
+        for app in apps.values():
+            app.quit()
+        left = run.stop()
+        run.close()
+    assert not left, f"processes left after the listener was stopped: {left}"

@@ -517,3 +517,33 @@ def test_a_sentence_held_behind_speech_that_never_ends_is_written_when_that_is_t
     assert tc.on_speech(second, tc.turn) == []                    # plainly, at 0.45 s: still "audible"
     assert kinds(tc.on_tick(0.5)) == ["SYNTH_START"]              # the first taken as over: written now
     assert tc.cued is None
+
+
+def test_the_avatar_gone_mid_answer_cancels_its_turn_and_the_next_utterance_is_an_ordinary_turn():
+    tc = controller()
+    say(tc, "質問")
+    speak(tc, "一文目。")
+    actions = tc.on_avatar_gone(0.0)
+    assert kinds(actions) == ["cancel"]  # no SYNTH_STOP: the app that would hear it is gone
+    assert actions[0].body == {"reason": "gone", "stopped": False, "spoken": ["一文目。"]}
+    assert tc.machine == C.IDLE and not tc.voice.audible
+    assert not tc.accepts("SYNTH_START", tc.turn)
+    gone_turn = tc.turn
+    assert kinds(say(tc, "もどりました")) == ["turn_start"] and tc.turn > gone_turn
+    assert tc.accepts("SYNTH_START", tc.turn)
+
+
+def test_the_avatar_gone_while_idle_listening_or_away_cancels_nothing():
+    for lines in ([], [("RECOG_EVENT_START", [])], [("RECOG_EVENT_AWAY", ["ON"])]):
+        tc = controller()
+        for msg_type, args in lines:
+            tc.on_line(msg_type, args, 0.0)
+        assert tc.on_avatar_gone(0.0) == [] and tc.machine == C.IDLE
+
+
+def test_the_avatar_gone_drops_a_held_utterance():
+    tc = controller(up=False)
+    say(tc, "待って")
+    assert tc.machine == C.HOLDING
+    assert kinds(tc.on_avatar_gone(0.0)) == ["cancel"]
+    assert tc.machine == C.IDLE and kinds(tc.on_pipeline(True)) == []

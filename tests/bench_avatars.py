@@ -1,0 +1,125 @@
+"""Many avatars on one pipeline host: ``python -m tests.bench_avatars [--avatars 1 5 20] [--rounds 3]``.
+
+Issue 18. For each count N, one ``mmdagent-llm remote --listen`` serves N avatars (one pipeline
+per avatar, each started by its avatar's process); N fake MMDAgent-EX apps dial it in client mode,
+each from its own loopback address. Then:
+
+- memory: RSS and PSS (``/proc/<pid>/smaps_rollup``: shared pages split between their users)
+  of every process of ours once all are connected and idle, and per avatar (all but the
+  listener, divided by N);
+- first audio: ``rounds`` rounds in which all N avatars are asked at once (after one round not
+  measured); per utterance, the time from ``RECOG_EVENT_STOP`` to the first ``SYNTH_START`` the
+  app received. The LLM (the local streaming server, the real openai client) sends its first
+  token :data:`FIRST_TOKEN` seconds after each request; the overhead of N is its p50 minus N=1's.
+
+Linux only (reads /proc). Reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from stages.llm.offline_responder import Token
+from tests.e2e import tokens_of
+from tests.harness import free_base_port, processes_with
+from tests.remote_world import App, RemoteRun
+
+FIRST_TOKEN = 0.4
+ANSWER = "はい、お答えします。少しお待ちください。"
+
+
+def reply(body: dict) -> list[Token]:
+    tokens = tokens_of(ANSWER, delay=0.03)
+    return [Token(tokens[0].text, FIRST_TOKEN), *tokens[1:]]
+
+
+def memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of ``pid`` in kB; (0, 0) if it is gone."""
+    values = {"Rss:": 0, "Pss:": 0}
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            key, _, rest = line.partition(" ")
+            if key in values:
+                values[key] = int(rest.split()[0])
+    except OSError:
+        pass
+    return values["Rss:"], values["Pss:"]
+
+
+def measure(count: int, rounds: int, tmp: Path) -> dict:
+    names = [f"av{i:02d}" for i in range(1, count + 1)]
+    avatars = {name: {"address": f"127.0.0.{10 + i}"} for i, name in enumerate(names, 1)}
+    run = RemoteRun.make(tmp, reply=reply, remote={"allow": ["127.0.0.0/8"], "avatars": avatars})
+    port = free_base_port(1)
+    apps: dict[str, App] = {}
+    try:
+        listener = run.start("--listen", f"127.0.0.1:{port}")
+        for name in names:
+            (tmp / name).mkdir()
+            apps[name] = App.start(tmp / name, port, dial="127.0.0.1", retry_count=600,
+                                   source=avatars[name]["address"])
+        for name in names:
+            run.wait_connected(run.avatar_cfg(name), timeout=300)
+        time.sleep(3)  # idle: start-up allocations settled (a measurement, not a synchronisation)
+        pids = processes_with(run.mark)
+        rss, pss = map(sum, zip(*(memory(p) for p in pids)))
+        own_rss, own_pss = memory(listener.pid)
+        waits: list[float] = []
+        for i in range(rounds + 1):
+            took: dict[str, float] = {}
+            barrier = threading.Barrier(count)
+
+            def ask(name: str) -> None:
+                barrier.wait()
+                took[name] = apps[name].ask(f"{name}の質問{i}", ANSWER, timeout=120)
+            threads = [threading.Thread(target=ask, args=(name,)) for name in names]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            if i:
+                waits += took.values()
+        return {"processes": len(pids), "rss": rss, "pss": pss, "per_avatar_rss": (rss - own_rss) / count,
+                "per_avatar_pss": (pss - own_pss) / count, "waits": waits}
+    finally:
+        for app in apps.values():
+            app.quit()
+        run.stop()
+        run.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--avatars", type=int, nargs="+", default=[1, 5, 20])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ["XDG_STATE_HOME"] = str(Path(folder) / "state")  # keys and run folders of this bench only
+        for count in args.avatars:
+            tmp = Path(folder) / f"n{count}"
+            tmp.mkdir()
+            result = measure(count, args.rounds, tmp)
+            rows.append((count, result))
+            print(f"N={count}: done", flush=True)
+    base = statistics.median(rows[0][1]["waits"])
+    print(f"\nfirst token {FIRST_TOKEN * 1000:.0f} ms after each request; all N avatars asked at once, "
+          f"{args.rounds} rounds")
+    print("avatars  processes  RSS MB  PSS MB  per avatar RSS/PSS MB  first SYNTH_START p50 / p90 ms  "
+          f"overhead p50 ms (vs N={rows[0][0]})")
+    for count, r in rows:
+        waits = sorted(r["waits"])
+        p50, p90 = statistics.median(waits), waits[int(0.9 * (len(waits) - 1))]
+        print(f"{count:7d}  {r['processes']:9d}  {r['rss'] / 1024:6.0f}  {r['pss'] / 1024:6.0f}  "
+              f"{r['per_avatar_rss'] / 1024:10.0f} / {r['per_avatar_pss'] / 1024:.0f}  "
+              f"{p50 * 1000:17.0f} / {p90 * 1000:.0f}  {(p50 - base) * 1000:+14.0f}")
+
+
+if __name__ == "__main__":
+    main()
