@@ -122,7 +122,7 @@ class Host:
 
     def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
         """``subprocess.Popen`` of ``argv`` in this host (same keywords; ``env`` is passed on as is).
-        The process is killed when the hosts are removed, if still running."""
+        The process is ended (SIGTERM, then SIGKILL) when the hosts are removed, if still running."""
         proc = subprocess.Popen(self.argv(argv), **kwargs)
         self.procs.append(proc)
         return proc
