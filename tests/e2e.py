@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import zmq
+
 from broker import wire
 from stages.commands.avatar_sim import SimulatedMMDAgent
 from broker import config as config_mod
@@ -120,25 +122,27 @@ class World:
         return Turn(turn, lines, results[0].body, speech)
 
 
-def start_avatar(cfg: dict, mdf_dir: Path, env: dict[str, str], **kwargs) -> SimulatedMMDAgent:
-    """The fake MMDAgent-EX, launching the plugin command; returns once the bridge is ready."""
+def start_avatar(cfg: dict, mdf_dir: Path, env: dict[str, str], *, command: str = PLUGIN_COMMAND,
+                 ctx: zmq.Context | None = None, **kwargs) -> SimulatedMMDAgent:
+    """The fake MMDAgent-EX, launching the plugin ``command``; returns once the bridge is ready
+    (heard through ``ctx``, default the process's ZeroMQ context)."""
     mdf_dir.mkdir(exist_ok=True)
-    avatar = SimulatedMMDAgent(PLUGIN_COMMAND, mdf_dir=mdf_dir, env=env,
+    avatar = SimulatedMMDAgent(command, mdf_dir=mdf_dir, env=env,
                                seconds_per_char=kwargs.pop("seconds_per_char", 0.005),
                                min_speech=kwargs.pop("min_speech", 0.05), **kwargs).start()
     try:
-        beats = wait_ready(cfg, ["bridge"], 20)
+        beats = wait_ready(cfg, ["bridge"], 20, ctx)
         if not beats["bridge"]["info"]["pipeline"]:  # it has not yet seen every stage's heartbeat
-            bridge_sees_pipeline(cfg, 20)
+            bridge_sees_pipeline(cfg, 20, ctx)
     except BaseException:
         avatar.kill()
         raise
     return avatar
 
 
-def bridge_sees_pipeline(cfg: dict, timeout: float) -> None:
+def bridge_sees_pipeline(cfg: dict, timeout: float, ctx: zmq.Context | None = None) -> None:
     """Wait for a bridge heartbeat that reports the whole pipeline reachable."""
-    watcher = BusWatcher(cfg, b"heartbeat.bridge")
+    watcher = BusWatcher(cfg, b"heartbeat.bridge", ctx)
     try:
         assert watcher.wait_for(lambda envs: any(e.body["info"].get("pipeline") for e in envs), timeout), \
             "the bridge did not see the pipeline"

@@ -163,21 +163,23 @@ def logs_text(run_dir: Path) -> str:
 
 
 class BusWatcher:
-    """Collects every envelope on the bus (an observer: it only subscribes)."""
+    """Collects every envelope on the bus (an observer: it only subscribes), through ``ctx``
+    (default: the process's ZeroMQ context; another one listens from another host, tests/netns.py)."""
 
-    def __init__(self, cfg: config_mod.Config, topic: bytes = b"") -> None:
+    def __init__(self, cfg: config_mod.Config, topic: bytes = b"", ctx: zmq.Context | None = None) -> None:
         self.envelopes: list[wire.Envelope] = []
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._cfg = cfg
         self._topic = topic
+        self._ctx = ctx
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         self._ready.wait(5)
 
     def _run(self) -> None:
-        sub = connect(self._cfg, zmq.SUB, "events_out", (self._topic.decode(),))
+        sub = connect(self._cfg, zmq.SUB, "events_out", (self._topic.decode(),), self._ctx)
         self._ready.set()
         try:
             while not self._stop.is_set():
@@ -213,8 +215,18 @@ class BusWatcher:
         self._thread.join(5)
 
 
-def wait_pipeline(cfg: config_mod.Config, timeout: float = 30.0) -> dict[str, dict]:
-    return wait_ready(cfg, PIPELINE, timeout)
+def wait_pipeline(cfg: config_mod.Config, timeout: float = 30.0, ctx: zmq.Context | None = None) -> dict[str, dict]:
+    return wait_ready(cfg, PIPELINE, timeout, ctx)
+
+
+def wait_text(path: Path, text: str, timeout: float) -> bool:
+    """Whether ``text`` appears in the file within ``timeout`` s (a log file: no event to wait on)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(encoding="utf-8", errors="replace"):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def processes_with(marker: str) -> list[int]:

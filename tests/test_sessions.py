@@ -19,17 +19,7 @@ from broker import curve, sessions
 from broker.config import log_dir
 from stages.commands.launcher import stage_command
 from tests.e2e import launched
-from tests.harness import BIN, pipeline_env, write_config
-
-
-def wait_text(path: Path, text: str, timeout: float) -> bool:
-    """Whether ``text`` appears in the file within ``timeout`` s (a log file: no event to wait on)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and text in path.read_text(encoding="utf-8", errors="replace"):
-            return True
-        time.sleep(0.1)
-    return False
+from tests.harness import BIN, pipeline_env, wait_text, write_config
 
 
 def heartbeat_pids(world, stage: str) -> set[int]:

@@ -71,14 +71,16 @@ class Pipeline:
         self.stop()
 
 
-def wait_ready(cfg: config_mod.Config, stages: Iterable[str], timeout: float) -> dict[str, dict]:
+def wait_ready(cfg: config_mod.Config, stages: Iterable[str], timeout: float,
+               ctx: zmq.Context | None = None) -> dict[str, dict]:
     """Wait until each stage's heartbeat says ready; return their last heartbeat bodies.
 
-    Raises TimeoutError naming the stages that did not report.
+    Raises TimeoutError naming the stages that did not report. ``ctx``: the ZeroMQ context to
+    listen with (default: the process's own).
     """
     want = set(stages)
     seen: dict[str, dict] = {}
-    sub = connect(cfg, zmq.SUB, "events_out", ("heartbeat.",))
+    sub = connect(cfg, zmq.SUB, "events_out", ("heartbeat.",), ctx)
     deadline = time.monotonic() + timeout
     try:
         while not want <= {name for name, body in seen.items() if body.get("ready")}:
