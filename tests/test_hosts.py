@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from contextlib import ExitStack
@@ -33,8 +34,10 @@ from broker.liveness import PIPELINE
 from stages.commands.launcher import stage_command
 from stages.llm.offline_responder import ChatCompletionServer
 from tests.e2e import PLUGIN_COMMAND, ScriptedLLM, World, speech_pattern_ok, start_avatar, tokens_of, words
-from tests.harness import BIN, ROOT, SECRET_KEY, BusWatcher, pipeline_env, wait_pipeline, wait_text, write_config
+from tests.harness import (BIN, ROOT, SECRET_KEY, BusWatcher, free_base_port, pipeline_env, wait_pipeline, wait_text,
+                           write_config)
 from tests.netns import Host, hosts
+from tests.remote_world import SLOW_TIMEOUTS, App
 
 ANSWER = "こんにちは！遠くの計算機から答えています。今日はいい天気ですね。"
 EXPECTED = ["こんにちは！", "遠くの計算機から答えています。", "今日はいい天気ですね。"]
@@ -132,3 +135,60 @@ def test_a_turn_spans_hosts_and_a_host_with_other_keys_gets_nothing(tmp_path: Pa
     text = "".join(log.read_text(encoding="utf-8", errors="replace") for log in logs.values())
     assert "CURVE on: 1 admitted client key(s)" in text
     assert not [s for s in (*secrets_in(keys), *secrets_in(wrong), SECRET_KEY) if s in text]
+
+
+def test_an_avatar_on_its_own_host_talks_over_plugin_remote_and_a_stranger_host_is_refused(tmp_path: Path):
+    """Issue 18's three roles: the avatar PC (the fake MMDAgent-EX only, Plugin_Remote client
+    mode), the pipeline host (``remote --listen`` on every interface, broker, segmenter,
+    sequencer), the llm stage on a third host; CURVE on. ``[remote] allow`` names the avatar's
+    address alone: the rogue host's connection is closed unheard."""
+    with hosts(["avatar", "pipe", "gpu", "rogue"]) as (avatar, pipe, gpu, rogue), ExitStack() as stack:
+        keys = make_keys(tmp_path / "keys")
+        port = free_base_port(1)
+        cfg_path = write_config(tmp_path, bus={"host": pipe.address, "curve_dir": str(keys)},
+                                remote={"allow": [avatar.address]}, speech=SLOW_TIMEOUTS)
+        cfg = config_mod.load(cfg_path)
+        llm = ScriptedLLM()
+        with gpu.entered():
+            server = ChatCompletionServer(llm)
+        stack.callback(server.start().stop)
+        env = pipeline_env(cfg_path, None)
+        log = tmp_path / "pipe.log"
+        for name in ("broker", "segmenter", "sequencer"):
+            start(pipe, stage_command(name), env, log)
+        start(gpu, stage_command("llm"), pipeline_env(cfg_path, server.base_url), tmp_path / "gpu.log")
+        ctx = stack.enter_context(pipe.zmq_context())
+        wait_pipeline(cfg, 30, ctx)
+        listener = start(pipe, [sys.executable, "-m", "stages.commands.cli", "remote", "--listen", f"0.0.0.0:{port}"],
+                         env, log)
+        with avatar.entered():  # the app's network thread, started here, dials from the avatar host
+            app = App.start(tmp_path, port, dial=pipe.address, retry_count=120)
+        stack.callback(app.quit)
+        watcher = BusWatcher(cfg, b"heartbeat.bridge", ctx=ctx)
+        stack.callback(watcher.close)
+        assert watcher.wait_for(lambda envs: any(e.body["info"].get("connected") and e.body["info"].get("pipeline")
+                                                 for e in envs), 40), log.read_text()[-3000:]
+
+        app.ask("遠くから聞こえますか")
+        llm.queue(tokens_of("長い答えです。" * 6, delay=0.01))
+        begin = app.log.count()
+        app.sim.send("RECOG_EVENT_STOP|長く話して")
+        assert app.log.wait("SYNTH_EVENT_START|", 20, begin)
+        app.sim.send("RECOG_EVENT_START")
+        assert app.log.wait("SYNTH_STOP|0", 10, begin), "no SYNTH_STOP after the barge-in"
+        assert server.requests[0]["messages"][-1] == {"role": "user", "content": "遠くから聞こえますか"}
+
+        with rogue.entered():
+            stranger = socket.create_connection((pipe.address, port), timeout=10)
+        stranger.sendall("RECOG_EVENT_STOP|ただで答えて\n".encode())
+        try:
+            assert stranger.recv(100) == b""
+        except ConnectionResetError:
+            pass
+        stranger.close()
+        assert wait_text(log, f"refused a connection from {rogue.address}", 10), log.read_text()[-3000:]
+        assert "ただで答えて" not in " ".join(app.log.since(0))
+        assert pipe.holds(listener.pid)
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(20)
+    assert SECRET_KEY not in log.read_text() and not [s for s in secrets_in(keys) if s in log.read_text()]

@@ -16,8 +16,11 @@ listener accepted MMDAgent-EX's own connection and passed it on to this avatar's
 - When the connection ends (the app quit, crashed, restarted; the network broke) the bridge
   stays up: the turn in progress is cancelled (reason ``gone``), and the next connection, a
   :class:`Dialer`'s retry (0.1 s, doubling to 1 s) or the app connecting again, is a
-  conversation going on: its first answer is as fast as any other. A newer connection for the
-  same avatar replaces an older one (a restarted app whose old connection never closed).
+  conversation going on: its first answer is as fast as any other. A second connection for
+  the avatar while one is held (``remote --listen``) is a restarted app whose old connection
+  never closed (power cut, network cut), or another program at an allowed address: the held
+  connection is asked (the liveness message); if anything comes on it within :data:`PROBE`
+  seconds its app is there and the newcomer is closed, else the newcomer takes its place.
 - Lines from the app are read as the stdio bridge reads them (cut at 64 KiB, invalid UTF-8
   replaced...); the app sends other clients' traffic too (every client hears everything, its
   own lines echoed), which turn control tells apart by content and turn as on stdio.
@@ -48,6 +51,7 @@ ALIVE = "MMDAGENTLLM_ALIVE"  # the liveness check's message: no MMDAgent-EX plug
 WRITE_TIMEOUT = 10.0  # seconds a line may take to go out before the connection is taken as broken
 CONNECT_TIMEOUT = 3.0
 FIRST_RETRY, MAX_RETRY = 0.1, 1.0  # seconds between connection attempts (a refused one costs nothing)
+PROBE = 3.0  # seconds the held connection has to show its app is there when a second one comes
 
 
 def keep_alive(sock: socket.socket) -> None:
@@ -164,6 +168,7 @@ class RemoteBridge(Bridge):
         self.heard_at = 0.0
         self.checked = 0  # liveness checks sent on this connection
         self.dropped_since_lost = 0
+        self.candidate: tuple[socket.socket, str, float] | None = None  # a second connection, and its deadline
         super().__init__(cfg, stdin=io.BytesIO(), stdout=io.BytesIO())
 
     def _open_input(self, given: bool) -> None:
@@ -171,10 +176,22 @@ class RemoteBridge(Bridge):
 
     def _on_connection(self) -> None:
         for sock, peer in self.connections.take():
-            if self.sock is not None:
-                log.info("a new connection of the avatar (%s) replaces the one from %s", peer, self.peer)
-                self._lost("replaced by a newer one")
-            self._attach(sock, peer)
+            if self.sock is None:
+                self._attach(sock, peer)
+                continue
+            if self.candidate is not None:
+                self._refuse_candidate("a newer one came")
+            self.candidate = (sock, peer, time.monotonic() + PROBE)
+            log.info("a second connection for this avatar (%s): is the app on the one held (%s) still there?",
+                     peer, self.peer)
+            self._write(ALIVE, [str(self.connected_times)], 0, time.time())
+
+    def _refuse_candidate(self, why: str) -> None:
+        sock, peer, _ = self.candidate
+        self.candidate = None
+        log.warning("closed the second connection for this avatar (from %s): %s", peer, why)
+        sock.close()
+        self.connections.lost()
 
     def _attach(self, sock: socket.socket, peer: str) -> None:
         try:
@@ -204,6 +221,9 @@ class RemoteBridge(Bridge):
             self._lost("closed by MMDAgent-EX")
             return
         self.heard_at, self.checked = time.monotonic(), 0
+        if self.candidate is not None:
+            self._refuse_candidate(f"the app on the connection held ({self.peer}) is there: another program "
+                                   f"at an allowed address?")
         self._feed(data)
 
     def _lost(self, why: str) -> None:
@@ -221,6 +241,10 @@ class RemoteBridge(Bridge):
         log.warning("connection to MMDAgent-EX (%s) lost: %s; waiting for it to come back", self.peer, why)
         self._carry_out(self.turns.on_avatar_gone(time.time()), time.time())
         self.connections.lost()
+        if self.candidate is not None:
+            sock, peer, _ = self.candidate
+            self.candidate = None
+            self._attach(sock, peer)
 
     def _take(self, raw: bytes) -> bool:
         if raw.startswith(b"__AV"):
@@ -249,11 +273,13 @@ class RemoteBridge(Bridge):
 
     def next_deadline(self) -> float | None:
         own = self.heard_at + self.check_after * (1 + 2 * self.checked) if self.sock is not None else None
-        base = super().next_deadline()
-        return min(d for d in (own, base) if d is not None) if own or base else None
+        due = [d for d in (own, super().next_deadline(), self.candidate and self.candidate[2]) if d]
+        return min(due) if due else None
 
     def on_tick(self, now: float) -> None:
         super().on_tick(now)
+        if self.candidate is not None and now >= self.candidate[2]:
+            self._lost(f"nothing from it within {PROBE:.0f} s while a newer connection of the avatar waited")
         if self.sock is None or now < self.heard_at + self.check_after * (1 + 2 * self.checked):
             return
         if self.checked:
@@ -267,7 +293,8 @@ class RemoteBridge(Bridge):
                 "connections": self.connected_times}
 
     def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
+        for sock in (self.sock, self.candidate and self.candidate[0]):
+            if sock:
+                sock.close()
         self.connections.close()
         super().close()

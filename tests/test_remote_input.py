@@ -1,0 +1,172 @@
+"""Bad input over Plugin_Remote: the stdio bridge's hostile lines and more, through a socket.
+
+- ``--connect`` to a hostile "MMDAgent-EX": every crafted bad line of the stdio fuzz test, random
+  garbage, partial lines, a 10 MB line without a newline; the bridge stays up, reads on, counts
+  each kind, keeps its memory (the 10 MB are never held), and answers the next utterance.
+- ``--listen`` with two avatars: while avatar a1 talks, a second connection from a1's address
+  that never speaks is closed (a1's app answers the check), a2's address sends garbage, a 10 MB
+  line and a cut line, then its real app connects and talks; a1 is never touched.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.bench_avatars import memory
+from tests.harness import BusWatcher, free_base_port
+from tests.remote_world import App, RemoteRun
+from tests.test_fuzz import SEED, _crafted_stdin, _keys, _random_stdin
+from tests.test_remote import shut
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+TEN_MB = 10 * (1 << 20)
+
+
+class HostileApp:
+    """A Plugin_Remote server that accepts one client and lets the test write raw bytes to it."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", free_base_port(1)))
+        self.port = self.listener.getsockname()[1]
+        self.conn: socket.socket | None = None
+        self.received = b""
+        self.cond = threading.Condition()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with self.cond:
+            self.conn = conn
+            self.cond.notify_all()
+        while data := conn.recv(65536):
+            with self.cond:
+                self.received += data
+                self.cond.notify_all()
+
+    def wait(self, what, timeout: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: what(self), timeout)
+
+    def close(self) -> None:
+        for sock in (self.conn, self.listener):
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+
+def test_a_hostile_app_cannot_stop_or_swell_the_remote_bridge(tmp_path: Path, own_state):
+    run = RemoteRun.make(tmp_path)
+    app = HostileApp()
+    bus = None
+    try:
+        proc = run.start("--connect", f"127.0.0.1:{app.port}")
+        assert app.wait(lambda a: a.conn is not None, 30), run.logs()
+        run.wait_connected()
+        bus = BusWatcher(run.cfg)
+        before = memory(proc.pid)[0]
+
+        def sent_and_seen(data: bytes, key: str) -> bool:
+            """Send ``data`` then ``KEY|key``: the bridge published that line, whole, within 10 s.
+            (Each phase waits for its key: a flood of published lines would outrun the test's own
+            bus watcher, not the bridge.)"""
+            app.conn.sendall(data + f"\nKEY|{key}\n".encode())
+            return bus.wait_for(lambda envs: [key] in _keys(envs), 10)
+
+        # the watcher's subscription reaches the broker a moment after it starts: ping until heard
+        assert any(sent_and_seen(b"", f"ping-{i}") for i in range(50)), "the bus watcher hears nothing"
+        assert sent_and_seen(b"".join(_crafted_stdin()), "after-all-crafted")
+        keys = _keys(bus.envelopes)
+        for key in ("after-huge", "after-3000", "after-crafted"):
+            assert [key] in keys, (key, keys)
+        rng = random.Random(SEED)
+        for i in range(20):
+            assert sent_and_seen(b"".join(_random_stdin(rng) for _ in range(10)), f"after-random-{i}")
+        app.conn.sendall(b"TEN|" + b"m" * TEN_MB)  # no newline yet: 10 MB the bridge must not keep
+        assert sent_and_seen(b"", "after-ten-mb")
+        app.conn.sendall(b"RECOG_EVENT_ST")  # a line cut in two writes
+        app.conn.sendall("OP|こんにちは\n".encode())
+        assert app.wait(lambda a: b"SYNTH_START|0|mei_voice_normal|" in a.received, 30), \
+            f"no answer after the bad input:\n{run.logs()[-3000:]}"
+        assert proc.poll() is None
+        grew = memory(proc.pid)[0] - before
+        assert grew < 8 * 1024, f"the remote bridge grew by {grew} kB reading a 10 MB line"
+        watcher = BusWatcher(run.cfg, b"heartbeat.bridge")
+        try:
+            assert watcher.wait_for(lambda envs: envs and envs[-1].body["info"]["bad_input"].get("line too long", 0) >= 2,
+                                    10)
+            bad = watcher.envelopes[-1].body["info"]["bad_input"]
+        finally:
+            watcher.close()
+        assert {"invalid UTF-8", "NUL bytes", "line too long", "empty line", "empty type"} <= set(bad), bad
+        logs = run.logs()
+        for reason in ("invalid UTF-8", "line too long", "NUL bytes"):
+            assert logs.count(f"stdin: {reason}:") == 1, reason  # logged once, then counted
+    finally:
+        if bus is not None:
+            bus.close()
+        app.close()
+        run.stop()
+        run.close()
+
+
+def test_a_silent_second_connection_and_a_hostile_avatar_leave_the_other_avatar_alone(tmp_path: Path, own_state):
+    avatars = {"a1": {"address": "127.0.0.2"}, "a2": {"address": "127.0.0.3"}}
+    run = RemoteRun.make(tmp_path, remote={"allow": ["127.0.0.0/8"], "avatars": avatars})
+    port = free_base_port(1)
+    apps: list[App] = []
+    socks: list[socket.socket] = []
+    try:
+        run.start("--listen", f"127.0.0.1:{port}")
+        (tmp_path / "a1").mkdir()
+        a1 = App.start(tmp_path / "a1", port, dial="127.0.0.1", retry_count=120, source="127.0.0.2")
+        apps.append(a1)
+        run.wait_connected(run.avatar_cfg("a1"))
+        a1.ask("一つ目")
+
+        # a second connection from a1's address that never speaks: a1's app answers the check
+        silent = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0), timeout=30)
+        socks.append(silent)
+        assert shut(silent), "the silent second connection was not closed"
+        # an allowed address that is no avatar's
+        nobody = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.9", 0), timeout=30)
+        socks.append(nobody)
+        assert shut(nobody)
+
+        # a2's address: garbage, a 10 MB line, a line cut off by the end of the connection
+        hostile = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.3", 0), timeout=30)
+        socks.append(hostile)
+        rng = random.Random(SEED + 1)
+        for _ in range(200):
+            hostile.sendall(_random_stdin(rng)[:20000])
+        hostile.sendall(b"TEN|" + b"m" * TEN_MB + b"\nRECOG_EVENT_STOP|cut off")
+        a1.ask("二つ目")  # meanwhile
+        hostile.close()
+        (tmp_path / "a2").mkdir()
+        a2 = App.start(tmp_path / "a2", port, dial="127.0.0.1", retry_count=120, source="127.0.0.3")
+        apps.append(a2)
+        assert a2.server.wait_connected(30)  # the app drops what it says while not connected
+        a2.ask("こちらa2")
+        a1.ask("三つ目")
+        logs = run.logs()
+        assert "closed the second connection for this avatar (from 127.0.0.2)" in logs
+        assert "refused a connection from 127.0.0.9" in logs
+        assert "partial line" in logs and "line too long" in logs
+        assert logs.count("connected to MMDAgent-EX (127.0.0.2)") == 1  # a1's one connection, all along
+    finally:
+        for app in apps:
+            app.quit()
+        for sock in socks:
+            sock.close()
+        run.stop()
+        run.close()
