@@ -122,7 +122,12 @@ def load(path: Path | None = None, sources: dict[tuple[str, str], str] | None = 
 
 
 def _check_remote(remote: dict[str, Any], where: str) -> None:
-    """``[remote] allow`` is addresses or networks; each avatar a session name with an address."""
+    """``[remote] allow`` is addresses or networks; each avatar a session name with an address;
+    listen and connect are HOST:PORT."""
+    for key in ("listen", "connect"):
+        host, _, port = remote[key].rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"[remote] {key} = {remote[key]!r}: expected HOST:PORT, e.g. \"127.0.0.1:60001\"{where}")
     for entry in remote["allow"]:
         try:
             ipaddress.ip_network(entry.strip(), strict=False)

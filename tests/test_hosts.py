@@ -137,37 +137,53 @@ def test_a_turn_spans_hosts_and_a_host_with_other_keys_gets_nothing(tmp_path: Pa
     assert not [s for s in (*secrets_in(keys), *secrets_in(wrong), SECRET_KEY) if s in text]
 
 
+def role_env(cfg_path: Path, role: str, overrides: dict[str, str], base_url: str | None = None) -> dict[str, str]:
+    """The environment of a host running ``deploy/hosts/<role>.toml`` as shipped, its addresses,
+    keys folder and ports replaced by this run's (``MMDAGENT_LLM_<SECTION>_<KEY>``)."""
+    env = pipeline_env(cfg_path, base_url)
+    env[config_mod.ENV_CONFIG] = str(ROOT / "deploy" / "hosts" / f"{role}.toml")
+    env.update({f"{config_mod.ENV_PREFIX}{key}": value for key, value in overrides.items()})
+    return env
+
+
 def test_an_avatar_on_its_own_host_talks_over_plugin_remote_and_a_stranger_host_is_refused(tmp_path: Path):
-    """Issue 18's three roles: the avatar PC (the fake MMDAgent-EX only, Plugin_Remote client
-    mode), the pipeline host (``remote --listen`` on every interface, broker, segmenter,
-    sequencer), the llm stage on a third host; CURVE on. ``[remote] allow`` names the avatar's
-    address alone: the rogue host's connection is closed unheard."""
+    """Issue 18's three roles, each run from its files in ``deploy/hosts/`` under honcho: the
+    avatar PC (the fake MMDAgent-EX only, Plugin_Remote client mode, as ``avatar.mdf`` sets it
+    up), the pipeline host (``Procfile.pipeline``: broker, segmenter, sequencer and ``remote
+    --listen`` on every interface), the llm host (``Procfile.llm``); CURVE on. ``[remote] allow``
+    names the avatar's address alone: the rogue host's connection is closed unheard."""
     with hosts(["avatar", "pipe", "gpu", "rogue"]) as (avatar, pipe, gpu, rogue), ExitStack() as stack:
         keys = make_keys(tmp_path / "keys")
         port = free_base_port(1)
-        cfg_path = write_config(tmp_path, bus={"host": pipe.address, "curve_dir": str(keys)},
-                                remote={"allow": [avatar.address]}, speech=SLOW_TIMEOUTS)
+        cfg_path = write_config(tmp_path, bus={"host": pipe.address, "curve_dir": str(keys)}, speech=SLOW_TIMEOUTS)
         cfg = config_mod.load(cfg_path)
+        shared = {"BUS_HOST": pipe.address, "BUS_CURVE_DIR": str(keys), "BUS_BASE_PORT": str(cfg["bus"]["base_port"]),
+                  "LLM_HISTORY_FILE": str(tmp_path / "history.json"), "SPEECH_START_TIMEOUT": "40",
+                  "SPEECH_STOP_TIMEOUT_BASE": "60"}
         llm = ScriptedLLM()
         with gpu.entered():
             server = ChatCompletionServer(llm)
         stack.callback(server.start().stop)
-        env = pipeline_env(cfg_path, None)
         log = tmp_path / "pipe.log"
-        for name in ("broker", "segmenter", "sequencer"):
-            start(pipe, stage_command(name), env, log)
-        start(gpu, stage_command("llm"), pipeline_env(cfg_path, server.base_url), tmp_path / "gpu.log")
+
+        def honcho(host: Host, procfile: str, env: dict[str, str], out: Path) -> None:
+            with open(out, "ab") as file:  # honcho prints its processes' lines on stdout
+                host.popen([str(BIN / "honcho"), "-f", str(ROOT / "deploy" / "hosts" / procfile), "start"], env=env,
+                           cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=file, stderr=subprocess.STDOUT,
+                           start_new_session=True)
+        honcho(pipe, "Procfile.pipeline", role_env(cfg_path, "pipeline", {
+            **shared, "REMOTE_ALLOW": avatar.address, "REMOTE_LISTEN": f"0.0.0.0:{port}"}), log)
+        honcho(gpu, "Procfile.llm", role_env(cfg_path, "llm", shared, server.base_url), tmp_path / "gpu.log")
         ctx = stack.enter_context(pipe.zmq_context())
-        wait_pipeline(cfg, 30, ctx)
-        listener = start(pipe, [sys.executable, "-m", "stages.commands.cli", "remote", "--listen", f"0.0.0.0:{port}"],
-                         env, log)
+        wait_pipeline(cfg, 40, ctx)
         with avatar.entered():  # the app's network thread, started here, dials from the avatar host
             app = App.start(tmp_path, port, dial=pipe.address, retry_count=120)
         stack.callback(app.quit)
-        watcher = BusWatcher(cfg, b"heartbeat.bridge", ctx=ctx)
+        watcher = BusWatcher(cfg, b"heartbeat.", ctx=ctx)
         stack.callback(watcher.close)
-        assert watcher.wait_for(lambda envs: any(e.body["info"].get("connected") and e.body["info"].get("pipeline")
-                                                 for e in envs), 40), log.read_text()[-3000:]
+        assert watcher.wait_for(lambda envs: any(e.body["stage"] == "bridge" and e.body["info"].get("connected")
+                                                 and e.body["info"].get("pipeline") for e in envs), 40), \
+            log.read_text()[-3000:]
 
         app.ask("遠くから聞こえますか")
         llm.queue(tokens_of("長い答えです。" * 6, delay=0.01))
@@ -177,6 +193,9 @@ def test_an_avatar_on_its_own_host_talks_over_plugin_remote_and_a_stranger_host_
         app.sim.send("RECOG_EVENT_START")
         assert app.log.wait("SYNTH_STOP|0", 10, begin), "no SYNTH_STOP after the barge-in"
         assert server.requests[0]["messages"][-1] == {"role": "user", "content": "遠くから聞こえますか"}
+        pids = {e.body["stage"]: e.body["pid"] for e in watcher.envelopes}
+        assert gpu.holds(pids["llm"]) and all(pipe.holds(pids[n]) for n in ("broker", "segmenter", "sequencer",
+                                                                           "bridge"))
 
         with rogue.entered():
             stranger = socket.create_connection((pipe.address, port), timeout=10)
@@ -188,7 +207,5 @@ def test_an_avatar_on_its_own_host_talks_over_plugin_remote_and_a_stranger_host_
         stranger.close()
         assert wait_text(log, f"refused a connection from {rogue.address}", 10), log.read_text()[-3000:]
         assert "ただで答えて" not in " ".join(app.log.since(0))
-        assert pipe.holds(listener.pid)
-        listener.send_signal(signal.SIGTERM)
-        listener.wait(20)
-    assert SECRET_KEY not in log.read_text() and not [s for s in secrets_in(keys) if s in log.read_text()]
+    text = log.read_text() + (tmp_path / "gpu.log").read_text()
+    assert SECRET_KEY not in text and not [s for s in secrets_in(keys) if s in text]

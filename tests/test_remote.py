@@ -8,6 +8,7 @@ waiting on an app that went away would hold the next answer that long."""
 from __future__ import annotations
 
 import socket
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from stages.llm.offline_responder import Token
 from tests.e2e import tokens_of
-from tests.harness import free_base_port
+from tests.harness import BIN, free_base_port, supervised, wait_pipeline
 from tests.remote_world import App, RemoteRun
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -170,3 +171,25 @@ def test_twenty_avatars_through_one_listener_each_hear_only_their_own(tmp_path: 
         left = run.stop()
         run.close()
     assert not left, f"processes left after the listener was stopped: {left}"
+
+
+def test_the_remote_program_of_deploy_supervisord_conf_serves_the_avatar(tmp_path: Path, own_state):
+    """``supervisorctl start remote`` beside the pipeline supervisord runs: it joins that pipeline
+    (its bridge), listening where ``[remote] listen`` says."""
+    port = free_base_port(1)
+    run = RemoteRun.make(tmp_path, remote={"listen": f"127.0.0.1:{port}"})
+    app = None
+    try:
+        with supervised(tmp_path, run.env, "supervisord") as run_dir:
+            wait_pipeline(run.cfg)
+            ctl = subprocess.run([str(BIN / "supervisorctl"), "-c", str(run_dir / "supervisord.conf"), "start", "remote"],
+                                 env=run.env, capture_output=True, text=True, timeout=60)
+            assert "started" in ctl.stdout, ctl.stdout + ctl.stderr
+            app = App.start(tmp_path, port, dial="127.0.0.1", retry_count=120)
+            run.wait_connected()
+            app.ask("こんにちは")
+            assert "a pipeline is running: joining it" in (run_dir / "remote.log").read_text()
+    finally:
+        if app is not None:
+            app.quit()
+        run.close()

@@ -114,9 +114,11 @@ def _main(argv: list[str] | None) -> int:
     commands["avatar"].add_argument("--mdf-dir", type=Path, help="the plugin's working folder (default: here)")
     commands["avatar"].add_argument("--quiet", action="store_true", help="show only what the avatar says")
     door = commands["remote"].add_mutually_exclusive_group(required=True)
-    door.add_argument("--connect", metavar="HOST:PORT", help="connect to MMDAgent-EX (Plugin_Remote_EnableServer)")
-    door.add_argument("--listen", metavar="HOST:PORT",
-                      help="wait for MMDAgent-EX (Plugin_Remote_EnableClient); [remote] allow says who may connect")
+    door.add_argument("--connect", metavar="HOST:PORT", nargs="?", const="",
+                      help="connect to MMDAgent-EX (Plugin_Remote_EnableServer; default: [remote] connect)")
+    door.add_argument("--listen", metavar="HOST:PORT", nargs="?", const="",
+                      help="wait for MMDAgent-EX (Plugin_Remote_EnableClient; default: [remote] listen); "
+                           "[remote] allow says who may connect")
     door.add_argument("--handoff", type=int, help=argparse.SUPPRESS)  # --listen's avatar process: its channel fd
     commands["history"].add_argument("--console", action="store_true", help="the console's history")
     what = commands["history"].add_mutually_exclusive_group()

@@ -1,11 +1,11 @@
 """``mmdagent-llm remote``: the avatar's PC runs MMDAgent-EX and nothing of ours.
 
-- ``remote --connect HOST:PORT``: one avatar. Connects to MMDAgent-EX's Plugin_Remote server
+- ``remote --connect [HOST:PORT]``: one avatar (default: ``[remote] connect``). Connects to MMDAgent-EX's Plugin_Remote server
   (``Plugin_Remote_EnableServer=true``, ``Plugin_Remote_ListenPort=PORT`` in its ``.mdf``) and
   is that avatar's bridge (:class:`stages.bridge.remote.RemoteBridge`), joining the session's
   pipeline or starting one as ``plugin`` does (:func:`stages.commands.plugin.serve`), for as
   long as it runs: the app may come and go meanwhile, it is connected to again.
-- ``remote --listen HOST:PORT``: the avatars connect to us (``Plugin_Remote_EnableClient=true``,
+- ``remote --listen [HOST:PORT]`` (default: ``[remote] listen``): the avatars connect to us (``Plugin_Remote_EnableClient=true``,
   ``Plugin_Remote_Hostname``, ``Plugin_Remote_Port``: no port opens on the avatar's PC). This
   process, the listener, runs one avatar process per avatar of ``[remote.avatars]`` (or one,
   for this configuration's session, if none are listed), each ``remote --handoff``: a bridge
@@ -57,19 +57,20 @@ def main(cfg: config_mod.Config, connect: str | None = None, listen: str | None 
          handoff: int | None = None) -> int:
     from stages.bridge.remote import Dialer, Handoff, RemoteBridge
     from stages.commands.plugin import serve
+    if handoff is not None:  # an avatar of a listener
+        setup_logging(f"bridge/{cfg['bus']['session']}")
+        channel = socket.socket(fileno=handoff)
+        return serve(cfg, lambda: RemoteBridge(cfg, Handoff(channel)), log.error, content_history=False)
     try:
-        where = address(connect or listen or "") if handoff is None else None
+        where = address(connect or cfg["remote"]["connect"]) if connect is not None else \
+            address(listen or cfg["remote"]["listen"])
     except ValueError as exc:
         print(f"mmdagent-llm remote: {exc}", file=sys.stderr)
         return 2
-    if listen is not None and where is not None:
+    if connect is None:
         setup_logging("remote")
         return Listener(cfg, *where).run()
     setup_logging(f"bridge/{cfg['bus']['session']}")
-    if handoff is not None:
-        channel = socket.socket(fileno=handoff)
-        return serve(cfg, lambda: RemoteBridge(cfg, Handoff(channel)), log.error, content_history=False)
-    assert where is not None
     return serve(cfg, lambda: RemoteBridge(cfg, Dialer(*where)), log.error, content_history=False)
 
 
