@@ -121,7 +121,7 @@ class RemoteRun:
         llm = ScriptedLLM()
         server = ChatCompletionServer(reply or llm).start()
         folder = tmp / "pipeline"
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         sections.setdefault("speech", {}).update(SLOW_TIMEOUTS)
         cfg_path = write_config(folder, **sections)
         env = pipeline_env(cfg_path, server.base_url)  # the test's state folder (own_state): the same keys

@@ -193,3 +193,14 @@ def test_the_remote_program_of_deploy_supervisord_conf_serves_the_avatar(tmp_pat
         if app is not None:
             app.quit()
         run.close()
+
+
+def test_a_taken_port_or_a_bad_address_is_a_clear_error(run: RemoteRun):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = run.start("--listen", f"127.0.0.1:{port}")
+        assert proc.wait(30) == 1
+    assert f"cannot listen on 127.0.0.1:{port}: " in run.logs()
+    proc = run.start("--connect", "avatar-pc")
+    assert proc.wait(30) == 2
+    assert "'avatar-pc': expected HOST:PORT" in run.logs()

@@ -38,6 +38,7 @@ class HostileApp:
         self.port = self.listener.getsockname()[1]
         self.conn: socket.socket | None = None
         self.received = b""
+        self.closed = False  # the bridge closed the connection
         self.cond = threading.Condition()
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -46,10 +47,17 @@ class HostileApp:
         with self.cond:
             self.conn = conn
             self.cond.notify_all()
-        while data := conn.recv(65536):
+        while True:
+            try:
+                data = conn.recv(65536)
+            except OSError:
+                data = b""
             with self.cond:
                 self.received += data
+                self.closed = not data
                 self.cond.notify_all()
+            if not data:
+                return
 
     def wait(self, what, timeout: float) -> bool:
         with self.cond:
@@ -168,5 +176,41 @@ def test_a_silent_second_connection_and_a_hostile_avatar_leave_the_other_avatar_
             app.quit()
         for sock in socks:
             sock.close()
+        run.stop()
+        run.close()
+
+
+def test_a_silent_app_is_checked_and_an_app_that_answers_keeps_its_one_connection(tmp_path: Path, own_state):
+    """``[remote] liveness = 0.5``: the frozen app (it reads, never writes) gets one check, and
+    the connection is taken as lost 1 s later; the fake MMDAgent-EX, which hands every message
+    back, is checked again and again and keeps its one connection."""
+    run = RemoteRun.make(tmp_path, remote={"liveness": 0.5})
+    frozen = HostileApp()
+    app = None
+    try:
+        run.start("--connect", f"127.0.0.1:{frozen.port}")
+        assert frozen.wait(lambda a: b"MMDAGENTLLM_ALIVE|1\n" in a.received, 30), run.logs()[-2000:]
+        checked = time.monotonic()
+        assert frozen.wait(lambda a: a.closed, 30), "the silent connection was never given up"
+        assert time.monotonic() - checked >= 0.5  # not before twice the liveness after the check
+        assert "not even the answer to a liveness check" in run.logs()
+    finally:
+        frozen.close()
+        run.stop()
+        run.close()
+
+    run = RemoteRun.make(tmp_path / "second", remote={"liveness": 0.5})
+    try:
+        app = App.start(tmp_path, free_base_port(1))
+        run.start("--connect", f"127.0.0.1:{app.server.port}")
+        run.wait_connected()
+        assert app.log.wait("MMDAGENTLLM_ALIVE|1", 30)
+        start = app.log.count()
+        assert app.log.wait("MMDAGENTLLM_ALIVE|1", 30, start)  # checked again: answered each time
+        app.ask("まだいますか")
+        assert "lost" not in run.logs() and app.server.clients == 1
+    finally:
+        if app is not None:
+            app.quit()
         run.stop()
         run.close()

@@ -136,14 +136,15 @@ class Handoff:
 
     def take(self) -> list[tuple[socket.socket, str]]:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(self.channel, 1024, 8)
+            data, fds, _flags, _addr = socket.recv_fds(self.channel, 4096, 16)
         except OSError:
             data, fds = b"", []
         if not data:
             log.info("the listener that handed us connections is gone: stopping")
             request_stop()
             return []
-        return [(socket.socket(fileno=fd), data.decode("utf-8", "replace")) for fd in fds]
+        peers = data.decode("utf-8", "replace").split("\n")  # one line per descriptor (sends may merge)
+        return [(socket.socket(fileno=fd), peer) for fd, peer in zip(fds, peers)]
 
     def lost(self) -> None:
         try:

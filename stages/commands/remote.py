@@ -69,7 +69,16 @@ def main(cfg: config_mod.Config, connect: str | None = None, listen: str | None 
         return 2
     if connect is None:
         setup_logging("remote")
-        return Listener(cfg, *where).run()
+        if not hasattr(socket, "send_fds"):
+            log.error("remote --listen passes each connection to its avatar's process, which needs Linux or macOS: "
+                      "run the pipeline in WSL2, or let it connect to MMDAgent-EX (remote --connect)")
+            return 2
+        try:
+            listener = Listener(cfg, *where)
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", *where, exc)
+            return 1
+        return listener.run()
     setup_logging(f"bridge/{cfg['bus']['session']}")
     return serve(cfg, lambda: RemoteBridge(cfg, Dialer(*where)), log.error, content_history=False)
 
@@ -160,7 +169,7 @@ class Listener:
         while avatar.waiting and avatar.channel is not None:
             conn, host = avatar.waiting.pop(0)
             try:
-                socket.send_fds(avatar.channel, [host.encode("utf-8")], [conn.fileno()])
+                socket.send_fds(avatar.channel, [host.encode("utf-8") + b"\n"], [conn.fileno()])
                 avatar.open += 1
             except OSError as exc:
                 log.warning("could not pass %s's connection to its process: %s", avatar.name, exc)
