@@ -86,17 +86,21 @@ class App:
         self.sim.kill()
 
     def ask(self, text: str, answer: str = "はい、わかりました。", timeout: float = 20.0) -> float:
-        """Say ``text`` and wait until ``answer`` has been handed to the synthesizer in full; the
-        time from the utterance to its first ``SYNTH_START``."""
+        """Say ``text`` and wait until ``answer`` has been handed to the synthesizer in full and
+        spoken to its end; the time from the utterance to its first ``SYNTH_START``."""
         start = self.log.count()
         said_at = time.monotonic()
         self.sim.send("RECOG_EVENT_START")
         self.sim.send(f"RECOG_EVENT_STOP|{text}")
         first = self.log.wait("SYNTH_START|", timeout, start)
         assert first is not None, f"no answer to {text!r} within {timeout} s"
+        def said_and_quiet() -> bool:  # every sentence written and ended: the next utterance interrupts nothing
+            lines = [line for _, line in self.log.lines[start:]]
+            return "".join(self.spoken_after(start, locked=True)) == answer and \
+                sum(x.startswith("SYNTH_EVENT_STOP|") for x in lines) >= sum(x.startswith("SYNTH_START|") for x in lines)
         with self.log.cond:
-            done = self.log.cond.wait_for(lambda: "".join(self.spoken_after(start, locked=True)) == answer, timeout)
-        assert done, f"the answer to {text!r} was {self.spoken_after(start)}, not {answer!r}"
+            done = self.log.cond.wait_for(said_and_quiet, timeout)
+        assert done, f"the answer to {text!r} was {self.spoken_after(start)}, not {answer!r} (or did not end)"
         return first[0] - said_at
 
     def spoken_after(self, start: int, locked: bool = False) -> list[str]:
