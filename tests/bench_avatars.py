@@ -6,7 +6,7 @@ each from its own loopback address. Then:
 
 - memory: RSS and PSS (``/proc/<pid>/smaps_rollup``: shared pages split between their users)
   of every process of ours once all are connected and idle, and per avatar (all but the
-  listener, divided by N);
+  listener, divided by N); and the CPU they use idle, over :data:`IDLE` seconds;
 - first audio: ``rounds`` rounds in which all N avatars are asked at once (after one round not
   measured); per utterance, the time from ``RECOG_EVENT_STOP`` to the first ``SYNTH_START`` the
   app received. The LLM (the local streaming server, the real openai client) sends its first
@@ -31,6 +31,7 @@ from tests.harness import free_base_port, processes_with
 from tests.remote_world import App, RemoteRun
 
 FIRST_TOKEN = 0.4
+IDLE = 10.0  # seconds of idle CPU measured
 ANSWER = "はい、お答えします。少しお待ちください。"
 
 
@@ -52,7 +53,19 @@ def memory(pid: int) -> tuple[int, int]:
     return values["Rss:"], values["Pss:"]
 
 
-def measure(count: int, rounds: int, tmp: Path) -> dict:
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes ``pids`` have used so far."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def measure(count: int, rounds: int, tmp: Path, idle: float = IDLE) -> dict:
     names = [f"av{i:02d}" for i in range(1, count + 1)]
     avatars = {name: {"address": f"127.0.0.{10 + i}"} for i, name in enumerate(names, 1)}
     run = RemoteRun.make(tmp, reply=reply, remote={"allow": ["127.0.0.0/8"], "avatars": avatars})
@@ -69,6 +82,9 @@ def measure(count: int, rounds: int, tmp: Path) -> dict:
         time.sleep(3)  # idle: start-up allocations settled (a measurement, not a synchronisation)
         pids = processes_with(run.mark)
         rss, pss = map(sum, zip(*(memory(p) for p in pids)))
+        used = cpu_seconds(pids)
+        time.sleep(idle)  # the idle CPU of N avatars: heartbeats, liveness checks
+        idle_cpu = (cpu_seconds(pids) - used) / idle
         own_rss, own_pss = memory(listener.pid)
         waits: list[float] = []
         for i in range(rounds + 1):
@@ -85,7 +101,7 @@ def measure(count: int, rounds: int, tmp: Path) -> dict:
                 thread.join()
             if i:
                 waits += took.values()
-        return {"processes": len(pids), "rss": rss, "pss": pss, "per_avatar_rss": (rss - own_rss) / count,
+        return {"processes": len(pids), "rss": rss, "pss": pss, "idle_cpu": idle_cpu, "per_avatar_rss": (rss - own_rss) / count,
                 "per_avatar_pss": (pss - own_pss) / count, "waits": waits}
     finally:
         for app in apps.values():
@@ -111,13 +127,13 @@ def main() -> None:
     base = statistics.median(rows[0][1]["waits"])
     print(f"\nfirst token {FIRST_TOKEN * 1000:.0f} ms after each request; all N avatars asked at once, "
           f"{args.rounds} rounds")
-    print("avatars  processes  RSS MB  PSS MB  per avatar RSS/PSS MB  first SYNTH_START p50 / p90 ms  "
+    print("avatars  processes  RSS MB  PSS MB  per avatar RSS/PSS MB  idle CPU %  first SYNTH_START p50 / p90 ms  "
           f"overhead p50 ms (vs N={rows[0][0]})")
     for count, r in rows:
         waits = sorted(r["waits"])
         p50, p90 = statistics.median(waits), waits[int(0.9 * (len(waits) - 1))]
         print(f"{count:7d}  {r['processes']:9d}  {r['rss'] / 1024:6.0f}  {r['pss'] / 1024:6.0f}  "
-              f"{r['per_avatar_rss'] / 1024:10.0f} / {r['per_avatar_pss'] / 1024:.0f}  "
+              f"{r['per_avatar_rss'] / 1024:10.0f} / {r['per_avatar_pss'] / 1024:.0f}  {r['idle_cpu'] * 100:10.1f}  "
               f"{p50 * 1000:17.0f} / {p90 * 1000:.0f}  {(p50 - base) * 1000:+14.0f}")
 
 
