@@ -7,6 +7,8 @@ waiting on an app that went away would hold the next answer that long."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +19,8 @@ import pytest
 
 from stages.llm.offline_responder import Token
 from tests.e2e import tokens_of
-from tests.harness import BIN, free_base_port, supervised, wait_pipeline
+from tests.harness import BIN, free_base_port, processes_with, supervised, wait_pipeline
+from tests.test_plugin import cmdline
 from tests.remote_world import App, RemoteRun
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -204,3 +207,22 @@ def test_a_taken_port_or_a_bad_address_is_a_clear_error(run: RemoteRun):
     proc = run.start("--connect", "avatar-pc")
     assert proc.wait(30) == 2
     assert "'avatar-pc': expected HOST:PORT" in run.logs()
+
+
+def test_the_avatar_process_dying_does_not_close_the_apps_connection(run: RemoteRun, tmp_path: Path):
+    """MMDAgent-EX may die when a Plugin_Remote client disconnects: the listener keeps the
+    connection open while it starts the avatar's process again, and hands it over."""
+    port = free_base_port(1)
+    run.start("--listen", f"127.0.0.1:{port}")
+    app = App.start(tmp_path, port, dial="127.0.0.1")
+    try:
+        run.wait_connected()
+        app.ask("こんにちは")
+        avatar_pid = next(p for p in processes_with(run.mark) if "--handoff" in cmdline(p))
+        os.kill(avatar_pid, signal.SIGKILL)
+        run.wait_connected(timeout=60)  # the next process's bridge, on the same connection
+        app.ask("まだいますか", timeout=30)
+        assert app.server.connections == 1 and app.server.connected, "the app's connection was dropped"
+        assert "its 1 open connection(s) handed to the new process" in run.logs()
+    finally:
+        app.quit()

@@ -89,7 +89,7 @@ class Dialer:
             out.append(self._ready.get())
         return out
 
-    def lost(self) -> None:
+    def lost(self, sock: socket.socket) -> None:
         self._want.set()
 
     def _run(self) -> None:
@@ -124,12 +124,14 @@ class Dialer:
 
 class Handoff:
     """Connections accepted by ``remote --listen`` and passed to this process over ``channel``
-    (a Unix socket: the file descriptor with the peer's address). This side reports each
-    connection's end with one byte, so the listener can count the open ones. The channel's
-    end means the listener is gone: the process stops."""
+    (a Unix socket: each file descriptor with a line ``<id> <peer address>``). This side reports
+    each connection it is done with (``-<id>``): the listener, which keeps a copy of it open (so
+    this process dying does not close it), closes it then. The channel's end means the listener
+    is gone: the process stops."""
 
     def __init__(self, channel: socket.socket) -> None:
         self.channel = channel
+        self.ids: dict[int, str] = {}  # our descriptor -> the listener's id of the connection
 
     def fileno(self) -> int:
         return self.channel.fileno()
@@ -143,12 +145,16 @@ class Handoff:
             log.info("the listener that handed us connections is gone: stopping")
             request_stop()
             return []
-        peers = data.decode("utf-8", "replace").split("\n")  # one line per descriptor (sends may merge)
-        return [(socket.socket(fileno=fd), peer) for fd, peer in zip(fds, peers)]
+        out = []
+        for fd, line in zip(fds, data.decode("utf-8", "replace").split("\n")):  # sends may merge
+            number, _, peer = line.partition(" ")
+            self.ids[fd] = number
+            out.append((socket.socket(fileno=fd), peer))
+        return out
 
-    def lost(self) -> None:
+    def lost(self, sock: socket.socket) -> None:
         try:
-            self.channel.send(b"-")
+            self.channel.send(f"-{self.ids.pop(sock.fileno(), '')}\n".encode())
         except OSError:
             pass
 
@@ -191,8 +197,8 @@ class RemoteBridge(Bridge):
         sock, peer, _ = self.candidate
         self.candidate = None
         log.warning("closed the second connection for this avatar (from %s): %s", peer, why)
+        self.connections.lost(sock)
         sock.close()
-        self.connections.lost()
 
     def _attach(self, sock: socket.socket, peer: str) -> None:
         try:
@@ -235,13 +241,13 @@ class RemoteBridge(Bridge):
         self.extra.pop(sock.fileno(), None)
         if self._splitter.buf or self._splitter.skipping is not None:
             self._bad("partial line", "a line cut off by the connection's end: skipped")
+        self.connections.lost(sock)
         try:
             sock.close()
         except OSError:
             pass
         log.warning("connection to MMDAgent-EX (%s) lost: %s; waiting for it to come back", self.peer, why)
         self._carry_out(self.turns.on_avatar_gone(time.time()), time.time())
-        self.connections.lost()
         if self.candidate is not None:
             sock, peer, _ = self.candidate
             self.candidate = None

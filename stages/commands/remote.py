@@ -13,7 +13,9 @@
   allowed address that is an avatar's (:mod:`stages.bridge.door`), and passes it to that
   avatar's process (the file descriptor, over a Unix socket: Linux and macOS). An avatar process
   that ends is started again (after 1 s, doubling to 10 s); a connection that comes meanwhile
-  waits for it. ``HOST`` is loopback unless you say otherwise (``0.0.0.0`` for every interface).
+  waits for it, and one it held stays open meanwhile: the listener keeps a copy of each connection
+  it passed on until the avatar's process says it is done with it, and hands it to the next
+  process. ``HOST`` is loopback unless you say otherwise (``0.0.0.0`` for every interface).
 
 The avatar's name is its session; its ``config`` file, if given, is its configuration
 (``MMDAGENT_LLM_CONFIG``), else the listener's is. Its bus (tcp) takes the eight ports after
@@ -90,11 +92,13 @@ class Avatar:
     env: dict[str, str]
     proc: subprocess.Popen | None = None
     channel: socket.socket | None = None
-    open: int = 0                      # connections handed to it and not reported ended
     started: float = 0.0
     due: float = 0.0                   # when to start it again (after it ended)
     backoff: float = 1.0
-    waiting: list[tuple[socket.socket, str]] = field(default_factory=list)  # while it (re)starts
+    # connections handed to its process and not reported ended, by id: the listener keeps its own
+    # copy open, so the process dying does not close them (MMDAgent-EX may die when a client goes)
+    held: dict[int, tuple[socket.socket, str]] = field(default_factory=dict)
+    waiting: list[tuple[int, socket.socket, str]] = field(default_factory=list)  # to hand over
 
 
 class Listener:
@@ -108,6 +112,7 @@ class Listener:
                         for i, (name, entry) in enumerate(entries.items())}
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.server = socket.create_server((host, port), family=family, backlog=64)
+        self.next_id = 0  # of the connections admitted
         self.port = self.server.getsockname()[1]
 
     @staticmethod
@@ -154,7 +159,7 @@ class Listener:
             log.warning("accept failed: %s", exc)
             return
         host = peer[0]
-        name, why = self.door.admit(host, sum(a.open + len(a.waiting) for a in self.avatars.values()))
+        name, why = self.door.admit(host, sum(len(a.held) + len(a.waiting) for a in self.avatars.values()))
         if name is None:
             if self.door.refuse(host):
                 log.warning("refused a connection from %s: %s (further ones from it are only counted)", host, why)
@@ -162,25 +167,30 @@ class Listener:
             return
         avatar = self.avatars[name]
         log.info("avatar %s connected from %s", name, host)
-        avatar.waiting.append((conn, host))
+        self.next_id += 1
+        avatar.waiting.append((self.next_id, conn, host))
         self._hand_over(avatar)
 
     def _hand_over(self, avatar: Avatar) -> None:
+        """Pass the waiting connections to the avatar's process: ``<id> <peer>\n`` with each."""
         while avatar.waiting and avatar.channel is not None:
-            conn, host = avatar.waiting.pop(0)
+            number, conn, host = avatar.waiting.pop(0)
             try:
-                socket.send_fds(avatar.channel, [host.encode("utf-8") + b"\n"], [conn.fileno()])
-                avatar.open += 1
+                socket.send_fds(avatar.channel, [f"{number} {host}\n".encode("utf-8")], [conn.fileno()])
+                avatar.held[number] = (conn, host)
             except OSError as exc:
                 log.warning("could not pass %s's connection to its process: %s", avatar.name, exc)
-            conn.close()
+                conn.close()
 
     def _report(self, avatar: Avatar) -> None:
         try:
             data = avatar.channel.recv(4096) if avatar.channel is not None else b""
         except OSError:
             data = b""
-        avatar.open = max(0, avatar.open - data.count(b"-"))
+        for word in data.split():  # "-<id>": the process is done with that connection
+            entry = avatar.held.pop(int(word[1:]), None) if word[1:].isdigit() else None
+            if entry is not None:
+                entry[0].close()
         if not data:
             self._ended(avatar)
 
@@ -190,14 +200,18 @@ class Listener:
         avatar.proc = subprocess.Popen(cmd, env=avatar.env, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
                                        preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
         theirs.close()
-        avatar.channel, avatar.started, avatar.open = ours, time.monotonic(), 0
+        avatar.channel, avatar.started = ours, time.monotonic()
         log.info("started avatar %s's process (pid %d)", avatar.name, avatar.proc.pid)
+        if avatar.held:  # those its last process had, still open: handed to this one first
+            log.info("avatar %s: its %d open connection(s) handed to the new process", avatar.name, len(avatar.held))
+            avatar.waiting[:0] = [(n, conn, host) for n, (conn, host) in avatar.held.items()]
+            avatar.held.clear()
         self._hand_over(avatar)
 
     def _ended(self, avatar: Avatar) -> None:
         if avatar.channel is not None:
             avatar.channel.close()
-        avatar.channel, avatar.open = None, 0
+        avatar.channel = None
         code = avatar.proc.wait(5) if avatar.proc is not None else None
         ran = time.monotonic() - avatar.started
         avatar.backoff = 1.0 if ran >= STEADY else min(avatar.backoff * 2, MAX_BACKOFF)
@@ -217,7 +231,7 @@ class Listener:
         for avatar in self.avatars.values():
             if avatar.channel is not None:
                 avatar.channel.close()
-            for conn, _ in avatar.waiting:
+            for conn in [c for _, c, _ in avatar.waiting] + [c for c, _ in avatar.held.values()]:
                 conn.close()
             if avatar.proc is not None and avatar.proc.poll() is None:
                 avatar.proc.send_signal(signal.SIGTERM)
