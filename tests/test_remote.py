@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from stages.commands.avatar_remote import RemoteClient
 from stages.llm.offline_responder import Token
 from tests.e2e import tokens_of
 from tests.harness import BIN, free_base_port, processes_with, supervised, wait_pipeline
@@ -50,6 +51,18 @@ def test_connect_answers_barges_in_survives_the_app_restarting_and_leaves_nothin
         run.start("--connect", f"127.0.0.1:{app.server.port}")
         run.wait_connected()
         app.ask("こんにちは")
+
+        # another client (a recognizer, say) comes, speaks and goes: its utterance is the app's,
+        # answered; its REMOTE_EVENT_CONNECTED/DISCONNECTED are logged, never answered
+        other = RemoteClient("127.0.0.1", app.server.port)
+        start = app.log.count()
+        other.send("RECOG_EVENT_STOP|ほかのクライアントから")
+        assert app.log.wait("SYNTH_START|", 20, start), "the other client's utterance was not answered"
+        other.close()
+        assert app.log.wait("REMOTE_EVENT_DISCONNECTED|", 10, start)
+        app.ask("つぎの質問")
+        assert "MMDAgent-EX: REMOTE_EVENT_DISCONNECTED|127.0.0.1" in run.logs()
+        assert app.spoken_after(start).count("はい、") == 2  # one answer each: no event was answered
 
         # barge-in: the user speaks while the avatar does; SYNTH_STOP comes over the connection
         run.llm.queue(tokens_of("長い答えです。" * 6, delay=0.01))
