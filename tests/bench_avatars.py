@@ -12,6 +12,9 @@ each from its own loopback address. Then:
   app received. The LLM (the local streaming server, the real openai client) sends its first
   token :data:`FIRST_TOKEN` seconds after each request; the overhead of N is its p50 minus N=1's.
 
+With ``--shared-llm``, instead: the one part of the other design (one pipeline shared by every
+avatar) that can be measured without building it, one process streaming N answers at once.
+
 Linux only (reads /proc). Reported, never asserted.
 """
 
@@ -110,11 +113,58 @@ def measure(count: int, rounds: int, tmp: Path, idle: float = IDLE) -> dict:
         run.close()
 
 
+def shared_llm(count: int, rounds: int) -> list[float]:
+    """The one part of the other design that can be measured without building it: one process
+    streaming ``count`` answers at once (threads, the real openai client), as an llm stage shared
+    by every avatar would; per request, the time to its first content chunk minus
+    :data:`FIRST_TOKEN`: what that process adds."""
+    import openai
+
+    from stages.llm.offline_responder import ChatCompletionServer
+    server = ChatCompletionServer(reply).start()
+    client = openai.OpenAI(api_key="sk-bench", base_url=server.base_url, max_retries=0)
+    added: list[float] = []
+    try:
+        for i in range(rounds + 1):
+            barrier = threading.Barrier(count)
+            took: list[float] = []
+
+            def ask(n: int) -> None:
+                barrier.wait()
+                start = time.monotonic()
+                stream = client.chat.completions.create(model="bench", stream=True,
+                                                        messages=[{"role": "user", "content": str(n)}])
+                for chunk in stream:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        took.append(time.monotonic() - start - FIRST_TOKEN)
+                        break
+                stream.close()
+            threads = [threading.Thread(target=ask, args=(n,)) for n in range(count)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            if i:
+                added += took
+    finally:
+        server.stop()
+    return added
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--avatars", type=int, nargs="+", default=[1, 5, 20])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--shared-llm", action="store_true",
+                        help="only: N answers streamed at once by one process (the shared design's llm)")
     args = parser.parse_args()
+    if args.shared_llm:
+        print("one process streaming N answers at once (threads, the openai client): its delay to the first chunk")
+        for count in args.avatars:
+            added = sorted(shared_llm(count, args.rounds))
+            print(f"{count:3d} avatars: p50 {statistics.median(added) * 1000:.0f} ms, "
+                  f"p90 {added[int(0.9 * (len(added) - 1))] * 1000:.0f} ms")
+        return
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         os.environ["XDG_STATE_HOME"] = str(Path(folder) / "state")  # keys and run folders of this bench only

@@ -148,6 +148,15 @@ class RemoteRun:
         base = self.cfg["bus"]["base_port"] or config_mod.derived_base_port(self.cfg["bus"]["session"])
         return {**self.cfg, "bus": {**self.cfg["bus"], "session": name, "base_port": base + 8 * (index + 1)}}
 
+    def wait_log(self, text: str, timeout: float = 10.0) -> bool:
+        """Whether ``text`` appears in the ``remote`` processes' logs within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while text not in self.logs():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)  # a log file has no event to wait on
+        return True
+
     def logs(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.tmp.glob("remote-*.log")))
 

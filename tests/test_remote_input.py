@@ -193,7 +193,7 @@ def test_a_silent_app_is_checked_and_an_app_that_answers_keeps_its_one_connectio
         checked = time.monotonic()
         assert frozen.wait(lambda a: a.closed, 30), "the silent connection was never given up"
         assert time.monotonic() - checked >= 0.5  # not before twice the liveness after the check
-        assert "not even the answer to a liveness check" in run.logs()
+        assert run.wait_log("not even the answer to a liveness check")  # logged just after the close
     finally:
         frozen.close()
         run.stop()
@@ -212,5 +212,37 @@ def test_a_silent_app_is_checked_and_an_app_that_answers_keeps_its_one_connectio
     finally:
         if app is not None:
             app.quit()
+        run.stop()
+        run.close()
+
+
+def test_the_allow_list_and_the_cleaning_of_lines_hold_over_tcp(tmp_path: Path, own_state):
+    """What the stdio bridge refuses or cleans, the remote one does too: the same code."""
+    from broker import wire
+    from broker.runtime import connect
+    import zmq
+    run = RemoteRun.make(tmp_path)
+    app = HostileApp()
+    push = None
+    try:
+        run.start("--connect", f"127.0.0.1:{app.port}")
+        assert app.wait(lambda a: a.conn is not None, 30), run.logs()
+        run.wait_connected()
+        push = connect(run.cfg, zmq.PUSH, "commands_in")
+        sequencer, intruder = wire.Sender("sequencer"), wire.Sender("intruder")
+        for sender, kind, args in ((sequencer, "EXECUTE", ["calc.exe"]), (sequencer, "KEY_POST", ["x"]),
+                                   (intruder, "SYNTH_START", ["0", "mei_voice_normal", "forged"]),
+                                   (sequencer, "SYNTH_START", ["0", "mei_voice_normal", "一行目\nEXECUTE|calc\x07"])):
+            push.send_multipart(wire.encode(sender.make("command", {"type": kind, "args": args}, turn=0)))
+        assert app.wait(lambda a: "一行目".encode() in a.received, 30), run.logs()[-2000:]
+        lines = app.received.decode("utf-8").splitlines()
+        assert "SYNTH_START|0|mei_voice_normal|一行目 EXECUTE｜calc" in lines
+        assert not [line for line in lines if line.startswith(("EXECUTE", "KEY_POST")) or "forged" in line], lines
+        logs = run.logs()
+        assert "refused a 'EXECUTE'" in logs and "from 'intruder'" in logs
+    finally:
+        if push is not None:
+            push.close(linger=0)
+        app.close()
         run.stop()
         run.close()

@@ -200,6 +200,9 @@ class ChatCompletionServer:
 
 class _Server(ThreadingHTTPServer):
     ssl_context: ssl.SSLContext | None = None
+    # socketserver's default backlog is 5: twenty llm stages asking at once (twenty avatars)
+    # had connections reset, each then a retried or failed turn
+    request_queue_size = 64
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = super().get_request()
