@@ -97,7 +97,9 @@ KINDS: dict[str, str] = {
     answer again from its start, and on, under the new id, the segmenter skipping what
     was heard; an llm restarted meanwhile holds no answer, and
     asks for its rest with ``heard`` as the assistant's beginning (``[llm] prefill``), or
-    reports the turn ``broken``.""",
+    reports the turn ``broken``. A turn the avatar opens itself (the persona's greeting when it
+    starts) has ``text`` "" and ``say`` (str): the llm streams exactly that as the answer, with
+    no request and nothing kept in history.""",
     "cancel": """A turn is cancelled: drop everything of it, now (bus, bridge).
 
     body: ``reason`` (``interrupted``: the user started speaking; ``superseded``: a newer

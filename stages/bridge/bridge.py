@@ -26,6 +26,8 @@ Started by MMDAgent-EX as ``Plugin_AnyScript_Command=mmdagent-llm bridge``:
   cancels them (``cancel``), writes ``SYNTH_STOP`` itself on an interruption, and keeps
   ``SYNTH_START`` of a cancelled or old turn from being written.
 - end of input (MMDAgent-EX closed the pipe) ends the process with status 0.
+- once on the bus, it has the avatar say the persona's greeting (``[persona] greet``; see
+  :mod:`stages.persona`), as a turn of its own.
 
 This is the one process MMDAgent-EX will not restart, so it stays small and imports no LLM code.
 """
@@ -42,6 +44,7 @@ from typing import BinaryIO, Callable, NoReturn
 import zmq
 
 from broker import wire
+from stages import persona
 from stages.bridge import mmd_line
 from broker.runtime import Stage, request_stop, setup_logging
 from broker.liveness import PIPELINE
@@ -79,6 +82,7 @@ class Bridge(Stage):
                                     startup_grace=cfg["bus"]["peer_timeout"], vocabulary=Vocabulary(cfg),
                                     speech_limits=cfg["speech"])
         self.clock = TurnClock()
+        self.greeting = greeting_of(cfg)
         self._inbox: zmq.Socket | None = None
         self._splitter = mmd_line.LineSplitter(MAX_IN_BYTES)
         self._open_input(stdin is not None)
@@ -299,6 +303,12 @@ class Bridge(Stage):
 
     def on_ready(self) -> None:
         self._carry_out(self.turns.on_ready(), time.time())
+        self._greet()  # MMDAgent-EX started this bridge: the avatar has just started
+
+    def _greet(self) -> None:
+        """The persona's greeting, as a turn of its own (``[persona] greet``)."""
+        if self.greeting:
+            self._carry_out(self.turns.greet(self.greeting, time.time()), time.time())
 
     def next_deadline(self) -> float | None:
         return self.turns.next_deadline()
@@ -334,6 +344,18 @@ class Bridge(Stage):
     def close(self) -> None:
         if self._inbox is not None:
             self._inbox.close(linger=0)
+
+
+def greeting_of(cfg) -> str:
+    """What the avatar says when it starts: the persona file's greeting, if ``[persona] greet``."""
+    path = persona.find(cfg["persona"]["file"])
+    if not cfg["persona"]["greet"] or path is None:
+        return ""
+    try:
+        return persona.load(path).greeting.strip()
+    except persona.PersonaError as exc:
+        log.error("%s: no greeting", exc)
+        return ""
 
 
 def main(cfg) -> int:

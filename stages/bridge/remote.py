@@ -213,6 +213,10 @@ class RemoteBridge(Bridge):
         self.extra[sock.fileno()] = self._on_readable
         log.info("connected to MMDAgent-EX (%s)%s", peer, "" if self.connected_times == 1 else
                  f": connection {self.connected_times} of this session")
+        self._greet()  # the app (re)started: the avatar has just started
+
+    def on_ready(self) -> None:
+        self._carry_out(self.turns.on_ready(), time.time())  # the greeting waits for a connection
 
     def _on_readable(self) -> None:
         if self.sock is None:

@@ -117,6 +117,7 @@ class TurnController:
         # every turn id of this bridge is at least this; all below belong to bridges gone before it
         self.epoch = int(time.time() * 1000)
         self.last_cancel: Publish | None = None  # published again to a process that may have missed it
+        self.say = ""  # the held or current turn's fixed words (a greeting), "" for an utterance
 
     # -- input ---------------------------------------------------------------------------
     def on_line(self, msg_type: str, args: list[str], origin: float, now: float | None = None) -> list[Action]:
@@ -453,6 +454,18 @@ class TurnController:
             actions.append(Write("NOTIFY_SHOW", [self.cfg["unreachable_text"]]))
         return actions
 
+    def greet(self, words: str, origin: float, now: float | None = None) -> list[Action]:
+        """The avatar started (MMDAgent-EX opened, or connected again): it says ``words`` (the
+        persona's greeting) as a turn of its own, once the pipeline is up; only when nothing else
+        is going on (a user who already spoke comes first)."""
+        now = time.monotonic() if now is None else now
+        if not words or self.machine != C.IDLE:
+            return []
+        self._hold("", now, origin)
+        self.say = words
+        log.info("turn %d: the greeting, %s", self.turn, "now" if self.pipeline_up else "once the pipeline is up")
+        return self._release_held(now) if self.pipeline_up else []
+
     def _hold(self, text: str, asked_at: float, origin: float) -> None:
         """Open a new turn for ``text``, not yet sent to the pipeline."""
         self.turn = max(self.turn + 1, int(time.time() * 1000), self.epoch)
@@ -463,6 +476,7 @@ class TurnController:
         self.total_segments = None
         self.done_by = set()
         self.cued = None
+        self.say = ""
         self.machine.move(C.HOLDING, f"turn {self.turn}")
 
     def _release_held(self, now: float) -> list[Action]:
@@ -473,7 +487,7 @@ class TurnController:
         self.motions.think_from(now)
         self.machine.move(C.ANSWERING, f"turn {self.turn} sent")
         self.asked_turn = self.turn
-        self.start_body = {"text": self.user_text}
+        self.start_body = {"text": self.user_text, **({"say": self.say} if self.say else {})}
         return [Publish("turn_start", self.start_body, self.turn, self.asked_origin)]
 
     def _fail(self, why: str, origin: float) -> list[Action]:
@@ -485,7 +499,7 @@ class TurnController:
         else:  # held, never sent: nothing to stop, but nothing of it may run later either
             self.cancelled = self.turn
         actions += [Write(t, a) for t, a in self.motions.end_mood()]
-        notice = self.cfg["failure_notice"]
+        notice = self.cfg["failure_notice"] if not self.say else ""  # nobody asked for a greeting
         if notice:  # a SYNTH_START cuts off whatever the model says: no SYNTH_STOP needed first
             actions.append(Write("SYNTH_START", [self.model, self.voice_alias, notice]))
         self.machine.move(C.IDLE, "failed")

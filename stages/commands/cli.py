@@ -227,6 +227,10 @@ def _config(cfg: config_mod.Config, sources: dict[tuple[str, str], str], path: P
         for key, value in values.items():
             source = sources.get((section, key))
             print(f"{key} = {_toml(value)}" + (f"  # from {source}" if source else ""))
+    from stages import persona
+    character = persona.find(cfg["persona"]["file"])
+    print(f"\n# the character (the LLM's system prompt): "
+          f"{character or 'no ' + repr(cfg['persona']['file']) + ' here: [llm] system_prompt'}")
     return 0
 
 

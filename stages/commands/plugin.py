@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Callable
 
 from broker import config as config_mod
 from broker import curve, sessions
+from stages import persona
 from stages.bridge import mmd_line
 from broker.config import safe_name, state_dir
 from stages.commands.keeper import Keeper, die_with_parent
@@ -100,6 +101,9 @@ def _stage_env(cfg: config_mod.Config, content_history: bool = True) -> dict[str
     found = config_mod.user_config_path()
     if found is not None:  # the stages run elsewhere: they must not lose the .mdf folder's file
         env[config_mod.ENV_CONFIG] = str(Path(found).resolve())
+    character = persona.find(cfg["persona"]["file"])  # beside the .mdf: the stages run elsewhere
+    if character is not None:
+        env[f"{config_mod.ENV_PREFIX}PERSONA_FILE"] = str(character)
     history_env = f"{config_mod.ENV_PREFIX}LLM_HISTORY_FILE"
     if content_history and not cfg["llm"]["history_file"] and history_env not in env:  # this content's own
         env[history_env] = str(content_path(cfg["bus"]["session"], Path.cwd()))

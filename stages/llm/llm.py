@@ -41,6 +41,7 @@ import zmq
 
 from broker import wire
 from broker import config as config_mod
+from stages import persona
 from stages.expression import Vocabulary
 from stages.llm.history import History
 from stages.llm.history_archive import archive_of
@@ -189,7 +190,8 @@ class LlmStage(Stage):
         super().__init__(cfg)
         c = cfg["llm"]
         store = store_for(cfg, archive=archive_of(cfg).copy_in)
-        prompt = "\n".join(p for p in (c["system_prompt"], Vocabulary(cfg).prompt) if p)  # + the tags it may write
+        # the character (a persona file, else [llm] system_prompt), and the tags it may write
+        prompt = "\n".join(p for p in (character_prompt(cfg) or c["system_prompt"], Vocabulary(cfg).prompt) if p)
         self.history = History(prompt, c["history_turns"], c["history_tokens"], store=store)
         if store is not None and self.history.pairs:  # said, so nobody wonders what the LLM "remembers"
             log.info("continuing the conversation in %s: %d earlier exchanges (mmdagent-llm history --clear "
@@ -218,6 +220,7 @@ class LlmStage(Stage):
         self.recorded = False  # the current turn's full answer is the last pair in history
         self.ended = "done"    # how the current turn's request ended, once it has
         self.turn_started = 0.0
+        self.scripted = False  # the current turn says fixed words (no request, no history)
 
     def _make_client(self) -> tuple[openai.OpenAI, str]:
         c = self.cfg["llm"]
@@ -256,6 +259,9 @@ class LlmStage(Stage):
             self.recorded = False  # said in full: no later cancel can shorten it
 
     def _start(self, env: wire.Envelope) -> None:
+        if isinstance(env.body.get("say"), str):
+            self._say(env.turn, env.body["say"])
+            return
         if type(env.body.get("resume")) is int:
             self._resume(env, env.body["resume"], [str(h) for h in env.body.get("heard") or []])
             return
@@ -264,6 +270,18 @@ class LlmStage(Stage):
         log.info("turn %d: %d characters from the user", self.turn, len(text))
         self.worker = _Worker(self, self.turn, self.history.request(text))
         self.worker.start()
+
+    def _say(self, turn: int, text: str) -> None:
+        """A turn the avatar opens with fixed words (the persona's greeting): streamed as its
+        answer, no request, not kept in history (the prompt tells the model it greeted)."""
+        self._begin(turn, "")
+        self.scripted = True
+        log.info("turn %d: saying %d characters of the character's own", turn, len(text))
+        self.machine.move(TurnState.STREAMING, "scripted")
+        self.first_token_at = time.time()
+        self.answer.append(text)
+        self._push_token(text, self.first_token_at)
+        self._end_turn("done", "")
 
     def _begin(self, turn: int, text: str) -> None:
         if self.machine != TurnState.IDLE:  # the bridge cancels first; this is only a safety net
@@ -275,6 +293,7 @@ class LlmStage(Stage):
         self.first_token_at = 0.0
         self.tokens_sent = 0
         self.recorded = False
+        self.scripted = False
         self.turn_started = time.monotonic()
         self.machine.move(TurnState.REQUESTING, f"turn {self.turn}")
 
@@ -432,7 +451,9 @@ class LlmStage(Stage):
             self.errors[cause] = self.errors.get(cause, 0) + 1
             if not answer and self.cfg["llm"]["apology"]:
                 self._push_token(self.cfg["llm"]["apology"], time.time())
-        if spoken is not None:
+        if self.scripted:
+            pass  # words of the character's own: no exchange to remember
+        elif spoken is not None:
             self.history.add(self.user_text, spoken, interrupted=True)
         elif answer:
             self.history.add(self.user_text, answer, interrupted=reason != "done", used_tokens=used_tokens)
@@ -452,6 +473,21 @@ class LlmStage(Stage):
         self.inbox.close(linger=0)
         if self.offline_server is not None:
             self.offline_server.stop()
+
+
+def character_prompt(cfg: config_mod.Config) -> str:
+    """The system prompt of the ``[persona] file``'s character; "" when there is none or it
+    cannot be used (said in the log: then ``[llm] system_prompt`` stands)."""
+    path = persona.find(cfg["persona"]["file"])
+    if path is None:
+        return ""
+    try:
+        character = persona.load(path)
+    except persona.PersonaError as exc:
+        log.error("%s: [llm] system_prompt is used instead", exc)
+        return ""
+    log.info("the character is %s's (%s)", character.name or "unnamed", path)
+    return persona.prompt(character)
 
 
 def main(cfg: config_mod.Config) -> int:
