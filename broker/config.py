@@ -42,6 +42,8 @@ ENDPOINTS = (
 CHOICES = {("bus", "transport"): ("tcp", "ipc"), ("turn", "barge_in"): ("interrupt", "ignore"),
            ("plugin", "pipeline"): ("builtin", "supervisord"), ("expression", "untagged"): ("keep", "neutral")}
 
+BUILTIN_TOOLS = ("current_time", "gesture")  # [tools] builtin (stages.llm.tools)
+
 # keys that meant something once and are accepted, unused, so an old config still loads
 RETIRED = {("segmenter", "first_soft_chars"): "the first segment is the first clause (stages.segmenter.pacing)"}
 
@@ -58,6 +60,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("speech", "cut_timeout"): (0.1, 600), ("turn", "listen_timeout"): (0.1, 3600), ("turn", "max_age"): (0.1, 86400),
     ("turn", "stall_timeout"): (0.1, 86400), ("transcript", "max_bytes"): (100, None), ("transcript", "keep"): (1, 100),
     ("captions", "size"): (0.1, 100), ("captions", "line_chars"): (1, 200), ("captions", "max_lines"): (1, 20),
+    ("tools", "timeout"): (0.1, 600), ("tools", "max_calls"): (1, 20),
     ("remote", "max_connections"): (1, 1000), ("remote", "liveness"): (0.1, 3600),
     ("subtitles", "port"): _PORT, ("metrics", "port"): _PORT, ("expression", "thinking_after"): (0.1, 60),
 }
@@ -118,6 +121,10 @@ def load(path: Path | None = None, sources: dict[tuple[str, str], str] | None = 
         _check_field(cfg["speech"][key], f"[speech] {key}", _from(sources, "speech", key))
     _check_expression(cfg["expression"], _from(sources, "expression", "names"))
     _check_remote(cfg["remote"], _from(sources, "remote", "avatars"))
+    unknown = [name for name in cfg["tools"]["builtin"] if name not in BUILTIN_TOOLS]
+    if unknown:
+        raise ConfigError(f"[tools] builtin: no tool {unknown[0]!r} (known: {', '.join(BUILTIN_TOOLS)})"
+                          f"{_from(sources, 'tools', 'builtin')}")
     return cfg
 
 

@@ -100,6 +100,10 @@ KINDS: dict[str, str] = {
     reports the turn ``broken``. A turn the avatar opens itself (the persona's greeting when it
     starts) has ``text`` "" and ``say`` (str): the llm streams exactly that as the answer, with
     no request and nothing kept in history.""",
+    "tool": """The LLM called a tool during the answer (bus, llm; :mod:`stages.llm.tools`).
+
+    body: ``name`` (str), ``ok`` (bool: it gave a result), ``seconds`` (float: how long it
+    took), ``result`` (str: what the model was told, at most 300 characters here).""",
     "cancel": """A turn is cancelled: drop everything of it, now (bus, bridge).
 
     body: ``reason`` (``interrupted``: the user started speaking; ``superseded``: a newer

@@ -191,3 +191,11 @@ def test_remote_avatars_and_allow_are_checked(tmp_path):
         bad.write_text(text, encoding="utf-8")
         with pytest.raises(config_mod.ConfigError, match=re.escape(words)):
             config_mod.load(bad)
+
+
+def test_an_unknown_builtin_tool_is_named(tmp_path):
+    from broker import config as config_mod
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[tools]\nbuiltin = ["current_time", "wether"]\n', encoding="utf-8")
+    with pytest.raises(config_mod.ConfigError, match="no tool 'wether'"):
+        config_mod.load(bad)

@@ -137,7 +137,12 @@ def test_metrics_count_restarts_and_interruptions():
     m.on_event(make("cancel", {"reason": "interrupted"}, turn=1))
     m.on_peer("llm", "restarted")
     m.on_peer("llm", "restarted")
+    llm = wire.Sender("llm").make
+    for ok in (True, True, False):
+        m.on_event(llm("tool", {"name": "current_time", "ok": ok, "seconds": 0.01, "result": ""}, turn=1))
     families = {f.name: f for f in text_string_to_metric_families(m.registry.render())}
     samples = {(s.name, tuple(s.labels.items())): s.value for f in families.values() for s in f.samples}
     assert samples[("mmdagent_llm_interruptions_total", (("reason", "interrupted"),))] == 1
     assert samples[("mmdagent_llm_stage_restarts_total", (("stage", "llm"),))] == 2
+    assert samples[("mmdagent_llm_tool_calls_total", (("tool", "current_time"),))] == 2
+    assert samples[("mmdagent_llm_tool_failures_total", (("tool", "current_time"),))] == 1

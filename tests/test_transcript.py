@@ -163,5 +163,25 @@ def test_every_event_reads_as_a_line():
                 {"event": "interrupted", "reason": "away", "heard": []}, {"event": "error", "cause": "timeout"},
                 {"event": "turn", "turn": 3, "reason": "done", "latency_ms": {"first_token": 5}},
                 {"event": "stage", "stage": "llm", "change": "gone"}, {"event": "broken", "stage": "x"},
-                {"event": "notice", "level": "error", "text": "t"}, {"event": "observer", "pid": 1}):
+                {"event": "notice", "level": "error", "text": "t"}, {"event": "observer", "pid": 1},
+                {"event": "greeting", "text": "こんにちは"},
+                {"event": "tool", "name": "current_time", "ok": False, "result": "error:\nno result"}):
         assert "\n" not in describe(rec) and describe(rec).strip()
+
+
+def test_greetings_and_tool_calls_are_recorded():
+    from broker import wire
+    from stages.latency import TurnClock
+    from stages.observers.transcript import Transcript
+
+    class Lines(list):
+        write = list.append
+    t = Transcript.__new__(Transcript)  # the bookkeeping only: no sockets
+    t.lines, t.clock, t.turns, t.stall = Lines(), TurnClock(), {}, 60.0
+    t.sender = wire.Sender("transcript")
+    t.on_event(wire.Sender("bridge").make("turn_start", {"text": "", "say": "こんにちは"}, turn=7, origin=1.0))
+    t.on_event(wire.Sender("llm").make("tool", {"name": "current_time", "ok": True, "seconds": 0.01,
+                                                "result": "x" * 1000}, turn=7))
+    greeting, tool = (json.loads(line) for line in t.lines)
+    assert (greeting["event"], greeting["text"], greeting["turn"]) == ("greeting", "こんにちは", 7)
+    assert (tool["event"], tool["name"], tool["ok"], len(tool["result"])) == ("tool", "current_time", True, 300)

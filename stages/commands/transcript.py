@@ -30,6 +30,11 @@ def describe(rec: dict[str, Any]) -> str:
     event = rec.get("event")
     if event == "user":
         return f"{when}  user    {rec.get('text', '')}"
+    if event == "greeting":
+        return f"{when}  ... the avatar greets: {rec.get('text', '')}"
+    if event == "tool":
+        outcome = "" if rec.get("ok") else " (failed)"
+        return f"{when}  tool    {rec.get('name')}{outcome} -> {' '.join(str(rec.get('result', '')).split())[:120]}"
     if event == "resumed":
         return f"{when}  ... the answer goes on (turn {rec.get('of')}, {rec.get('skip')} sentence(s) said)"
     if event == "sentence":

@@ -19,6 +19,11 @@
 - Server: OpenAI, or any OpenAI-compatible server via ``OPENAI_BASE_URL``; with neither
   ``OPENAI_API_KEY`` nor ``OPENAI_BASE_URL``, the embedded offline responder
   (:mod:`stages.llm.offline_responder`), announced once in the log and in the heartbeat.
+- Tools (:mod:`stages.llm.tools`, ``[tools]``): offered with each streamed request; text before
+  a call is spoken as it comes, the calls run (each with a deadline; a cancel stops waiting at
+  once and no follow-up request is made), and the answer goes on from a follow-up request with
+  their results. Each call is a ``tool`` event on the bus. A server that refuses a request with
+  tools (before any text) is asked again without them, once, and never offered them again.
 - The connection to the server is opened ahead of turns, so none pays a handshake: at start,
   after a request was cut off or failed, when the user starts speaking
   (``mmd.RECOG_EVENT_START``) and every few seconds while idle, if it is not open (decisions in
@@ -47,7 +52,7 @@ from stages.llm.history import History
 from stages.llm.history_archive import archive_of
 from stages.llm.history_store import store_for
 from stages.llm.llm_http import make_client, open_ahead
-from stages.llm import warm
+from stages.llm import tools, warm
 from broker.runtime import Stage, setup_logging
 from stages.states import Machine, TURN_TRANSITIONS, TurnState
 
@@ -65,6 +70,7 @@ def redact(text: str) -> str:
     return " ".join(text.split())[:300]
 
 
+TOOL_RESULT_ON_BUS = 300  # characters of a tool's result in its bus event (observers)
 OPENAI_HOST = "api.openai.com"  # where the client goes when OPENAI_BASE_URL is not set
 
 
@@ -130,6 +136,7 @@ class _Worker(threading.Thread):
         super().__init__(name=f"turn-{turn}", daemon=True)
         self.stage, self.turn, self.messages = stage, turn, messages
         self.cancelled = threading.Event()
+        self.said = False  # text of the answer was sent on: no asking again
 
     def cancel(self) -> None:
         """Stop now: the request's connection is shut down, so the server sees it close."""
@@ -146,11 +153,21 @@ class _Worker(threading.Thread):
         self.stage.opening_done.wait(warm.TURN_WAITS)
         if cfg["max_tokens"] > 0:
             kwargs["max_tokens"] = cfg["max_tokens"]
+        offered = cfg["stream"] and bool(self.stage.tools) and not self.stage.tools_refused.is_set()
+        if offered:
+            kwargs["tools"] = [tool.spec() for tool in self.stage.tools.values()]
         try:
-            if cfg["stream"]:
+            try:
+                used = self._stream(out, kwargs) if cfg["stream"] else self._whole(out, kwargs)
+            except openai.BadRequestError as exc:
+                if not offered or self.said:
+                    raise
+                # a server (or model) without tools: once, then never offered again by this process
+                self.stage.tools_refused.set()
+                log.warning("the server refused a request with tools (%s): asking again without them, and not "
+                            "offering tools again", describe(exc))
+                kwargs.pop("tools")
                 used = self._stream(out, kwargs)
-            else:
-                used = self._whole(out, kwargs)
             out.send_pyobj((self.turn, "done", used))
         except Exception as exc:
             if not self.cancelled.is_set():
@@ -159,18 +176,63 @@ class _Worker(threading.Thread):
             out.close()
 
     def _stream(self, out: zmq.Socket, kwargs: dict[str, Any]) -> int | None:
-        used = None
-        stream = self.stage.client.chat.completions.create(
-            **kwargs, stream=True, stream_options={"include_usage": True})
-        with stream:
-            for chunk in stream:
-                if self.cancelled.is_set():
-                    break
-                if chunk.usage is not None:
-                    used = chunk.usage.total_tokens
-                if chunk.choices and chunk.choices[0].delta.content:
-                    out.send_pyobj((self.turn, "token", (chunk.choices[0].delta.content, time.time())))
-        return used
+        """Stream the answer; when the model calls tools, run them and stream the rest of the
+        answer from a follow-up request (at most ``[tools] max_calls`` calls in all)."""
+        used, calls_made = None, 0
+        while True:
+            text, calls = [], {}
+            stream = self.stage.client.chat.completions.create(
+                **kwargs, stream=True, stream_options={"include_usage": True})
+            with stream:
+                for chunk in stream:
+                    if self.cancelled.is_set():
+                        return used
+                    if chunk.usage is not None:
+                        used = chunk.usage.total_tokens
+                    if not chunk.choices:
+                        continue
+                    delta = chunk.choices[0].delta
+                    if delta.content:
+                        self.said = True
+                        text.append(delta.content)
+                        out.send_pyobj((self.turn, "token", (delta.content, time.time())))
+                    for part in delta.tool_calls or []:  # a call comes in pieces: id and name, then arguments
+                        call = calls.setdefault(part.index, {"id": "", "name": "", "arguments": ""})
+                        call["id"] = part.id or call["id"]
+                        if part.function is not None:
+                            call["name"] += part.function.name or ""
+                            call["arguments"] += part.function.arguments or ""
+            limit = self.stage.cfg["tools"]["max_calls"]
+            if not calls or self.cancelled.is_set() or calls_made >= limit:
+                if calls and calls_made >= limit:
+                    log.warning("turn %d: the model asked for more than [tools] max_calls = %d tool calls: "
+                                "the answer ends here", self.turn, limit)
+                return used
+            calls_made += len(calls)
+            kwargs = {**kwargs, "messages": [*kwargs["messages"], *self._run_calls(out, "".join(text), calls)]}
+            if self.cancelled.is_set():  # barge-in during the call: no follow-up request
+                return used
+
+    def _run_calls(self, out: zmq.Socket, text: str, calls: dict[int, dict[str, str]]) -> list[dict]:
+        """Run the model's calls; the messages that give it their results."""
+        ordered = [calls[i] for i in sorted(calls)]
+        for n, call in enumerate(ordered):
+            call["id"] = call["id"] or f"call_{self.turn}_{n}"
+        messages: list[dict] = [{"role": "assistant", "content": text or None, "tool_calls": [
+            {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in ordered]}]
+        for call in ordered:
+            tool = self.stage.tools.get(call["name"])
+            outcome = tools.call(tool, call["name"], call["arguments"], self.stage.cfg["tools"]["timeout"],
+                                 self.cancelled)
+            out.send_pyobj((self.turn, "tool", {"name": call["name"][:64], "ok": outcome.ok,
+                                                "seconds": round(outcome.seconds, 3), "result": outcome.result}))
+            content = outcome.result
+            if tool is not None and tool.tag and outcome.ok:  # the gesture goes with the next sentence
+                out.send_pyobj((self.turn, "token", (outcome.result, time.time())))
+                content = "ok: it plays with your next sentence"
+            messages.append({"role": "tool", "tool_call_id": call["id"], "content": content})
+        return messages
 
     def _whole(self, out: zmq.Socket, kwargs: dict[str, Any]) -> int | None:
         completion = self.stage.client.chat.completions.create(**kwargs)
@@ -221,6 +283,10 @@ class LlmStage(Stage):
         self.ended = "done"    # how the current turn's request ended, once it has
         self.turn_started = 0.0
         self.scripted = False  # the current turn says fixed words (no request, no history)
+        names = [n for n, e in cfg["expression"]["names"].items() if e.get("motion")]
+        self.tools = tools.builtin(cfg["tools"]["builtin"], names)
+        self.tools_refused = threading.Event()  # the server refused a request with tools once
+        self.tool_calls: dict[tuple[str, bool], int] = {}  # (name, ok) -> calls since start
 
     def _make_client(self) -> tuple[openai.OpenAI, str]:
         c = self.cfg["llm"]
@@ -242,7 +308,9 @@ class LlmStage(Stage):
     def info(self) -> dict[str, Any]:
         return {"backend": self.backend, "offline": self.offline_server is not None,
                 "model": self.cfg["llm"]["model"], "turn": self.turn, "state": self.machine.state.value,
-                "errors": dict(self.errors), "history": len(self.history.pairs)}
+                "errors": dict(self.errors), "history": len(self.history.pairs),
+                "tools": [] if self.tools_refused.is_set() else sorted(self.tools),
+                "tool_calls": {f"{name} {'ok' if ok else 'failed'}": n for (name, ok), n in self.tool_calls.items()}}
 
     # -- turns -----------------------------------------------------------------------------
     def on_event(self, env: wire.Envelope) -> None:
@@ -361,6 +429,12 @@ class LlmStage(Stage):
                 continue
             if self.worker is None or turn != self.worker.turn or self.machine == TurnState.IDLE:
                 continue  # a superseded or timed-out request still finishing
+            if what == "tool":
+                self.tool_calls[(data["name"], data["ok"])] = self.tool_calls.get((data["name"], data["ok"]), 0) + 1
+                log.info("turn %d: tool %s %s in %.2f s", turn, data["name"], "answered" if data["ok"] else
+                         f"failed ({data['result'][:80]})", data["seconds"])
+                self.publish("tool", {**data, "result": data["result"][:TOOL_RESULT_ON_BUS]}, turn=turn)
+                continue
             if what == "token":
                 text, arrived = data
                 if self.machine == TurnState.REQUESTING:

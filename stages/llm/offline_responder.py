@@ -101,7 +101,20 @@ class Comment:
     """Send an SSE ``: keep-alive`` comment line."""
 
 
-Step = Union[Token, Status, ErrorEvent, Cut, Stall, Comment]
+@dataclass
+class ToolCall:
+    """Stream a call of tool ``name``, as OpenAI does: a delta with its ``call_id`` and name, then
+    its JSON ``arguments`` split over ``pieces`` more deltas (``delay`` before each); the answer
+    then ends with ``finish_reason: "tool_calls"``."""
+    name: str
+    arguments: str = "{}"
+    call_id: str = "call_1"
+    index: int = 0
+    pieces: int = 3
+    delay: float = 0.0
+
+
+Step = Union[Token, Status, ErrorEvent, Cut, Stall, Comment, ToolCall]
 ReplyFn = Callable[[dict], Iterable[Step]]
 
 
@@ -318,7 +331,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _stream(self, body: dict, steps: Iterable[Step]) -> None:
         chunk = _chunk_maker(body)
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        count = 0
+        count, finish = 0, "stop"
         for step in steps:
             if isinstance(step, Status) and self.record.status is None:
                 return self._status(step)
@@ -333,6 +346,15 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._cut(step.reset)
             if isinstance(step, Comment):
                 self._send(_framed(b": keep-alive\n\n"))
+            elif isinstance(step, ToolCall):
+                finish = "tool_calls"
+                self._event(chunk({"tool_calls": [{"index": step.index, "id": step.call_id, "type": "function",
+                                                   "function": {"name": step.name, "arguments": ""}}]}, None, usage))
+                size = -(-len(step.arguments) // max(1, step.pieces)) or 1
+                for at in range(0, len(step.arguments), size):
+                    self._pause(step.delay)
+                    self._event(chunk({"tool_calls": [{"index": step.index, "function": {
+                        "arguments": step.arguments[at:at + size]}}]}, None, usage))
             elif isinstance(step, Token):
                 self._event(chunk({"content": step.text}, None, usage))
                 self.record.sent.append((time.monotonic(), step.text))
@@ -345,7 +367,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.record.status is None:
             self._head(200, _SSE_HEADERS)
             self._event(chunk({"role": "assistant", "content": ""}, None, usage))
-        self._event(chunk({}, "stop", usage))
+        self._event(chunk({}, finish, usage))
         if usage:
             self._event({**chunk({}, None, False), "choices": [], "usage": _usage(body, count)})
         # Noted before the last write, so a client that has read [DONE] finds the record complete

@@ -6,7 +6,7 @@ Served in Prometheus's text format (0.0.4) at ``/metrics``, with the access key 
 ==================================================== =========== =================================
 metric                                               type        labels, meaning
 ==================================================== =========== =================================
-``mmdagent_llm_turns_total``                         counter     turns opened (user utterances)
+``mmdagent_llm_turns_total``                         counter     turns opened (utterances, greetings)
 ``mmdagent_llm_resumed_total``                       counter     answers resumed after a stage was lost
 ``mmdagent_llm_turn_results_total``                  counter     ``reason``: how the llm closed them
 ``mmdagent_llm_interruptions_total``                 counter     ``reason``: cancels (interrupted,
@@ -16,6 +16,9 @@ metric                                               type        labels, meaning
 ``mmdagent_llm_stage_up``                            gauge       ``stage``: 1 while it beats
 ``mmdagent_llm_bad_input_total``                     counter     ``reason``: stdin problems the
                                                                  bridge counted (since its start)
+``mmdagent_llm_tool_calls_total``                    counter     ``tool``: calls that gave a result
+``mmdagent_llm_tool_failures_total``                 counter     ``tool``: calls that failed, timed
+                                                                 out or were cancelled
 ``mmdagent_llm_first_token_seconds``                 histogram   utterance -> first token
 ``mmdagent_llm_first_synth_start_seconds``           histogram   utterance -> first SYNTH_START
 ``mmdagent_llm_first_speech_seconds``                histogram   utterance -> SYNTH_EVENT_START
@@ -48,7 +51,9 @@ COUNTERS = {"turns_total": "turns opened by a user utterance",
             "interruptions_total": "turns cancelled, by reason",
             "errors_total": "failed turns, by cause",
             "stage_restarts_total": "stage processes that came back with a new pid",
-            "bad_input_total": "stdin problems the bridge counted since its start, by reason"}
+            "bad_input_total": "stdin problems the bridge counted since its start, by reason",
+            "tool_calls_total": "tool calls of the LLM that gave a result, by tool",
+            "tool_failures_total": "tool calls of the LLM that failed, timed out or were cancelled, by tool"}
 
 
 def _label(value: str) -> str:
@@ -100,7 +105,7 @@ class Registry:
 
 class Metrics(Stage):
     name = "metrics"
-    topics = ("turn_start", "written", "speech", "cancel", "turn_result")
+    topics = ("turn_start", "written", "speech", "cancel", "turn_result", "tool")
 
     def __init__(self, cfg: config_mod.Config) -> None:
         super().__init__(cfg)
@@ -126,6 +131,9 @@ class Metrics(Stage):
             self.registry.count("turns_total" if "resume" not in env.body else "resumed_total")
         elif env.kind == "cancel":
             self.registry.count("interruptions_total", ("reason", str(env.body.get("reason"))))
+        elif env.kind == "tool":
+            self.registry.count("tool_calls_total" if env.body.get("ok") is True else "tool_failures_total",
+                                ("tool", str(env.body.get("name"))[:64]))
         elif env.kind == "turn_result":
             self.registry.count("turn_results_total", ("reason", str(env.body.get("reason"))))
             if env.body.get("reason") == "error":

@@ -14,6 +14,8 @@ event        other fields
 ============ ==================================================================================
 observer     ``pid``: this observer started (what came before it was not recorded)
 user         ``text``: the user's utterance opened the turn
+greeting     ``text``: the avatar opened the turn itself with the persona's greeting
+tool         ``name``, ``ok``, ``seconds``, ``result`` (at most 300 characters): the LLM called a tool
 resumed      ``of``, ``skip``: the turn goes on with turn ``of``'s answer (a stage was lost in its
              middle), its first ``skip`` sentences said already
 sentence     ``index``, ``text``, ``tags`` (its expression tags' names), ``heard``: ``full`` (spoken to its end), ``cut`` (cut off by an
@@ -111,7 +113,7 @@ class _Turn:
 class Transcript(Stage):
     name = "transcript"
     topics = ("turn_start", "segment", "speech", "written", "cancel", "spoken", "turn_result",
-              "broken", "notice")
+              "broken", "notice", "tool")
 
     def __init__(self, cfg: config_mod.Config, lines: RotatingLines | None = None) -> None:
         super().__init__(cfg)
@@ -138,11 +140,17 @@ class Transcript(Stage):
             self.turns[n] = _Turn()
             if "resume" in body:  # the same utterance: the rest of turn `of`'s answer, after a stage was lost
                 self.record("resumed", n, env.ts, of=body.get("resume"), skip=len(body.get("heard") or []))
+            elif isinstance(body.get("say"), str):
+                self.record("greeting", n, env.origin, text=body["say"])
             else:
                 self.record("user", n, env.origin, text=str(body.get("text", "")))
             return
         if env.kind == "broken":
             self.record("broken", n, env.ts, stage=str(body.get("stage")), reason=str(body.get("reason")))
+            return
+        if env.kind == "tool":
+            self.record("tool", n, env.ts, name=str(body.get("name")), ok=body.get("ok") is True,
+                        seconds=body.get("seconds"), result=str(body.get("result", ""))[:300])
             return
         if env.kind == "notice":
             self.record("notice", n, env.ts, level=str(body.get("level")), text=str(body.get("text")))

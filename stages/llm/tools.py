@@ -1,0 +1,107 @@
+"""Tools the LLM may call during an answer (OpenAI function calling), ``[tools]`` in the configuration.
+
+A tool is a name, a description, the JSON schema of its arguments, and a function from the
+arguments to a short text result, which goes back to the model as a ``tool`` message and nowhere
+else: a result is data for the model, never a line for MMDAgent-EX (what the model then says is
+an answer like any other, cleaned and filtered by the bridge). The built-in ones (``[tools]
+builtin``):
+
+- ``current_time``: the local date, time and weekday.
+- ``gesture``: play one gesture of the expression vocabulary (``[expression.names]`` with a
+  motion): the tool puts the name's tag into the answer, so the sentence that follows carries
+  it, exactly as if the model had written ``[name]``.
+
+:func:`call` runs one call with a deadline (``[tools] timeout``) on a thread of its own, and
+gives up at once when the turn is cancelled (barge-in): a tool that hangs never holds a turn.
+Arguments that are not JSON, an unknown tool, a failure or a timeout become an error result the
+model is told (and the log, once per tool and kind).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+log = logging.getLogger("mmdagent_llm")
+
+MAX_RESULT = 4000  # characters of a result given back to the model
+WEEKDAYS = ("月", "火", "水", "木", "金", "土", "日")
+
+
+@dataclass
+class Tool:
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    run: Callable[[dict[str, Any]], str]
+    tag: bool = False  # its result is a tag to put into the answer (gesture)
+
+    def spec(self) -> dict[str, Any]:
+        """The tool as the request's ``tools`` list gives it."""
+        return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                 "parameters": self.parameters}}
+
+
+def current_time(_args: dict[str, Any]) -> str:
+    now = time.localtime()
+    return time.strftime(f"%Y-%m-%d %H:%M ({WEEKDAYS[now.tm_wday]}曜日, %Z)", now)
+
+
+def builtin(names: list[str], gestures: list[str]) -> dict[str, Tool]:
+    """The built-in tools ``names`` turns on; ``gestures``: the vocabulary's names with a motion
+    (no gesture tool without any)."""
+    tools = {"current_time": Tool("current_time", "The local date, time and weekday now.",
+                                  {"type": "object", "properties": {}}, current_time)}
+    if gestures:
+        def gesture(args: dict[str, Any]) -> str:
+            name = str(args.get("name", ""))
+            if name not in gestures:
+                raise ValueError(f"unknown gesture {name[:40]!r}; known: {', '.join(gestures)}")
+            return f"[{name}]"
+        tools["gesture"] = Tool("gesture", "Play a gesture with the next sentence you say.",
+                                {"type": "object", "properties": {"name": {"type": "string", "enum": gestures}},
+                                 "required": ["name"]}, gesture, tag=True)
+    return {name: tools[name] for name in names if name in tools}
+
+
+@dataclass
+class Outcome:
+    """What one call gave: the text for the model, and whether it succeeded."""
+    result: str
+    ok: bool
+    seconds: float
+
+
+def call(tool: Tool | None, name: str, arguments: str, timeout: float, cancelled: threading.Event) -> Outcome:
+    """Run the call ``name(arguments)``; at most ``timeout`` seconds, less if ``cancelled`` is set."""
+    start = time.monotonic()
+    if tool is None:
+        return Outcome(f"error: there is no tool {name[:40]!r}", False, 0.0)
+    try:
+        args = json.loads(arguments or "{}")
+        if not isinstance(args, dict):
+            raise ValueError("the arguments are not a JSON object")
+    except ValueError as exc:
+        return Outcome(f"error: bad arguments: {str(exc)[:200]}", False, 0.0)
+    box: list[Outcome] = []
+
+    def work() -> None:
+        try:
+            box.append(Outcome(str(tool.run(args))[:MAX_RESULT], True, 0.0))
+        except Exception as exc:  # a tool's failure is the model's to hear about, not the turn's end
+            box.append(Outcome(f"error: {type(exc).__name__}: {str(exc)[:200]}", False, 0.0))
+    worker = threading.Thread(target=work, name=f"tool-{name}", daemon=True)
+    worker.start()
+    deadline = start + timeout
+    while worker.is_alive() and not cancelled.is_set() and time.monotonic() < deadline:
+        worker.join(min(0.05, max(0.0, deadline - time.monotonic())))
+    took = time.monotonic() - start
+    if box:
+        return Outcome(box[0].result, box[0].ok, took)
+    if cancelled.is_set():
+        return Outcome("error: cancelled", False, took)
+    return Outcome(f"error: no result within {timeout:g} s", False, took)

@@ -1,0 +1,118 @@
+"""Tools in the streaming answer (stages.llm.tools, the llm stage's worker): unit tests of a call,
+and end to end with the real openai client against the local streaming server, which streams
+text, then a ``tool_calls`` delta split over several chunks, then answers the follow-up request."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from stages.llm import tools
+from stages.llm.offline_responder import ChatCompletionServer, Stall, Status, Token, ToolCall
+from tests.e2e import ScriptedLLM, World, launched, tokens_of, words
+
+WAIT = 20.0
+
+
+def test_a_call_gives_a_result_or_an_error_the_model_is_told():
+    never = threading.Event()
+    clock = tools.builtin(["current_time"], [])["current_time"]
+    done = tools.call(clock, "current_time", "", 5, never)
+    assert done.ok and done.result.startswith(time.strftime("%Y-%m-%d")) and "曜日" in done.result
+    assert tools.call(None, "weather", "{}", 5, never).result == "error: there is no tool 'weather'"
+    assert tools.call(clock, "current_time", "{not json", 5, never).result.startswith("error: bad arguments")
+    assert tools.call(clock, "current_time", "[1]", 5, never).result.startswith("error: bad arguments")
+    broken = tools.Tool("broken", "", {}, lambda args: 1 / 0)
+    assert tools.call(broken, "broken", "{}", 5, never).result == "error: ZeroDivisionError: division by zero"
+    hangs = tools.Tool("hangs", "", {}, lambda args: time.sleep(30) or "late")
+    slow = tools.call(hangs, "hangs", "{}", 0.2, never)
+    assert not slow.ok and slow.result == "error: no result within 0.2 s" and slow.seconds < 5
+    cancelled = threading.Event()
+    threading.Timer(0.1, cancelled.set).start()
+    stopped = tools.call(hangs, "hangs", "{}", 30, cancelled)
+    assert stopped.result == "error: cancelled" and stopped.seconds < 5  # a barge-in does not wait for it
+
+
+def test_the_gesture_tool_knows_only_the_vocabulary():
+    assert "gesture" not in tools.builtin(["current_time", "gesture"], [])  # no motions, no gesture tool
+    gesture = tools.builtin(["gesture"], ["happy", "bye"])["gesture"]
+    assert gesture.spec()["function"]["parameters"]["properties"]["name"]["enum"] == ["happy", "bye"]
+    assert tools.call(gesture, "gesture", '{"name": "happy"}', 5, threading.Event()).result == "[happy]"
+    assert not tools.call(gesture, "gesture", '{"name": "EXECUTE|x"}', 5, threading.Event()).ok
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    server = ChatCompletionServer(ScriptedLLM(default="はい。")).start()
+    try:
+        with launched(tmp_path_factory.mktemp("tools"), server=server) as w:
+            yield w
+    finally:
+        server.stop()
+
+
+def test_text_before_a_call_is_spoken_the_result_reaches_the_next_request_and_the_rest_is_spoken(world: World):
+    start = len(world.server.requests)
+    world.llm.queue([*tokens_of("ちょっと見ますね。"), ToolCall("current_time", "{}", call_id="call_t1", pieces=3)],
+                    tokens_of("いまは午後です。"))
+    turn = world.talk("いま何時？")
+    assert turn.result["reason"] == "done" and turn.said == words(["ちょっと見ますね。", "いまは午後です。"])
+    first, follow = world.server.requests[start:start + 2]
+    assert [t["function"]["name"] for t in first["tools"]] == ["current_time", "gesture"]
+    call, result = follow["messages"][-2:]
+    assert call["role"] == "assistant" and call["content"] == "ちょっと見ますね。"
+    assert call["tool_calls"][0]["function"] == {"name": "current_time", "arguments": "{}"}
+    assert result["role"] == "tool" and result["tool_call_id"] == "call_t1"
+    assert result["content"].startswith(time.strftime("%Y-")) and "曜日" in result["content"]
+    [event] = world.bus.of("tool", turn.turn)
+    assert event.body["name"] == "current_time" and event.body["ok"] is True
+    history = world.server.requests[-1]["messages"]  # the answer is one exchange in history, text only
+    world.talk("ありがとう")
+    pairs = [(m["role"], m["content"]) for m in world.server.requests[-1]["messages"][1:]]
+    assert ("assistant", "ちょっと見ますね。いまは午後です。") in pairs and len(history) > 0
+    assert not [m for m in world.server.requests[-1]["messages"] if m["role"] == "tool"]
+
+
+def test_the_gesture_tool_plays_with_the_next_sentence(world: World):
+    world.llm.queue([ToolCall("gesture", json.dumps({"name": "happy"}), pieces=4)], tokens_of("やったね。"))
+    turn = world.talk("合格したよ")
+    assert turn.said == words(["やったね。"])
+    motion = [line for line in turn.lines if line.startswith("MOTION_ADD|")]
+    assert motion and "mei_laugh.vmd" in motion[0]
+    assert turn.lines.index(motion[0]) < next(i for i, l in enumerate(turn.lines) if l.startswith("SYNTH_START|"))
+
+
+def test_barge_in_while_the_follow_up_is_awaited_closes_it_and_says_no_more(world: World):
+    connections = len(world.server.connections)
+    world.llm.queue([*tokens_of("調べます。"), ToolCall("current_time")], [Stall(4.0), *tokens_of("言わないこと。")])
+    start = len(world.avatar.received)
+    world.avatar.send("RECOG_EVENT_STOP|いま何時？")
+    assert world.avatar.wait_line("SYNTH_START|0|mei_voice_normal|調べます。", WAIT, start)
+    assert world.server.wait_for(lambda s: len(s.connections) >= connections + 2, WAIT)  # the follow-up asked
+    world.avatar.send("RECOG_EVENT_START")
+    assert world.server.wait_for(lambda s: s.connections[connections + 1].closed_by_client, WAIT)
+    assert world.server.connections[connections].outcome == "done"  # the first request had ended
+    world.avatar.send("RECOG_EVENT_STOP|やっぱりいい")
+    assert world.avatar.wait_line("SYNTH_START|0|mei_voice_normal|はい。", WAIT, start)
+    assert "言わないこと" not in " ".join(r.line for r in world.avatar.received[start:])
+
+
+def test_a_server_that_refuses_tools_is_asked_again_without_them_once(tmp_path: Path):
+    def reply(body: dict):
+        if body.get("tools"):
+            return [Status(400, {"error": {"message": "registry.ollama.ai/library/gemma: does not support tools",
+                                           "type": "invalid_request_error", "param": None, "code": None}})]
+        return tokens_of("はい、答えます。")
+    server = ChatCompletionServer(reply).start()
+    try:
+        with launched(tmp_path, server=server) as world:
+            assert world.talk("こんにちは").said == words(["はい、答えます。"])
+            world.talk("もう一度")
+            asked = [bool(r.get("tools")) for r in server.requests]
+            assert asked == [True, False, False], asked  # refused once, then never offered again
+    finally:
+        server.stop()
