@@ -104,6 +104,13 @@ KINDS: dict[str, str] = {
 
     body: ``name`` (str), ``ok`` (bool: it gave a result), ``seconds`` (float: how long it
     took), ``result`` (str: what the model was told, at most 300 characters here).""",
+    "timer": """The LLM set a reminder (bus, llm; its ``set_timer`` tool).
+
+    body: ``seconds`` (int, 1-86400), ``text`` (str, at most 200 characters). The bridge, and
+    only for a ``timer`` from the llm, writes ``TIMER_START|<an alias of its own>|<seconds>``
+    (if ``TIMER_START`` is in ``[bridge] allow_types``) and, at that alias's
+    ``TIMER_EVENT_STOP``, has the avatar say ``text`` as a turn of its own (``turn_start``'s
+    ``say``) at the first moment it is free.""",
     "cancel": """A turn is cancelled: drop everything of it, now (bus, bridge).
 
     body: ``reason`` (``interrupted``: the user started speaking; ``superseded``: a newer

@@ -73,12 +73,12 @@ def controller(up: bool) -> TurnController:
 
 def test_the_greeting_is_a_turn_of_its_own_once_the_pipeline_is_up():
     tc = controller(up=True)
-    [start] = tc.greet("こんにちは", 0.0)
+    [start] = tc.say_own("こんにちは", 0.0)
     assert start.kind == "turn_start" and start.body == {"text": "", "say": "こんにちは"}
     assert tc.machine == C.ANSWERING
-    assert tc.greet("また", 0.0) == []  # never over a turn in progress
+    assert tc.say_own("また", 0.0) == []  # never over a turn in progress
     tc = controller(up=False)
-    assert tc.greet("こんにちは", 0.0) == [] and tc.machine == C.HOLDING
+    assert tc.say_own("こんにちは", 0.0) == [] and tc.machine == C.HOLDING
     [start] = tc.on_pipeline(True)
     assert start.body["say"] == "こんにちは"
     tc.on_spoken(tc.turn)
@@ -88,7 +88,7 @@ def test_the_greeting_is_a_turn_of_its_own_once_the_pipeline_is_up():
 
 def test_a_greeting_that_never_gets_out_says_no_failure_notice():
     tc = controller(up=False)
-    tc.greet("こんにちは", 0.0, now=0.0)
+    tc.say_own("こんにちは", 0.0, now=0.0)
     actions = tc.on_tick(tc.cfg["max_age"] + 1.0)
     assert not [a for a in actions if getattr(a, "type", "") == "SYNTH_START"] and tc.machine == C.IDLE
 

@@ -62,7 +62,7 @@ def test_text_before_a_call_is_spoken_the_result_reaches_the_next_request_and_th
     turn = world.talk("いま何時？")
     assert turn.result["reason"] == "done" and turn.said == words(["ちょっと見ますね。", "いまは午後です。"])
     first, follow = world.server.requests[start:start + 2]
-    assert [t["function"]["name"] for t in first["tools"]] == ["current_time", "gesture"]
+    assert [t["function"]["name"] for t in first["tools"]] == ["current_time", "gesture", "set_timer"]
     call, result = follow["messages"][-2:]
     assert call["role"] == "assistant" and call["content"] == "ちょっと見ますね。"
     assert call["tool_calls"][0]["function"] == {"name": "current_time", "arguments": "{}"}
@@ -88,13 +88,14 @@ def test_the_gesture_tool_plays_with_the_next_sentence(world: World):
 
 def test_barge_in_while_the_follow_up_is_awaited_closes_it_and_says_no_more(world: World):
     connections = len(world.server.connections)
-    world.llm.queue([*tokens_of("調べます。"), ToolCall("current_time")], [Stall(4.0), *tokens_of("言わないこと。")])
+    # the stall stays under [llm] chunk_timeout (5 s in tests): a read timeout would be retried
+    world.llm.queue([*tokens_of("調べます。"), ToolCall("current_time")], [Stall(2.5), *tokens_of("言わないこと。")])
     start = len(world.avatar.received)
     world.avatar.send("RECOG_EVENT_STOP|いま何時？")
     assert world.avatar.wait_line("SYNTH_START|0|mei_voice_normal|調べます。", WAIT, start)
     assert world.server.wait_for(lambda s: len(s.connections) >= connections + 2, WAIT)  # the follow-up asked
     world.avatar.send("RECOG_EVENT_START")
-    assert world.server.wait_for(lambda s: s.connections[connections + 1].closed_by_client, WAIT)
+    assert world.server.wait_for(lambda s: any(r.closed_by_client for r in s.connections[connections + 1:]), WAIT)
     assert world.server.connections[connections].outcome == "done"  # the first request had ended
     world.avatar.send("RECOG_EVENT_STOP|やっぱりいい")
     assert world.avatar.wait_line("SYNTH_START|0|mei_voice_normal|はい。", WAIT, start)
@@ -116,3 +117,33 @@ def test_a_server_that_refuses_tools_is_asked_again_without_them_once(tmp_path: 
             assert asked == [True, False, False], asked  # refused once, then never offered again
     finally:
         server.stop()
+
+
+def test_set_timer_checks_its_arguments():
+    assert tools.timer_of({"seconds": 90, "text": " お茶 "}) == (90, "お茶")
+    assert tools.timer_of({"seconds": 2.0, "text": "x"}) == (2, "x")
+    for bad in ({"seconds": 0, "text": "x"}, {"seconds": 86_401, "text": "x"}, {"seconds": "5", "text": "x"},
+                {"seconds": True, "text": "x"}, {"seconds": 5, "text": " "}, {"text": "x"}):
+        with pytest.raises(ValueError):
+            tools.timer_of(bad)
+    timer = tools.builtin(["set_timer"], [])["set_timer"]
+    assert tools.effect(timer, '{"seconds": 3, "text": "' + "あ" * 300 + '"}') == ("timer", {"seconds": 3,
+                                                                                         "text": "あ" * 200})
+
+
+def test_a_reminder_is_said_when_the_timer_ends_with_nobody_speaking(world: World):
+    world.llm.queue([ToolCall("set_timer", json.dumps({"seconds": 1, "text": "お茶の時間です。"}), pieces=5)],
+                    tokens_of("はい、一秒後にお知らせします。"))
+    turn = world.talk("一秒後にお茶の時間だと教えて")
+    assert turn.said == words(["はい、一秒後にお知らせします。"])
+    asked = len(world.server.requests)
+    start = [r.line for r in world.avatar.received].index(
+        next(r.line for r in world.avatar.received if r.line.startswith("TIMER_START|")))
+    timer = world.avatar.received[start].line
+    assert timer.startswith("TIMER_START|mmdagent_llm_timer_") and timer.endswith("|1")  # no text goes out
+    said = world.avatar.wait_line("SYNTH_START|0|mei_voice_normal|お茶の時間です。", WAIT, start)
+    assert said is not None, "the reminder was not said"
+    assert world.avatar.wait_inbox_line("TIMER_EVENT_STOP|", 1, 0) is not None
+    assert len(world.server.requests) == asked  # said as written: no request for it
+    [event] = [e for e in world.bus.envelopes if e.kind == "timer"]
+    assert event.sender == "llm" and event.body == {"seconds": 1, "text": "お茶の時間です。"}

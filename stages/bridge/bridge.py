@@ -27,7 +27,9 @@ Started by MMDAgent-EX as ``Plugin_AnyScript_Command=mmdagent-llm bridge``:
   ``SYNTH_START`` of a cancelled or old turn from being written.
 - end of input (MMDAgent-EX closed the pipe) ends the process with status 0.
 - once on the bus, it has the avatar say the persona's greeting (``[persona] greet``; see
-  :mod:`stages.persona`), as a turn of its own.
+  :mod:`stages.persona`), as a turn of its own; likewise a reminder of the llm's ``set_timer``
+  tool (a ``timer`` event) when MMDAgent-EX's ``TIMER_EVENT_STOP`` of its alias comes, at the
+  first moment the avatar is free.
 
 This is the one process MMDAgent-EX will not restart, so it stays small and imports no LLM code.
 """
@@ -49,6 +51,7 @@ from stages.bridge import mmd_line
 from broker.runtime import Stage, request_stop, setup_logging
 from broker.liveness import PIPELINE
 from stages.bridge.turns import Action, Publish, TurnController, Write
+from stages.states import ConversationState
 from stages.expression import Vocabulary
 from stages.latency import TurnClock
 
@@ -59,12 +62,15 @@ MAX_IN_BYTES = 64 * 1024  # longer stdin lines are cut; MMDAgent-EX itself never
 BAD_INPUT = ("invalid UTF-8", "NUL bytes", "line too long", "empty line", "empty type")
 MAX_REFUSAL_KINDS = 50  # distinct refused types/senders counted one by one; the rest as "other"
 LAST_TURNS = 5  # turns whose latencies the heartbeat carries (``status`` shows them)
+TIMER_ALIAS = "mmdagent_llm_timer_"  # MMDAgent-EX timer aliases of set_timer's reminders
+MAX_TIMER = 86_400  # seconds (stages.llm.tools.MAX_TIMER; the bridge imports no LLM code)
+MAX_REMINDERS = 20  # reminders pending at once; the oldest is forgotten past it
 
 
 class Bridge(Stage):
     name = "bridge"
     topics = ("spoken", "broken", "turn_result", "turn_end", "token", "segment", "speech",  # turn progress
-              "notice")
+              "notice", "timer")
     input_queue = "commands"
 
     def __init__(self, cfg, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> None:
@@ -83,6 +89,9 @@ class Bridge(Stage):
                                     speech_limits=cfg["speech"])
         self.clock = TurnClock()
         self.greeting = greeting_of(cfg)
+        self.reminders: dict[str, str] = {}  # timer alias -> what to say when it ends (set_timer)
+        self.timers = 0  # reminders set: their aliases are numbered
+        self.due: list[str] = []  # reminders whose timer ended, waiting for a quiet moment
         self._inbox: zmq.Socket | None = None
         self._splitter = mmd_line.LineSplitter(MAX_IN_BYTES)
         self._open_input(stdin is not None)
@@ -176,6 +185,9 @@ class Bridge(Stage):
         msg_type, args = mmd_line.parse_line(text)
         self._carry_out(self.turns.on_line(msg_type, args, arrived), arrived,
                         then=lambda: self.publish("mmd", {"type": msg_type, "args": args}, origin=arrived))
+        if msg_type == "TIMER_EVENT_STOP" and args[:1] and args[0] in self.reminders:
+            self.due.append(self.reminders.pop(args[0]))
+            self._remind()
         return True
 
     def _input_ended(self) -> None:
@@ -260,7 +272,9 @@ class Bridge(Stage):
 
     def on_event(self, env: wire.Envelope) -> None:
         self.clock.observe(env)
-        if env.kind == "notice":
+        if env.kind == "timer":
+            self._timer(env)
+        elif env.kind == "notice":
             self._carry_out(self.turns.on_notice(str(env.body.get("level")), str(env.body.get("text", ""))),
                             env.origin)
         elif env.kind == "spoken":
@@ -305,16 +319,47 @@ class Bridge(Stage):
         self._carry_out(self.turns.on_ready(), time.time())
         self._greet()  # MMDAgent-EX started this bridge: the avatar has just started
 
+    def _timer(self, env: wire.Envelope) -> None:
+        """The llm's ``set_timer``: start MMDAgent-EX's timer (only its seconds and our alias go
+        out); its reminder is said when ``TIMER_EVENT_STOP`` of that alias comes."""
+        seconds, text = env.body.get("seconds"), str(env.body.get("text", "")).strip()
+        if env.sender != "llm" or type(seconds) is not int or not 1 <= seconds <= MAX_TIMER or not text:
+            self._refuse(f"timer from {env.sender[:40]}", f"a timer from {env.sender[:40]!r} that is not the llm's "
+                         f"or not 1-{MAX_TIMER} s with a text")
+            return
+        if "TIMER_START" not in self.allow_types:
+            self._refuse("type TIMER_START", "a reminder's TIMER_START: not in [bridge] allow_types")
+            return
+        if len(self.reminders) >= MAX_REMINDERS:
+            del self.reminders[next(iter(self.reminders))]
+        self.timers += 1
+        alias = f"{TIMER_ALIAS}{self.turns.epoch}_{self.timers}"  # no two bridges' alike
+        self.reminders[alias] = text[:200]
+        self._write("TIMER_START", [alias, str(seconds)], env.turn, env.origin)
+
+    def _remind(self) -> None:
+        """Say a due reminder, if the avatar is free (else at the next tick)."""
+        if self.due and self.turns.machine == ConversationState.IDLE:
+            actions = self.turns.say_own(self.due[0], time.time())
+            if actions or self.turns.machine != ConversationState.IDLE:
+                self.due.pop(0)
+                self._carry_out(actions, time.time())
+
     def _greet(self) -> None:
         """The persona's greeting, as a turn of its own (``[persona] greet``)."""
         if self.greeting:
-            self._carry_out(self.turns.greet(self.greeting, time.time()), time.time())
+            self._carry_out(self.turns.say_own(self.greeting, time.time()), time.time())
 
     def next_deadline(self) -> float | None:
-        return self.turns.next_deadline()
+        own = self.turns.next_deadline()
+        if self.due:  # a reminder waits for the avatar to be free: look again soon
+            soon = time.monotonic() + 0.2
+            return soon if own is None else min(own, soon)
+        return own
 
     def on_tick(self, now: float) -> None:
         self._carry_out(self.turns.on_tick(now), time.time())
+        self._remind()
 
     def _bad(self, reason: str, detail: str) -> None:
         """Count a stdin problem; log only the first of each reason (MMDAgent-EX may repeat it)."""

@@ -454,16 +454,16 @@ class TurnController:
             actions.append(Write("NOTIFY_SHOW", [self.cfg["unreachable_text"]]))
         return actions
 
-    def greet(self, words: str, origin: float, now: float | None = None) -> list[Action]:
-        """The avatar started (MMDAgent-EX opened, or connected again): it says ``words`` (the
-        persona's greeting) as a turn of its own, once the pipeline is up; only when nothing else
-        is going on (a user who already spoke comes first)."""
+    def say_own(self, words: str, origin: float, now: float | None = None) -> list[Action]:
+        """The avatar says ``words`` of its own (the persona's greeting when it starts, a
+        reminder when its timer ends) as a turn, once the pipeline is up; only when nothing else
+        is going on (a user who already spoke comes first: nothing is done, ask again later)."""
         now = time.monotonic() if now is None else now
         if not words or self.machine != C.IDLE:
             return []
         self._hold("", now, origin)
         self.say = words
-        log.info("turn %d: the greeting, %s", self.turn, "now" if self.pipeline_up else "once the pipeline is up")
+        log.info("turn %d: words of its own, %s", self.turn, "now" if self.pipeline_up else "once the pipeline is up")
         return self._release_held(now) if self.pipeline_up else []
 
     def _hold(self, text: str, asked_at: float, origin: float) -> None:

@@ -231,6 +231,8 @@ class _Worker(threading.Thread):
             if tool is not None and tool.tag and outcome.ok:  # the gesture goes with the next sentence
                 out.send_pyobj((self.turn, "token", (outcome.result, time.time())))
                 content = "ok: it plays with your next sentence"
+            elif tool is not None and outcome.ok and (done := tools.effect(tool, call["arguments"])) is not None:
+                out.send_pyobj((self.turn, *done))
             messages.append({"role": "tool", "tool_call_id": call["id"], "content": content})
         return messages
 
@@ -434,6 +436,9 @@ class LlmStage(Stage):
                 log.info("turn %d: tool %s %s in %.2f s", turn, data["name"], "answered" if data["ok"] else
                          f"failed ({data['result'][:80]})", data["seconds"])
                 self.publish("tool", {**data, "result": data["result"][:TOOL_RESULT_ON_BUS]}, turn=turn)
+                continue
+            if what == "timer":  # the bridge starts it and says the reminder when it ends
+                self.publish("timer", data, turn=turn)
                 continue
             if what == "token":
                 text, arrived = data

@@ -10,6 +10,12 @@ builtin``):
 - ``gesture``: play one gesture of the expression vocabulary (``[expression.names]`` with a
   motion): the tool puts the name's tag into the answer, so the sentence that follows carries
   it, exactly as if the model had written ``[name]``.
+- ``set_timer``: a reminder: the llm publishes a ``timer`` event, the bridge starts
+  MMDAgent-EX's timer (``TIMER_START``; only the number of seconds and an alias of its own go
+  out) and, at its ``TIMER_EVENT_STOP``, has the avatar say the reminder, even if nobody spoke.
+
+:func:`effect` says what a successful call does besides its result: a tag into the answer, or
+a timer.
 
 :func:`call` runs one call with a deadline (``[tools] timeout``) on a thread of its own, and
 gives up at once when the turn is cancelled (barge-in): a tool that hangs never holds a turn.
@@ -65,7 +71,40 @@ def builtin(names: list[str], gestures: list[str]) -> dict[str, Tool]:
         tools["gesture"] = Tool("gesture", "Play a gesture with the next sentence you say.",
                                 {"type": "object", "properties": {"name": {"type": "string", "enum": gestures}},
                                  "required": ["name"]}, gesture, tag=True)
+    tools["set_timer"] = Tool("set_timer", "Set a reminder: after the given seconds you will say the text aloud.",
+                              {"type": "object", "properties": {
+                                  "seconds": {"type": "integer", "minimum": 1, "maximum": MAX_TIMER},
+                                  "text": {"type": "string", "description": "what to say then, one short sentence"}},
+                               "required": ["seconds", "text"]}, set_timer)
     return {name: tools[name] for name in names if name in tools}
+
+
+MAX_TIMER = 86_400  # seconds: a reminder within a day
+MAX_REMINDER = 200  # characters of a reminder's text
+
+
+def set_timer(args: dict[str, Any]) -> str:
+    seconds, text = timer_of(args)
+    return f"ok: in {seconds} s you will say: {text}"
+
+
+def timer_of(args: dict[str, Any]) -> tuple[int, str]:
+    """(seconds, text) of a ``set_timer`` call; ``ValueError`` if they are not usable."""
+    seconds, text = args.get("seconds"), str(args.get("text", "")).strip()
+    if isinstance(seconds, float) and seconds.is_integer():
+        seconds = int(seconds)
+    if type(seconds) is not int or not 1 <= seconds <= MAX_TIMER or not text:
+        raise ValueError(f"seconds must be a whole number from 1 to {MAX_TIMER}, and text must not be empty")
+    return seconds, text[:MAX_REMINDER]
+
+
+def effect(tool: Tool, arguments: str) -> tuple[str, Any] | None:
+    """What a successful call of ``tool`` does besides its result: ``("token", "[name]")`` (a
+    tag into the answer), ``("timer", {"seconds": n, "text": ...})``, or None."""
+    if tool.name == "set_timer":
+        seconds, text = timer_of(json.loads(arguments or "{}"))
+        return "timer", {"seconds": seconds, "text": text}
+    return None
 
 
 @dataclass
