@@ -69,7 +69,11 @@ def test_unknown_voice_alias_cannot_wedge_the_conversation(tmp_path: Path):
     finally:
         server.stop()
     for turn in (first, second):
-        assert turn.lines == ["SYNTH_START|0|no_such_voice|はい。", "SYNTH_START|0|no_such_voice|そうです。"]
+        # The second utterance may reach the bridge (stdin) before the sequencer's "spoken" of the
+        # first (the bus): its own 0.5 s bound on the unanswered SYNTH_START has not passed then, so
+        # it stops the voice it cannot know is silent. A SYNTH_STOP, harmless; nothing else.
+        lines = turn.lines[1:] if turn is second and turn.lines[:1] == ["SYNTH_STOP|0"] else turn.lines
+        assert lines == ["SYNTH_START|0|no_such_voice|はい。", "SYNTH_START|0|no_such_voice|そうです。"]
         assert [s["state"] for s in turn.speech if s["state"] != "sent"] == ["timeout", "timeout"]
     assert not any(line.startswith("SYNTH_EVENT_") for line in inbox)
 
