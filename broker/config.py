@@ -121,11 +121,27 @@ def load(path: Path | None = None, sources: dict[tuple[str, str], str] | None = 
         _check_field(cfg["speech"][key], f"[speech] {key}", _from(sources, "speech", key))
     _check_expression(cfg["expression"], _from(sources, "expression", "names"))
     _check_remote(cfg["remote"], _from(sources, "remote", "avatars"))
+    _check_mcp(cfg["tools"]["mcp"], _from(sources, "tools", "mcp"))
     unknown = [name for name in cfg["tools"]["builtin"] if name not in BUILTIN_TOOLS]
     if unknown:
         raise ConfigError(f"[tools] builtin: no tool {unknown[0]!r} (known: {', '.join(BUILTIN_TOOLS)})"
                           f"{_from(sources, 'tools', 'builtin')}")
     return cfg
+
+
+def _check_mcp(servers: Any, where: str) -> None:
+    """``[tools.mcp]``: name = { command, args } or { url }."""
+    if not isinstance(servers, dict):
+        raise ConfigError(f"[tools.mcp] must be a table of name = {{ command = ..., args = [...] }}{where}")
+    for name, spec in servers.items():
+        at = f"[tools.mcp] {name}"
+        ok = isinstance(spec, dict) and (
+            (set(spec) <= {"command", "args"} and isinstance(spec.get("command"), str) and spec["command"]
+             and all(isinstance(a, str) for a in spec.get("args", [])) and isinstance(spec.get("args", []), list))
+            or (set(spec) == {"url"} and isinstance(spec["url"], str) and spec["url"].startswith(("http://", "https://"))))
+        if not ok:
+            raise ConfigError(f'{at}: expected {{ command = "<program>", args = ["..."] }} or '
+                              f'{{ url = "http://host:port/mcp" }}{where}')
 
 
 def _check_remote(remote: dict[str, Any], where: str) -> None:

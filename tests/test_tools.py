@@ -147,3 +147,36 @@ def test_a_reminder_is_said_when_the_timer_ends_with_nobody_speaking(world: Worl
     assert len(world.server.requests) == asked  # said as written: no request for it
     [event] = [e for e in world.bus.envelopes if e.kind == "timer"]
     assert event.sender == "llm" and event.body == {"seconds": 1, "text": "お茶の時間です。"}
+
+
+def test_mcp_servers_tools_are_used_and_a_crashing_or_hanging_one_is_reported_once(tmp_path: Path):
+    import sys
+    from tests.harness import BusWatcher, logs_text  # noqa: F401
+    here = Path(__file__).parent / "mcp_servers"
+    servers = {name: {"command": sys.executable, "args": [str(here / f"{name}.py")]} for name in ("weather", "crash",
+                                                                                                 "hang")}
+    llm = ScriptedLLM(default="はい。")
+    server = ChatCompletionServer(llm).start()
+    try:
+        with launched(tmp_path, server=server, tools={"mcp": servers}) as world:
+            beats = BusWatcher(world.cfg, b"heartbeat.llm")
+            try:
+                assert beats.wait_for(lambda envs: any("forecast" in e.body["info"]["tools"] for e in envs), 30), \
+                    (tmp_path / "pipeline.log").read_text()[-2000:]
+                llm.queue([ToolCall("forecast", json.dumps({"city": "東京"}))], tokens_of("明日の東京は晴れです。"))
+                turn = world.talk("明日の東京の天気は？")
+                assert turn.said == words(["明日の東京は晴れです。"])
+                assert server.requests[-1]["messages"][-1]["content"] == "東京: 明日は晴れ"
+                assert beats.wait_for(lambda envs: envs and all(
+                    envs[-1].body["info"]["mcp"][name].startswith("failed") for name in ("crash", "hang")), 30)
+                state = beats.envelopes[-1].body["info"]["mcp"]
+            finally:
+                beats.close()
+            assert state["weather"] == "ok: 1 tool(s)" and "did not start within 10 s" in state["hang"], state
+            world.talk("まだ大丈夫？")  # turns go on
+            log = (tmp_path / "pipeline.log").read_text(encoding="utf-8")
+            assert log.count("MCP server crash") == 1 and log.count("MCP server hang") == 1
+            notices = [e.body["text"] for e in world.bus.envelopes if e.kind == "notice"]
+            assert len([n for n in notices if "crash" in n]) <= 1 and len([n for n in notices if "hang" in n]) == 1
+    finally:
+        server.stop()

@@ -53,6 +53,7 @@ from stages.llm.history_archive import archive_of
 from stages.llm.history_store import store_for
 from stages.llm.llm_http import make_client, open_ahead
 from stages.llm import tools, warm
+from stages.llm.mcp_tools import McpTools
 from broker.runtime import Stage, setup_logging
 from stages.states import Machine, TURN_TRANSITIONS, TurnState
 
@@ -137,6 +138,7 @@ class _Worker(threading.Thread):
         self.stage, self.turn, self.messages = stage, turn, messages
         self.cancelled = threading.Event()
         self.said = False  # text of the answer was sent on: no asking again
+        self.tools: dict[str, tools.Tool] = {}  # those offered to this request
 
     def cancel(self) -> None:
         """Stop now: the request's connection is shut down, so the server sees it close."""
@@ -153,9 +155,10 @@ class _Worker(threading.Thread):
         self.stage.opening_done.wait(warm.TURN_WAITS)
         if cfg["max_tokens"] > 0:
             kwargs["max_tokens"] = cfg["max_tokens"]
-        offered = cfg["stream"] and bool(self.stage.tools) and not self.stage.tools_refused.is_set()
+        self.tools = self.stage.tools_now()
+        offered = cfg["stream"] and bool(self.tools) and not self.stage.tools_refused.is_set()
         if offered:
-            kwargs["tools"] = [tool.spec() for tool in self.stage.tools.values()]
+            kwargs["tools"] = [tool.spec() for tool in self.tools.values()]
         try:
             try:
                 used = self._stream(out, kwargs) if cfg["stream"] else self._whole(out, kwargs)
@@ -222,7 +225,7 @@ class _Worker(threading.Thread):
             {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
             for c in ordered]}]
         for call in ordered:
-            tool = self.stage.tools.get(call["name"])
+            tool = self.tools.get(call["name"])
             outcome = tools.call(tool, call["name"], call["arguments"], self.stage.cfg["tools"]["timeout"],
                                  self.cancelled)
             out.send_pyobj((self.turn, "tool", {"name": call["name"][:64], "ok": outcome.ok,
@@ -288,7 +291,22 @@ class LlmStage(Stage):
         names = [n for n, e in cfg["expression"]["names"].items() if e.get("motion")]
         self.tools = tools.builtin(cfg["tools"]["builtin"], names)
         self.tools_refused = threading.Event()  # the server refused a request with tools once
+        self.mcp = McpTools(cfg["tools"]["mcp"], set(self.tools), self._mcp_problem) if cfg["tools"]["mcp"] else None
         self.tool_calls: dict[tuple[str, bool], int] = {}  # (name, ok) -> calls since start
+
+    def tools_now(self) -> dict[str, tools.Tool]:
+        """The tools to offer now: the built-in ones and those of the MCP servers that are up."""
+        return {**(self.mcp.tools if self.mcp is not None else {}), **self.tools}
+
+    def _mcp_problem(self, server: str, what: str) -> None:
+        """On the MCP thread: to the loop, which reports it (once per server)."""
+        out = self.ctx.socket(zmq.PUSH)
+        out.linger = 1000
+        out.connect(self.worker_address)
+        try:
+            out.send_pyobj((0, "mcp", (server, what)))
+        finally:
+            out.close()
 
     def _make_client(self) -> tuple[openai.OpenAI, str]:
         c = self.cfg["llm"]
@@ -311,7 +329,8 @@ class LlmStage(Stage):
         return {"backend": self.backend, "offline": self.offline_server is not None,
                 "model": self.cfg["llm"]["model"], "turn": self.turn, "state": self.machine.state.value,
                 "errors": dict(self.errors), "history": len(self.history.pairs),
-                "tools": [] if self.tools_refused.is_set() else sorted(self.tools),
+                "tools": [] if self.tools_refused.is_set() else sorted(self.tools_now()),
+                "mcp": dict(self.mcp.state) if self.mcp is not None else {},
                 "tool_calls": {f"{name} {'ok' if ok else 'failed'}": n for (name, ok), n in self.tool_calls.items()}}
 
     # -- turns -----------------------------------------------------------------------------
@@ -428,6 +447,11 @@ class LlmStage(Stage):
             turn, what, data = self.inbox.recv_pyobj()
             if what == "warm":
                 self._warmed(data)
+                continue
+            if what == "mcp":
+                server, problem = data
+                log.error("MCP server %s %s: its tools are left out", server, problem)
+                self.publish("notice", {"level": "error", "text": f"MCP server {server} {problem}"[:300]})
                 continue
             if self.worker is None or turn != self.worker.turn or self.machine == TurnState.IDLE:
                 continue  # a superseded or timed-out request still finishing
@@ -549,6 +573,8 @@ class LlmStage(Stage):
     def close(self) -> None:
         if self.worker is not None:
             self.worker.cancel()
+        if self.mcp is not None:
+            self.mcp.close()
         self.inbox.close(linger=0)
         if self.offline_server is not None:
             self.offline_server.stop()

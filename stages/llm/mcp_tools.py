@@ -55,7 +55,11 @@ class McpTools:
 
     async def _serve(self, name: str, spec: dict[str, Any]) -> None:
         """Keep one server's session open until :meth:`close`."""
-        import mcp  # ~40 MB and 0.6 s: only when a server is configured
+        try:
+            import mcp  # ~40 MB and 0.6 s: only when a server is configured
+        except ImportError:
+            self._problem(name, "needs the mcp package: pip install 'mmdagent-llm[mcp]'")
+            return
         target: Any = spec["url"] if spec.get("url") else mcp.StdioServerParameters(
             command=spec["command"], args=list(spec.get("args", [])))
         try:
