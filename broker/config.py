@@ -42,7 +42,7 @@ ENDPOINTS = (
 CHOICES = {("bus", "transport"): ("tcp", "ipc"), ("turn", "barge_in"): ("interrupt", "ignore"),
            ("plugin", "pipeline"): ("builtin", "supervisord"), ("expression", "untagged"): ("keep", "neutral")}
 
-BUILTIN_TOOLS = ("current_time", "gesture", "set_timer")  # [tools] builtin (stages.llm.tools)
+BUILTIN_TOOLS = ("current_time", "gesture", "set_timer", "remember")  # [tools] builtin (stages.llm.tools)
 
 # keys that meant something once and are accepted, unused, so an old config still loads
 RETIRED = {("segmenter", "first_soft_chars"): "the first segment is the first clause (stages.segmenter.pacing)"}

@@ -62,7 +62,7 @@ def test_text_before_a_call_is_spoken_the_result_reaches_the_next_request_and_th
     turn = world.talk("いま何時？")
     assert turn.result["reason"] == "done" and turn.said == words(["ちょっと見ますね。", "いまは午後です。"])
     first, follow = world.server.requests[start:start + 2]
-    assert [t["function"]["name"] for t in first["tools"]] == ["current_time", "gesture", "set_timer"]
+    assert [t["function"]["name"] for t in first["tools"]] == ["current_time", "gesture", "set_timer", "remember"]
     call, result = follow["messages"][-2:]
     assert call["role"] == "assistant" and call["content"] == "ちょっと見ますね。"
     assert call["tool_calls"][0]["function"] == {"name": "current_time", "arguments": "{}"}

@@ -28,6 +28,7 @@ PROCESSES = {
     "status": "stages.commands.status:main",
     "avatar": "stages.commands.avatar:main",
     "history": "stages.commands.history:main",
+    "memory": "stages.commands.memory:main",
     "paths": "stages.commands.paths:main",
 }
 OBSERVERS = {
@@ -64,6 +65,7 @@ HELP = {
               "running pipeline)",
     "history": "show (or --clear) the conversation the LLM is given: this content's, or --console's; "
                "--archive: the earlier ones kept",
+    "memory": "the facts the avatar remembers across conversations: show, edit, forget TEXT, clear",
     "paths": "where everything of the session lives: configuration, keys, histories, transcripts, logs",
     "observe": "run an observer: transcript, captions, subtitles (OBS) or metrics",
     "transcript": "print the session's transcript readably",
@@ -127,6 +129,8 @@ def _main(argv: list[str] | None) -> int:
     what.add_argument("--archive", nargs="?", const="", metavar="N",
                       help="list the earlier conversations kept, newest first; with N (a number in that list, "
                            "or a file name), print that one")
+    commands["memory"].add_argument("action", nargs="?", default="show", choices=("show", "edit", "forget", "clear"))
+    commands["memory"].add_argument("text", nargs="?", default="", help="forget: a word of the facts to drop")
     commands["console"].add_argument("--continue", dest="resume", action="store_true",
                                      help="go on with the last console conversation (default: start afresh)")
     commands["doctor"].add_argument("--notice", action="store_true",
@@ -178,6 +182,8 @@ def _main(argv: list[str] | None) -> int:
         extra = {"console": args.console, "clear": args.clear, "archive": args.archive}
     elif args.command == "console":
         extra = {"resume": args.resume}
+    elif args.command == "memory":
+        extra = {"action": args.action, "text": args.text}
     elif args.command == "remote":
         extra = {"connect": args.connect, "listen": args.listen, "handoff": args.handoff}
     elif args.command == "avatar":

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import unicodedata
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from stages.llm.history_store import HistoryStore
@@ -37,8 +37,9 @@ def estimate_tokens(text: str) -> int:
 
 class History:
     def __init__(self, system_prompt: str, max_turns: int, max_tokens: int,
-                 store: HistoryStore | None = None) -> None:
+                 store: HistoryStore | None = None, notes: Callable[[], str] | None = None) -> None:
         self.system = {"role": "system", "content": system_prompt}
+        self.notes = notes  # more of the system prompt, asked anew for each request (long-term memory)
         self.max_turns = max_turns
         self.max_tokens = max_tokens
         self.store = store
@@ -69,7 +70,8 @@ class History:
         return self._messages() + [{"role": "user", "content": user_text}]
 
     def _messages(self) -> list[dict]:
-        messages = [self.system]
+        notes = self.notes() if self.notes is not None else ""
+        messages = [{**self.system, "content": f"{self.system['content']}\n{notes}"} if notes else self.system]
         for user, assistant in self.pairs:
             messages += [user, assistant]
         return messages

@@ -50,7 +50,8 @@ from stages import persona
 from stages.expression import Vocabulary
 from stages.llm.history import History
 from stages.llm.history_archive import archive_of
-from stages.llm.history_store import store_for
+from stages.llm.history_store import default_path, store_for
+from stages.llm.memory import Memory, path_beside
 from stages.llm.llm_http import make_client, open_ahead
 from stages.llm import tools, warm
 from stages.llm.mcp_tools import McpTools
@@ -259,7 +260,8 @@ class LlmStage(Stage):
         store = store_for(cfg, archive=archive_of(cfg).copy_in)
         # the character (a persona file, else [llm] system_prompt), and the tags it may write
         prompt = "\n".join(p for p in (character_prompt(cfg) or c["system_prompt"], Vocabulary(cfg).prompt) if p)
-        self.history = History(prompt, c["history_turns"], c["history_tokens"], store=store)
+        self.memory = Memory(path_beside(store.path if store is not None else default_path(cfg["bus"]["session"])))
+        self.history = History(prompt, c["history_turns"], c["history_tokens"], store=store, notes=self.memory.prompt)
         if store is not None and self.history.pairs:  # said, so nobody wonders what the LLM "remembers"
             log.info("continuing the conversation in %s: %d earlier exchanges (mmdagent-llm history --clear "
                      "to start afresh)", store.path, len(self.history.pairs))
@@ -289,7 +291,7 @@ class LlmStage(Stage):
         self.turn_started = 0.0
         self.scripted = False  # the current turn says fixed words (no request, no history)
         names = [n for n, e in cfg["expression"]["names"].items() if e.get("motion")]
-        self.tools = tools.builtin(cfg["tools"]["builtin"], names)
+        self.tools = tools.builtin(cfg["tools"]["builtin"], names, self.memory)
         self.tools_refused = threading.Event()  # the server refused a request with tools once
         self.mcp = McpTools(cfg["tools"]["mcp"], set(self.tools), self._mcp_problem) if cfg["tools"]["mcp"] else None
         self.tool_calls: dict[tuple[str, bool], int] = {}  # (name, ok) -> calls since start

@@ -10,6 +10,7 @@ builtin``):
 - ``gesture``: play one gesture of the expression vocabulary (``[expression.names]`` with a
   motion): the tool puts the name's tag into the answer, so the sentence that follows carries
   it, exactly as if the model had written ``[name]``.
+- ``remember``: keep a fact in the long-term memory file (:mod:`stages.llm.memory`).
 - ``set_timer``: a reminder: the llm publishes a ``timer`` event, the bridge starts
   MMDAgent-EX's timer (``TIMER_START``; only the number of seconds and an alias of its own go
   out) and, at its ``TIMER_EVENT_STOP``, has the avatar say the reminder, even if nobody spoke.
@@ -30,7 +31,10 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from stages.llm.memory import Memory
 
 log = logging.getLogger("mmdagent_llm")
 
@@ -57,9 +61,9 @@ def current_time(_args: dict[str, Any]) -> str:
     return time.strftime(f"%Y-%m-%d %H:%M ({WEEKDAYS[now.tm_wday]}曜日, %Z)", now)
 
 
-def builtin(names: list[str], gestures: list[str]) -> dict[str, Tool]:
+def builtin(names: list[str], gestures: list[str], memory: "Memory | None" = None) -> dict[str, Tool]:
     """The built-in tools ``names`` turns on; ``gestures``: the vocabulary's names with a motion
-    (no gesture tool without any)."""
+    (no gesture tool without any); ``memory``: where ``remember`` writes (none without it)."""
     tools = {"current_time": Tool("current_time", "The local date, time and weekday now.",
                                   {"type": "object", "properties": {}}, current_time)}
     if gestures:
@@ -71,6 +75,11 @@ def builtin(names: list[str], gestures: list[str]) -> dict[str, Tool]:
         tools["gesture"] = Tool("gesture", "Play a gesture with the next sentence you say.",
                                 {"type": "object", "properties": {"name": {"type": "string", "enum": gestures}},
                                  "required": ["name"]}, gesture, tag=True)
+    if memory is not None:
+        tools["remember"] = Tool("remember", "Keep a fact about the user or the conversation for later "
+                                 "conversations (a name, a preference, a promise): one short sentence.",
+                                 {"type": "object", "properties": {"fact": {"type": "string"}}, "required": ["fact"]},
+                                 lambda args: memory.remember(str(args.get("fact", ""))))
     tools["set_timer"] = Tool("set_timer", "Set a reminder: after the given seconds you will say the text aloud.",
                               {"type": "object", "properties": {
                                   "seconds": {"type": "integer", "minimum": 1, "maximum": MAX_TIMER},
