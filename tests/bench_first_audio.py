@@ -144,8 +144,12 @@ def side_avatar(side: str, server: ChatCompletionServer, avatar: dict) -> Iterat
             yield sim
         return
     with tempfile.TemporaryDirectory(prefix="mmdagent-llm-first-audio-") as tmp:
-        with launched(Path(tmp), server=server, avatar_kwargs=dict(avatar, stderr=subprocess.DEVNULL)) as world:
+        with launched(Path(tmp), server=server, avatar_kwargs=dict(avatar, stderr=subprocess.DEVNULL),
+                      **PIPELINE_SECTIONS) as world:
             yield world.avatar
+
+
+PIPELINE_SECTIONS: dict[str, dict] = {}  # configuration of the pipeline's side (--no-tools)
 
 
 def run(side: str, stream: str, answers: list[str], turns: int, avatar: dict, warm_up: bool = True) -> list[Turn]:
@@ -246,7 +250,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--turns", type=int, default=len(ANSWERS), help="turns per stream and side in each round")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--no-tools", action="store_true",
+                        help="the pipeline offers no tools ([tools] builtin = []): first audio with and without")
     args = parser.parse_args()
+    if args.no_tools:
+        PIPELINE_SECTIONS["tools"] = {"builtin": []}
     began = time.monotonic()
     results = bench(args.turns, args.rounds)
     report(results, args.turns, args.rounds)
