@@ -59,6 +59,9 @@ import msgpack
 VERSION = 1
 MAX_PAYLOAD_BYTES = 1 << 20  # a frame larger than this is refused, not unpacked
 MAX_FRAME_BYTES = 2 << 20  # ZMQ_MAXMSGSIZE of receiving sockets: a peer sending more is disconnected
+TIMER_MAX_SECONDS = 86_400  # a ``timer``'s seconds: a reminder within a day
+TIMER_MAX_TEXT = 200  # characters of a ``timer``'s text
+TOOL_RESULT_MAX = 300  # characters of a ``tool`` event's result
 
 
 KINDS: dict[str, str] = {
@@ -103,10 +106,12 @@ KINDS: dict[str, str] = {
     "tool": """The LLM called a tool during the answer (bus, llm; :mod:`stages.llm.tools`).
 
     body: ``name`` (str), ``ok`` (bool: it gave a result), ``seconds`` (float: how long it
-    took), ``result`` (str: what the model was told, at most 300 characters here).""",
+    took), ``result`` (str: what the model was told, at most :data:`TOOL_RESULT_MAX`
+    characters here).""",
     "timer": """The LLM set a reminder (bus, llm; its ``set_timer`` tool).
 
-    body: ``seconds`` (int, 1-86400), ``text`` (str, at most 200 characters). The bridge, and
+    body: ``seconds`` (int, 1 to :data:`TIMER_MAX_SECONDS`), ``text`` (str, at most
+    :data:`TIMER_MAX_TEXT` characters). The bridge, and
     only for a ``timer`` from the llm, writes ``TIMER_START|<an alias of its own>|<seconds>``
     (if ``TIMER_START`` is in ``[bridge] allow_types``) and, at that alias's
     ``TIMER_EVENT_STOP``, has the avatar say ``text`` as a turn of its own (``turn_start``'s

@@ -23,7 +23,8 @@ from stages.commands.avatar_remote import RemoteDialer, RemoteServer
 from stages.commands.avatar_sim import SimulatedMMDAgent
 from stages.commands.launcher import wait_ready
 from stages.llm.offline_responder import ChatCompletionServer
-from tests.e2e import ScriptedLLM
+from stages.llm.offline_responder import Token
+from tests.e2e import ScriptedLLM, tokens_of
 from tests.harness import pipeline_env, processes_with, write_config
 
 #: speech bounds far above any wait of a test: a stage waiting on a dead app would block the turn
@@ -102,6 +103,23 @@ class App:
             done = self.log.cond.wait_for(said_and_quiet, timeout)
         assert done, f"the answer to {text!r} was {self.spoken_after(start)}, not {answer!r} (or did not end)"
         return first[0] - said_at
+
+    def barge_in(self, llm: ScriptedLLM, text: str = "長く話して") -> None:
+        """Ask ``text``, answered at length, and speak while the avatar does: ``SYNTH_STOP`` must
+        come back over the connection."""
+        llm.queue(tokens_of("長い答えです。" * 6, delay=0.01))
+        start = self.log.count()
+        self.sim.send(f"RECOG_EVENT_STOP|{text}")
+        assert self.log.wait("SYNTH_EVENT_START|", 20, start), f"the long answer to {text!r} did not start"
+        self.sim.send("RECOG_EVENT_START")
+        assert self.log.wait("SYNTH_STOP|0", 10, start), f"no SYNTH_STOP after the barge-in ({text!r})"
+
+    def speaking(self, llm: ScriptedLLM) -> None:
+        """Ask for a slowly streamed answer and wait until the avatar speaks it (then quit mid-answer)."""
+        llm.queue([Token("ずっと", 0.01)] + tokens_of("話しています。" * 4, delay=0.2))
+        start = self.log.count()
+        self.sim.send("RECOG_EVENT_STOP|話し続けて")
+        assert self.log.wait("SYNTH_EVENT_START|", 20, start), "the slow answer did not start"
 
     def spoken_after(self, start: int, locked: bool = False) -> list[str]:
         lines = [line for _, line in self.log.lines[start:]] if locked else self.log.since(start)

@@ -186,12 +186,7 @@ def test_an_avatar_on_its_own_host_talks_over_plugin_remote_and_a_stranger_host_
             log.read_text()[-3000:]
 
         app.ask("遠くから聞こえますか")
-        llm.queue(tokens_of("長い答えです。" * 6, delay=0.01))
-        begin = app.log.count()
-        app.sim.send("RECOG_EVENT_STOP|長く話して")
-        assert app.log.wait("SYNTH_EVENT_START|", 20, begin)
-        app.sim.send("RECOG_EVENT_START")
-        assert app.log.wait("SYNTH_STOP|0", 10, begin), "no SYNTH_STOP after the barge-in"
+        app.barge_in(llm)
         assert server.requests[0]["messages"][-1] == {"role": "user", "content": "遠くから聞こえますか"}
         pids = {e.body["stage"]: e.body["pid"] for e in watcher.envelopes}
         assert gpu.holds(pids["llm"]) and all(pipe.holds(pids[n]) for n in ("broker", "segmenter", "sequencer",

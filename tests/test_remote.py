@@ -64,19 +64,8 @@ def test_connect_answers_barges_in_survives_the_app_restarting_and_leaves_nothin
         assert "MMDAgent-EX: REMOTE_EVENT_DISCONNECTED|127.0.0.1" in run.logs()
         assert app.spoken_after(start).count("はい、") == 2  # one answer each: no event was answered
 
-        # barge-in: the user speaks while the avatar does; SYNTH_STOP comes over the connection
-        run.llm.queue(tokens_of("長い答えです。" * 6, delay=0.01))
-        start = app.log.count()
-        app.sim.send("RECOG_EVENT_STOP|長く話して")
-        assert app.log.wait("SYNTH_EVENT_START|", 20, start), "the long answer did not start"
-        app.sim.send("RECOG_EVENT_START")
-        assert app.log.wait("SYNTH_STOP|0", 10, start), "no SYNTH_STOP after the barge-in"
-
-        # the app quits mid-answer and comes back on the same port: the next answer is prompt
-        run.llm.queue([Token("ずっと", 0.01)] + tokens_of("話しています。" * 4, delay=0.2))
-        start = app.log.count()
-        app.sim.send("RECOG_EVENT_STOP|話し続けて")
-        assert app.log.wait("SYNTH_EVENT_START|", 20, start)
+        app.barge_in(run.llm)  # the user speaks while the avatar does: SYNTH_STOP over the connection
+        app.speaking(run.llm)  # the app quits mid-answer and comes back on the same port: the next answer is prompt
         port = app.server.port
         app.quit()
         app = App.start(tmp_path, port)
@@ -108,17 +97,8 @@ def test_listen_answers_barges_in_survives_the_app_restarting_and_refuses_strang
         assert run.logs().count("refused a connection from 127.0.0.5") == 1
         assert "ただで答えて" not in " ".join(app.log.since(0))
 
-        run.llm.queue(tokens_of("長い答えです。" * 6, delay=0.01))
-        start = app.log.count()
-        app.sim.send("RECOG_EVENT_STOP|長く話して")
-        assert app.log.wait("SYNTH_EVENT_START|", 20, start), "the long answer did not start"
-        app.sim.send("RECOG_EVENT_START")
-        assert app.log.wait("SYNTH_STOP|0", 10, start), "no SYNTH_STOP after the barge-in"
-
-        run.llm.queue([Token("ずっと", 0.01)] + tokens_of("話しています。" * 4, delay=0.2))
-        start = app.log.count()
-        app.sim.send("RECOG_EVENT_STOP|話し続けて")
-        assert app.log.wait("SYNTH_EVENT_START|", 20, start)
+        app.barge_in(run.llm)
+        app.speaking(run.llm)
         app.quit()
         app = App.start(tmp_path, port, dial="127.0.0.1")
         run.wait_connected(connections=2)

@@ -63,7 +63,6 @@ BAD_INPUT = ("invalid UTF-8", "NUL bytes", "line too long", "empty line", "empty
 MAX_REFUSAL_KINDS = 50  # distinct refused types/senders counted one by one; the rest as "other"
 LAST_TURNS = 5  # turns whose latencies the heartbeat carries (``status`` shows them)
 TIMER_ALIAS = "mmdagent_llm_timer_"  # MMDAgent-EX timer aliases of set_timer's reminders
-MAX_TIMER = 86_400  # seconds (stages.llm.tools.MAX_TIMER; the bridge imports no LLM code)
 MAX_REMINDERS = 20  # reminders pending at once; the oldest is forgotten past it
 
 
@@ -323,9 +322,9 @@ class Bridge(Stage):
         """The llm's ``set_timer``: start MMDAgent-EX's timer (only its seconds and our alias go
         out); its reminder is said when ``TIMER_EVENT_STOP`` of that alias comes."""
         seconds, text = env.body.get("seconds"), str(env.body.get("text", "")).strip()
-        if env.sender != "llm" or type(seconds) is not int or not 1 <= seconds <= MAX_TIMER or not text:
+        if env.sender != "llm" or type(seconds) is not int or not 1 <= seconds <= wire.TIMER_MAX_SECONDS or not text:
             self._refuse(f"timer from {env.sender[:40]}", f"a timer from {env.sender[:40]!r} that is not the llm's "
-                         f"or not 1-{MAX_TIMER} s with a text")
+                         f"or not 1-{wire.TIMER_MAX_SECONDS} s with a text")
             return
         if "TIMER_START" not in self.allow_types:
             self._refuse("type TIMER_START", "a reminder's TIMER_START: not in [bridge] allow_types")
@@ -334,7 +333,7 @@ class Bridge(Stage):
             del self.reminders[next(iter(self.reminders))]
         self.timers += 1
         alias = f"{TIMER_ALIAS}{self.turns.epoch}_{self.timers}"  # no two bridges' alike
-        self.reminders[alias] = text[:200]
+        self.reminders[alias] = text[:wire.TIMER_MAX_TEXT]
         self._write("TIMER_START", [alias, str(seconds)], env.turn, env.origin)
 
     def _remind(self) -> None:

@@ -72,7 +72,6 @@ def redact(text: str) -> str:
     return " ".join(text.split())[:300]
 
 
-TOOL_RESULT_ON_BUS = 300  # characters of a tool's result in its bus event (observers)
 OPENAI_HOST = "api.openai.com"  # where the client goes when OPENAI_BASE_URL is not set
 
 
@@ -461,7 +460,7 @@ class LlmStage(Stage):
                 self.tool_calls[(data["name"], data["ok"])] = self.tool_calls.get((data["name"], data["ok"]), 0) + 1
                 log.info("turn %d: tool %s %s in %.2f s", turn, data["name"], "answered" if data["ok"] else
                          f"failed ({data['result'][:80]})", data["seconds"])
-                self.publish("tool", {**data, "result": data["result"][:TOOL_RESULT_ON_BUS]}, turn=turn)
+                self.publish("tool", {**data, "result": data["result"][:wire.TOOL_RESULT_MAX]}, turn=turn)
                 continue
             if what == "timer":  # the bridge starts it and says the reminder when it ends
                 self.publish("timer", data, turn=turn)

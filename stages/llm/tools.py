@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from broker.wire import TIMER_MAX_SECONDS, TIMER_MAX_TEXT
+
 if TYPE_CHECKING:
     from stages.llm.memory import Memory
 
@@ -82,14 +84,12 @@ def builtin(names: list[str], gestures: list[str], memory: "Memory | None" = Non
                                  lambda args: memory.remember(str(args.get("fact", ""))))
     tools["set_timer"] = Tool("set_timer", "Set a reminder: after the given seconds you will say the text aloud.",
                               {"type": "object", "properties": {
-                                  "seconds": {"type": "integer", "minimum": 1, "maximum": MAX_TIMER},
+                                  "seconds": {"type": "integer", "minimum": 1, "maximum": TIMER_MAX_SECONDS},
                                   "text": {"type": "string", "description": "what to say then, one short sentence"}},
                                "required": ["seconds", "text"]}, set_timer)
     return {name: tools[name] for name in names if name in tools}
 
 
-MAX_TIMER = 86_400  # seconds: a reminder within a day
-MAX_REMINDER = 200  # characters of a reminder's text
 
 
 def set_timer(args: dict[str, Any]) -> str:
@@ -102,9 +102,9 @@ def timer_of(args: dict[str, Any]) -> tuple[int, str]:
     seconds, text = args.get("seconds"), str(args.get("text", "")).strip()
     if isinstance(seconds, float) and seconds.is_integer():
         seconds = int(seconds)
-    if type(seconds) is not int or not 1 <= seconds <= MAX_TIMER or not text:
-        raise ValueError(f"seconds must be a whole number from 1 to {MAX_TIMER}, and text must not be empty")
-    return seconds, text[:MAX_REMINDER]
+    if type(seconds) is not int or not 1 <= seconds <= TIMER_MAX_SECONDS or not text:
+        raise ValueError(f"seconds must be a whole number from 1 to {TIMER_MAX_SECONDS}, and text must not be empty")
+    return seconds, text[:TIMER_MAX_TEXT]
 
 
 def effect(tool: Tool, arguments: str) -> tuple[str, Any] | None:

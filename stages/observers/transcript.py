@@ -150,7 +150,7 @@ class Transcript(Stage):
             return
         if env.kind == "tool":
             self.record("tool", n, env.ts, name=str(body.get("name")), ok=body.get("ok") is True,
-                        seconds=body.get("seconds"), result=str(body.get("result", ""))[:300])
+                        seconds=body.get("seconds"), result=str(body.get("result", ""))[:wire.TOOL_RESULT_MAX])
             return
         if env.kind == "notice":
             self.record("notice", n, env.ts, level=str(body.get("level")), text=str(body.get("text")))
