@@ -58,7 +58,8 @@ class McpTools:
         try:
             import mcp  # ~40 MB and 0.6 s: only when a server is configured
         except ImportError:
-            self._problem(name, "needs the mcp package: pip install 'mmdagent-llm[mcp]'")
+            self._problem(name, "needs the mcp package (pip install '.[mcp]' in the mmdagent-llm folder, "
+                                "or pip install 'mcp>=2.3,<3')")
             return
         target: Any = spec["url"] if spec.get("url") else mcp.StdioServerParameters(
             command=spec["command"], args=list(spec.get("args", [])))
