@@ -62,6 +62,7 @@ MAX_FRAME_BYTES = 2 << 20  # ZMQ_MAXMSGSIZE of receiving sockets: a peer sending
 TIMER_MAX_SECONDS = 86_400  # a ``timer``'s seconds: a reminder within a day
 TIMER_MAX_TEXT = 200  # characters of a ``timer``'s text
 TOOL_RESULT_MAX = 300  # characters of a ``tool`` event's result
+SUMMARY_MAX = 2000  # characters of a ``summary`` event's text
 
 
 KINDS: dict[str, str] = {
@@ -108,6 +109,13 @@ KINDS: dict[str, str] = {
     body: ``name`` (str), ``ok`` (bool: it gave a result), ``seconds`` (float: how long it
     took), ``result`` (str: what the model was told, at most :data:`TOOL_RESULT_MAX`
     characters here).""",
+    "summary": """The oldest exchanges of the history were folded into its summary, or that
+    failed (bus, llm; :mod:`stages.llm.summary`).
+
+    body: ``ok`` (bool), ``exchanges`` (int: how many were to be folded), ``text`` (str: the
+    summary now, at most :data:`SUMMARY_MAX` characters here; "" when not ``ok``), ``error``
+    (str: why it failed; "" when ``ok``). A failure changes nothing: the exchanges stay in the
+    history, and the summary is asked for again after a later turn.""",
     "timer": """The LLM set a reminder (bus, llm; its ``set_timer`` tool).
 
     body: ``seconds`` (int, 1 to :data:`TIMER_MAX_SECONDS`), ``text`` (str, at most

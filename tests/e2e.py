@@ -25,7 +25,8 @@ from broker import wire
 from stages.commands.avatar_sim import SimulatedMMDAgent
 from broker import config as config_mod
 from stages.commands.launcher import Pipeline, wait_ready
-from stages.llm.offline_responder import ChatCompletionServer, Token
+from stages.llm import summary
+from stages.llm.offline_responder import ChatCompletionServer, Stall, Status, Token
 from stages.segmenter.sentences import letters
 from tests.harness import BusWatcher, pipeline_env, supervised, wait_pipeline, write_config
 
@@ -59,6 +60,36 @@ class ScriptedLLM:
         with self.lock:
             steps = self.scripts.popleft() if self.scripts else None
         return steps if steps is not None else tokens_of(self.default)
+
+
+def is_summary(body: dict) -> bool:
+    return body["messages"][0]["content"].startswith(summary.PROMPT[:40])
+
+
+class Summarizing:
+    """The server's replies: an answer for each turn; for a summary request, what a model asked to
+    keep names would keep: the lines of the summary so far and of the exchanges that name one."""
+
+    def __init__(self, first_token: float = 0.0) -> None:
+        self.first_token = first_token  # seconds before an answer's first token
+        self.stall_summaries = 0  # the next this many summary requests hang
+        self.fail_summaries = 0   # the next this many summary requests are refused
+        self.lock = threading.Lock()
+
+    def __call__(self, body: dict) -> list:
+        if not is_summary(body):
+            n = sum(1 for m in body["messages"] if m["role"] == "user")
+            return [Stall(self.first_token), *tokens_of(f"はい、そうですね。{n}つ目のお話ですね。", delay=0)]
+        with self.lock:
+            stall, self.stall_summaries = self.stall_summaries > 0, max(0, self.stall_summaries - 1)
+            fail, self.fail_summaries = self.fail_summaries > 0, max(0, self.fail_summaries - 1)
+        if stall:
+            return [Stall(120)]
+        if fail:
+            return [Status(400, {"error": {"message": "context too long", "type": "invalid_request_error"}})]
+        text = body["messages"][1]["content"]
+        kept = [line.removeprefix("User: ") for line in text.splitlines() if "名前" in line]
+        return [Token(" ".join(dict.fromkeys(kept)) or "雑談をした。")]
 
 
 @dataclass

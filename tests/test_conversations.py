@@ -105,7 +105,7 @@ def test_the_console_starts_afresh_unless_asked_to_continue(tmp_path: Path, own_
         server.stop()
         for pid in processes_with(str(cfg_path)):
             os.kill(pid, signal.SIGKILL)
-    assert len(HistoryStore(console_path("default")).load()) == 2
+    assert len(HistoryStore(console_path("default")).load().pairs) == 2
 
 
 def saved_exchanges(path: Path) -> int:
@@ -215,4 +215,4 @@ def test_history_clear_is_not_undone_by_the_running_console(tmp_path: Path, own_
             os.kill(pid, signal.SIGKILL)
     [request] = [r for r in server.requests if r["messages"][-1]["content"] == "私の名前は？"]
     assert [m["content"] for m in request["messages"][1:]] == ["私の名前は？"]
-    assert [(q["content"], a["content"]) for q, a in HistoryStore(history).load()] == [("私の名前は？", "はい。")]
+    assert [(q["content"], a["content"]) for q, a in HistoryStore(history).load().pairs] == [("私の名前は？", "はい。")]

@@ -18,7 +18,7 @@ from zmq.utils.monitor import recv_monitor_message
 from broker import wire
 from stages.commands import cli
 from broker import config, curve
-from stages.llm.history_store import HistoryStore
+from stages.llm.history_store import Conversation, HistoryStore
 from tests.harness import ROOT, pipeline_env, write_config
 
 
@@ -153,7 +153,7 @@ def test_a_state_folder_made_here_is_private_from_the_start(tmp_path, monkeypatc
     monkeypatch.setenv("XDG_STATE_HOME", str(base))
     state = config.state_dir()
     curve.private_dir(state / "run-default")
-    HistoryStore(state / "history-default.json").save([])
+    HistoryStore(state / "history-default.json").save(Conversation())
     curve.folder_of(config.load(write(tmp_path, "[bus]\n")))
     assert not [r for r in caplog.records if "open to other users" in r.getMessage()]
     for path in (tmp_path / "new", base, state, state / "run-default", state / "bus-default"):

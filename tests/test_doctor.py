@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 import subprocess
 import time
 from pathlib import Path
@@ -222,3 +223,16 @@ def test_the_start_up_check_ends_when_the_plugin_is_killed(tmp_path: Path):
     finally:
         stop()
     assert not left, "the start-up check outlived the plugin"
+
+
+def test_doctor_starts_each_mcp_server_and_says_which_cannot_be_used(tmp_path: Path):
+    here = Path(__file__).parent / "mcp_servers"
+    servers = {name: {"command": sys.executable, "args": [str(here / f"{name}.py")]} for name in ("weather", "crash")}
+    cfg_path = write_config(tmp_path, tools={"mcp": servers})
+    done = subprocess.run([str(BIN / "mmdagent-llm"), "doctor"], env=pipeline_env(cfg_path, None),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "OK: MCP server weather: 1 tool(s)" in done.stdout and "tools from MCP servers: forecast" in done.stdout
+    [failed] = [line for line in done.stdout.splitlines() if line.startswith("MCP SERVER FAILED: crash:")]
+    assert "could not start" in failed and "weather" not in failed
+    assert not processes_with(str(here))  # the servers it started ended with it

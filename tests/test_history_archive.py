@@ -11,7 +11,7 @@ import pytest
 
 from broker import config
 from stages.llm.history_archive import FOLDER, Archive, archive_of
-from stages.llm.history_store import HistoryStore
+from stages.llm.history_store import Conversation, HistoryStore
 
 
 def pairs_of(*qa):
@@ -20,7 +20,7 @@ def pairs_of(*qa):
 
 def conversation(path, n, when=None):
     """A history file of ``n`` exchanges, last spoken in at ``when`` (epoch seconds)."""
-    HistoryStore(path, session="s").save(pairs_of(*[(f"q{i}", f"a{i}") for i in range(n)]))
+    HistoryStore(path, session="s").save(Conversation(pairs_of(*[(f"q{i}", f"a{i}") for i in range(n)])))
     if when is not None:
         os.utime(path, (when, when))
     return path
@@ -94,14 +94,14 @@ def test_a_failure_to_move_leaves_the_file_where_it_is(tmp_path):
     blocker.write_text("x")
     with pytest.raises(OSError):
         Archive(blocker / "conversations", 20).set_aside(path)
-    assert len(HistoryStore(path).load()) == 2
+    assert len(HistoryStore(path).load().pairs) == 2
 
 
 def test_copy_in_failure_is_logged_not_raised(tmp_path, caplog):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
     path = conversation(tmp_path / "h.json", 2)
-    assert Archive(blocker / "c", 20).copy_in(path, HistoryStore(path).load(), "s") is None
+    assert Archive(blocker / "c", 20).copy_in(path, HistoryStore(path).load().pairs, "s") is None
     assert "could not keep a copy" in caplog.records[-1].getMessage()
 
 

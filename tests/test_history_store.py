@@ -1,6 +1,7 @@
 """History on disk: round trip, continued conversation, corruption reported and survived,
 crash-safe saves, and the [llm] history_file rule."""
 
+import hashlib
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ import pytest
 from broker import config
 from stages.llm.history import History
 from stages.llm.history_archive import Archive
-from stages.llm.history_store import HistoryStore, default_path, store_for
+from stages.llm.history_store import Conversation, HistoryStore, default_path, store_for
 
 LOGGER = "mmdagent_llm"
 
@@ -31,11 +32,39 @@ def test_no_file_loads_none(tmp_path):
 def test_round_trip_keeps_pairs_exactly(tmp_path):
     store = HistoryStore(tmp_path / "sub" / "h.json", session="avatar1")
     pairs = pairs_of(("こんにちは", "やあ！"), ("元気？", "元気だよ。 [interrupted]"), ('"quotes"\n', "\\"))
-    store.save(pairs)
-    assert HistoryStore(tmp_path / "sub" / "h.json").load() == pairs
+    store.save(Conversation(pairs))
+    assert HistoryStore(tmp_path / "sub" / "h.json").load().pairs == pairs
     doc = json.loads((tmp_path / "sub" / "h.json").read_text(encoding="utf-8"))
-    assert doc["version"] == 1 and doc["session"] == "avatar1" and len(doc["sha256"]) == 64
+    assert doc["version"] == 2 and doc["session"] == "avatar1" and len(doc["sha256"]) == 64
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["h.json"]  # no temp file left
+
+
+def test_the_summary_is_kept_with_the_pairs_under_the_checksum(tmp_path):
+    path = tmp_path / "h.json"
+    HistoryStore(path).save(Conversation(pairs_of(("q", "a")), "名前はハナ。", 12))
+    assert HistoryStore(path).load() == Conversation(pairs_of(("q", "a")), "名前はハナ。", 12)
+    again = History("sys", 10, 10_000, store=HistoryStore(path), summarize=True)
+    assert again.folded == 12 and "名前はハナ。" in again.request("x")[0]["content"]
+    path.write_bytes(path.read_bytes().replace("ハナ".encode(), "タロウ".encode()))
+    assert read_error(path) == "checksum mismatch: the content was changed or damaged"
+
+
+def test_a_version_1_file_is_read_as_it_is(tmp_path):
+    pairs = pairs_of(("q", "a"))
+    doc = {"format": "mmdagent-llm-history", "version": 1, "pairs": [list(p) for p in pairs],
+           "sha256": hashlib.sha256(json.dumps([list(p) for p in pairs], ensure_ascii=False, sort_keys=True,
+                                               separators=(",", ":")).encode()).hexdigest()}
+    (tmp_path / "h.json").write_text(json.dumps(doc), encoding="utf-8")
+    assert HistoryStore(tmp_path / "h.json").load() == Conversation(pairs)
+
+
+def read_error(path) -> str:
+    from stages.llm.history_store import CorruptHistory, read
+    try:
+        read(path.read_bytes())
+    except CorruptHistory as exc:
+        return str(exc)
+    return ""
 
 
 def test_new_history_with_the_same_store_continues_the_conversation(tmp_path):
@@ -60,14 +89,14 @@ def test_lowered_limits_apply_after_loading_and_the_file_is_archived_before_it_i
     for i in range(6):
         h.add(f"q{i}", f"a{i}")
     assert archive.entries() == []  # within the limits: nothing to keep aside
-    said = HistoryStore(path).load()
+    said = HistoryStore(path).load().pairs
     os.utime(path, (1_600_000_000, 1_600_000_000))
 
     fewer = History("sys", 2, 10_000, store=HistoryStore(path, archive=archive.copy_in))  # restarted with a lower limit
     assert [p[0]["content"] for p in fewer.pairs] == ["q4", "q5"]
-    assert len(HistoryStore(path).load()) == 2  # trimming is a change: saved ...
+    assert len(HistoryStore(path).load().pairs) == 2  # trimming is a change: saved ...
     [kept] = archive.entries()  # ... after every pair was copied aside, dated like the conversation
-    assert HistoryStore(kept.path).load() == said and kept.exchanges == 6 and kept.when == 1_600_000_000
+    assert HistoryStore(kept.path).load().pairs == said and kept.exchanges == 6 and kept.when == 1_600_000_000
     assert kept.path.name.startswith("h-") and kept.path.suffix == ".json"
 
     again = History("sys", 2, 10_000, store=HistoryStore(path, archive=archive.copy_in))  # within them now: no copy
@@ -86,7 +115,7 @@ def test_a_history_cleared_by_another_program_is_not_written_back(tmp_path, capl
     path.unlink()  # history --clear
     assert [m["content"] for m in h.request("q3")] == ["sys", "q3"]  # not given to the LLM either
     h.add("q3", "a3")
-    assert HistoryStore(path).load() == pairs_of(("q3", "a3"))
+    assert HistoryStore(path).load().pairs == pairs_of(("q3", "a3"))
     [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert str(path) in warning.getMessage() and "removed by another program" in warning.getMessage()
     path.unlink()
@@ -98,23 +127,23 @@ def test_a_history_replaced_by_another_program_is_followed(tmp_path, caplog):
     path = tmp_path / "h.json"
     h = History("sys", 10, 10_000, store=HistoryStore(path))
     h.add("q1", "a1")
-    HistoryStore(path).save(pairs_of(("theirs", "kept")))  # another writer, same size or not
+    HistoryStore(path).save(Conversation(pairs_of(("theirs", "kept"))))  # another writer, same size or not
     h.add("q2", "a2")
-    assert HistoryStore(path).load() == pairs_of(("theirs", "kept"), ("q2", "a2"))
+    assert HistoryStore(path).load().pairs == pairs_of(("theirs", "kept"), ("q2", "a2"))
     assert "replaced by another program" in caplog.records[-1].getMessage()
     for i in range(3):  # followed once; from then on its own saves again
         h.add(f"n{i}", "x")
-    assert len(HistoryStore(path).load()) == 5 and len(caplog.records) == 1
+    assert len(HistoryStore(path).load().pairs) == 5 and len(caplog.records) == 1
 
 
 def test_outside_change_needs_a_change(tmp_path):
     path = tmp_path / "h.json"
     store = HistoryStore(path)
     assert store.load() is None and store.outside_change() is None  # no file, still none
-    store.save(pairs_of(("q", "a")))
+    store.save(Conversation(pairs_of(("q", "a"))))
     assert store.outside_change() is None
-    HistoryStore(path).save(pairs_of(("q", "a")))  # the same content, written anew: a new file all the same
-    assert store.outside_change() == pairs_of(("q", "a")) and store.outside_change() is None
+    HistoryStore(path).save(Conversation(pairs_of(("q", "a"))))  # the same content, written anew: a new file all the same
+    assert store.outside_change().pairs == pairs_of(("q", "a")) and store.outside_change() is None
 
 
 def test_without_a_store_nothing_is_written(tmp_path, monkeypatch):
@@ -125,7 +154,7 @@ def test_without_a_store_nothing_is_written(tmp_path, monkeypatch):
 
 
 def _valid_file(path):
-    HistoryStore(path).save(pairs_of(("q1", "a1"), ("q2", "a2")))
+    HistoryStore(path).save(Conversation(pairs_of(("q1", "a1"), ("q2", "a2"))))
     return path.read_bytes()
 
 
@@ -169,7 +198,7 @@ def test_corrupt_file_is_reported_kept_and_replaced(tmp_path, caplog, kind):
 
     caplog.set_level(logging.INFO, logger=LOGGER)
     store = HistoryStore(path)
-    assert store.load() == []
+    assert store.load().pairs == []
     [error] = errors(caplog)
     message = error.getMessage()
     assert str(path) in message and reason in message, message
@@ -181,7 +210,7 @@ def test_corrupt_file_is_reported_kept_and_replaced(tmp_path, caplog, kind):
     h = History("sys", 10, 1000, store=store)  # starts fresh (the file is gone now) ...
     assert h.pairs == []
     h.add("new", "start")  # ... and the next save works
-    assert HistoryStore(path).load() == pairs_of(("new", "start"))
+    assert HistoryStore(path).load().pairs == pairs_of(("new", "start"))
     assert len(errors(caplog)) == 1
 
 
@@ -196,7 +225,7 @@ def test_two_corruptions_keep_both_copies(tmp_path, caplog):
     path = tmp_path / "h.json"
     for content in (b"one", b"two"):
         path.write_bytes(content)
-        assert HistoryStore(path).load() == []
+        assert HistoryStore(path).load().pairs == []
     kept = sorted(p.read_bytes() for p in tmp_path.iterdir() if ".corrupt-" in p.name)
     assert kept == [b"one", b"two"] and len(errors(caplog)) == 2
 
@@ -208,7 +237,7 @@ def test_unreadable_folder_is_logged_not_raised(tmp_path, caplog):
     _valid_file(path)
     folder.chmod(0)
     try:
-        assert HistoryStore(path).load() == []
+        assert HistoryStore(path).load().pairs == []
     finally:
         folder.chmod(0o755)
     [error] = errors(caplog)
@@ -219,31 +248,31 @@ def test_crash_during_save_leaves_the_previous_file_intact(tmp_path, monkeypatch
     path = tmp_path / "h.json"
     store = HistoryStore(path)
     before = pairs_of(("q1", "a1"))
-    store.save(before)
+    store.save(Conversation(before))
     original = path.read_bytes()
 
     def crash(src, dst):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", crash)
-    store.save(before + pairs_of(("q2", "a2")))  # does not raise
-    store.save(before + pairs_of(("q3", "a3")))  # the same reason: logged once
-    assert path.read_bytes() == original and HistoryStore(path).load() == before
+    store.save(Conversation(before + pairs_of(("q2", "a2"))))  # does not raise
+    store.save(Conversation(before + pairs_of(("q3", "a3"))))  # the same reason: logged once
+    assert path.read_bytes() == original and HistoryStore(path).load().pairs == before
     assert [p.name for p in tmp_path.iterdir()] == ["h.json"]  # the temp file is removed
     [error] = errors(caplog)
     assert str(path) in error.getMessage() and "No space left" in error.getMessage()
 
     monkeypatch.undo()
-    store.save(before + pairs_of(("q4", "a4")))
-    assert HistoryStore(path).load()[-1][0]["content"] == "q4"
+    store.save(Conversation(before + pairs_of(("q4", "a4"))))
+    assert HistoryStore(path).load().pairs[-1][0]["content"] == "q4"
 
 
 def test_temp_file_left_by_a_real_crash_is_ignored_and_cleaned(tmp_path, caplog):
     path = tmp_path / "h.json"
-    HistoryStore(path).save(pairs_of(("q", "a")))
+    HistoryStore(path).save(Conversation(pairs_of(("q", "a"))))
     stale = tmp_path / ".h.json.abc123.tmp"
     stale.write_bytes(b'{"format": "mmdagent-llm-hi')  # a save interrupted half-way
-    assert HistoryStore(path).load() == pairs_of(("q", "a"))
+    assert HistoryStore(path).load().pairs == pairs_of(("q", "a"))
     assert not stale.exists() and errors(caplog) == []
 
 
@@ -313,11 +342,11 @@ def test_a_path_that_cannot_be_read_is_logged_not_raised(tmp_path, caplog):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
     store = HistoryStore(blocker / "h.json")  # its "folder" is a file (works as root too)
-    assert store.load() == []
+    assert store.load().pairs == []
     [error] = errors(caplog)
     assert str(blocker / "h.json") in error.getMessage() and "cannot be read" in error.getMessage()
     (tmp_path / "dir.json").mkdir()
-    assert HistoryStore(tmp_path / "dir.json").load() == []
+    assert HistoryStore(tmp_path / "dir.json").load().pairs == []
     assert len(errors(caplog)) == 2
 
 
@@ -336,7 +365,7 @@ def test_save_failures_are_logged_once_per_reason_and_never_raise(tmp_path, capl
 
     blocker.unlink()  # the problem goes away: the next save works and says so
     h.add("q3", "a3")
-    assert len(HistoryStore(blocker / "sub" / "h.json").load()) == 4
+    assert len(HistoryStore(blocker / "sub" / "h.json").load().pairs) == 4
     assert any("saved again" in r.getMessage() for r in caplog.records)
 
 
@@ -367,4 +396,4 @@ def test_a_file_that_cannot_be_read_is_kept_aside_not_replaced(tmp_path, monkeyp
     h.add("new", "start")  # the new conversation's save ...
     [kept] = tmp_path.glob("h.json.unreadable-*")
     assert kept.read_bytes() == said  # ... did not overwrite the one that could not be read
-    assert HistoryStore(path).load() == pairs_of(("new", "start"))
+    assert HistoryStore(path).load().pairs == pairs_of(("new", "start"))

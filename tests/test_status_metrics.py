@@ -55,6 +55,7 @@ def test_status_shows_each_process_the_llm_and_the_last_turns_and_a_killed_stage
     assert f"model {world.cfg['llm']['model']}" in out
     assert "first token" in out and "speech began" in out
     assert "failed turns by cause: authentication 1" in out
+    assert "tools: current_time, gesture, remember, set_timer; calls: none" in out
     assert out.rstrip().endswith("healthy")
     assert down.returncode == 1
     assert row(down.stdout, "segmenter")[1] == "DOWN"
@@ -77,6 +78,20 @@ def test_a_duplicate_or_unready_process_is_unhealthy():
     beats["llm"]["ready"] = False
     beats["bridge"]["duplicates"] = {"sequencer": [4, 9]}
     assert report(beats, "s")[1] == ["llm is not ready", "two sequencer processes: pids [4, 9]"]
+
+
+def test_status_shows_tools_mcp_servers_and_the_summary_without_calling_a_failed_server_unhealthy():
+    beats = {n: {"pid": i, "ready": True, "info": {}} for i, n in enumerate(
+        ("broker", "llm", "segmenter", "sequencer", "bridge"), 1)}
+    beats["llm"]["info"] = {"backend": "b", "model": "m", "tools": ["current_time", "get_weather"],
+                            "tool_calls": {"get_weather ok": 2},
+                            "mcp": {"weather": "ok: 1 tool(s)", "crash": "failed: could not start: boom"},
+                            "summary": {"exchanges": 12, "characters": 80, "ok": 2, "failed": 1}}
+    lines, problems = report(beats, "s")
+    assert problems == []
+    assert "tools: current_time, get_weather; calls: get_weather ok 2" in lines
+    assert "  MCP server crash: failed: could not start: boom" in lines and "  MCP server weather: ok: 1 tool(s)" in lines
+    assert "summary: 12 older exchanges in 80 characters; summaries since start: 2 ok, 1 failed" in lines
 
 
 def test_metrics_scrape_parses_and_counts(tmp_path: Path):
@@ -140,9 +155,12 @@ def test_metrics_count_restarts_and_interruptions():
     llm = wire.Sender("llm").make
     for ok in (True, True, False):
         m.on_event(llm("tool", {"name": "current_time", "ok": ok, "seconds": 0.01, "result": ""}, turn=1))
+        m.on_event(llm("summary", {"ok": ok, "exchanges": 3, "text": "", "error": ""}))
     families = {f.name: f for f in text_string_to_metric_families(m.registry.render())}
     samples = {(s.name, tuple(s.labels.items())): s.value for f in families.values() for s in f.samples}
     assert samples[("mmdagent_llm_interruptions_total", (("reason", "interrupted"),))] == 1
     assert samples[("mmdagent_llm_stage_restarts_total", (("stage", "llm"),))] == 2
     assert samples[("mmdagent_llm_tool_calls_total", (("tool", "current_time"),))] == 2
     assert samples[("mmdagent_llm_tool_failures_total", (("tool", "current_time"),))] == 1
+    assert samples[("mmdagent_llm_summaries_total", (("outcome", "ok"),))] == 2
+    assert samples[("mmdagent_llm_summaries_total", (("outcome", "failed"),))] == 1

@@ -165,11 +165,13 @@ def test_every_event_reads_as_a_line():
                 {"event": "stage", "stage": "llm", "change": "gone"}, {"event": "broken", "stage": "x"},
                 {"event": "notice", "level": "error", "text": "t"}, {"event": "observer", "pid": 1},
                 {"event": "greeting", "text": "こんにちは"},
-                {"event": "tool", "name": "current_time", "ok": False, "result": "error:\nno result"}):
+                {"event": "tool", "name": "current_time", "ok": False, "result": "error:\nno result"},
+                {"event": "summary", "ok": True, "exchanges": 6, "text": "名前はハナ。\n猫が好き。"},
+                {"event": "summary", "ok": False, "exchanges": 6, "error": "timeout"}):
         assert "\n" not in describe(rec) and describe(rec).strip()
 
 
-def test_greetings_and_tool_calls_are_recorded():
+def test_greetings_tool_calls_and_summaries_are_recorded():
     from broker import wire
     from stages.latency import TurnClock
     from stages.observers.transcript import Transcript
@@ -182,6 +184,9 @@ def test_greetings_and_tool_calls_are_recorded():
     t.on_event(wire.Sender("bridge").make("turn_start", {"text": "", "say": "こんにちは"}, turn=7, origin=1.0))
     t.on_event(wire.Sender("llm").make("tool", {"name": "current_time", "ok": True, "seconds": 0.01,
                                                 "result": "x" * 1000}, turn=7))
-    greeting, tool = (json.loads(line) for line in t.lines)
+    t.on_event(wire.Sender("llm").make("summary", {"ok": True, "exchanges": 6, "text": "名前はハナ。" * 500,
+                                                   "error": ""}))
+    greeting, tool, folded = (json.loads(line) for line in t.lines)
     assert (greeting["event"], greeting["text"], greeting["turn"]) == ("greeting", "こんにちは", 7)
+    assert (folded["event"], folded["ok"], folded["exchanges"], len(folded["text"])) == ("summary", True, 6, 2000)
     assert (tool["event"], tool["name"], tool["ok"], len(tool["result"])) == ("tool", "current_time", True, 300)

@@ -3,8 +3,11 @@
 One cheap request, as the llm stage would make it (same ``OPENAI_API_KEY``, ``OPENAI_BASE_URL``
 and ``[llm] model``): a chat completion of at most one token, no retries, at most
 :data:`TIMEOUT` seconds. It prints what was checked and, on failure, the cause
-(:data:`broker.wire.CAUSES`) and what to do about it; the key itself is never printed. Exit
-status 0 when the model answered (or the embedded offline responder is in use), 1 otherwise.
+(:data:`broker.wire.CAUSES`) and what to do about it; the key itself is never printed. It also
+starts each MCP server of ``[tools.mcp]`` as the llm stage would, and says which tools it offers
+or why it cannot be used; and, in a content folder, which configured motions are missing. Exit
+status 0 when the model answered (or the embedded offline responder is in use) and every MCP
+server started, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -65,6 +68,36 @@ def check_motions(cfg: config_mod.Config, folder: Path, say: Callable[[str], Non
     return missing
 
 
+def check_mcp(cfg: config_mod.Config, say: Callable[[str], None]) -> list[str]:
+    """Start every ``[tools.mcp]`` server as the llm stage does, ``say`` what each offers or why it
+    cannot be used, end them. Returns the names of those that cannot be used."""
+    servers = cfg["tools"]["mcp"]
+    if not servers:
+        return []
+    from stages.llm.mcp_tools import START_TIMEOUT, McpTools  # the mcp SDK only when servers are named
+    say(f"starting the MCP servers of [tools.mcp]: {', '.join(servers)} ...")
+    mcp = McpTools(servers, set(cfg["tools"]["builtin"]), lambda server, what: None)
+    try:
+        deadline = time.monotonic() + 2 * START_TIMEOUT + 1  # to start, then to list its tools
+        while any(state == "starting" for state in mcp.state.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        states = dict(mcp.state)
+        offered = sorted(mcp.tools)
+    finally:
+        mcp.close()
+    failed = []
+    for server, state in states.items():
+        if state.startswith("ok"):
+            say(f"OK: MCP server {server}: {state[4:]}")
+        else:
+            failed.append(server)
+            say(f"MCP SERVER FAILED: {server}: {state.removeprefix('failed: ')}: its tools are left out of every "
+                "answer (check [tools.mcp] and run the server's command by hand)")
+    if offered:
+        say(f"  tools from MCP servers: {', '.join(offered)}")
+    return failed
+
+
 def check(cfg: config_mod.Config, say: Callable[[str], None]) -> str | None:
     """Make the request; ``say`` each line for a person. The failure's cause, or None if it answered."""
     model = cfg["llm"]["model"]
@@ -98,9 +131,10 @@ def main(cfg: config_mod.Config, notice: bool = False) -> int:
     ``notice``: the start-up check of ``plugin`` and ``console``: the lines go to the log
     (stderr), and a failure is also published as an ``error`` ``notice`` on the bus, once the
     bridge is there to show it (see :func:`publish_notice`)."""
-    if not notice:
+    if not notice:  # (the start-up check leaves MCP servers to the llm stage, which reports them itself)
         check_motions(cfg, Path.cwd(), lambda line: print(line, flush=True))
-        return 1 if check(cfg, lambda line: print(line, flush=True)) else 0
+        failed = check(cfg, lambda line: print(line, flush=True))
+        return 1 if check_mcp(cfg, lambda line: print(line, flush=True)) or failed else 0
     setup_logging("doctor")
     watch_owner(lambda: os._exit(1))  # a start-up check is of no use once its plugin or console is gone
     sub = connect(cfg, zmq.SUB, "events_out", ("heartbeat.bridge", "notice"))  # meanwhile, it connects

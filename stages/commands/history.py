@@ -25,7 +25,7 @@ from pathlib import Path
 
 from broker import config as config_mod
 from stages.llm.history_archive import Archive, archive_of
-from stages.llm.history_store import CorruptHistory, console_path, content_path, decode, path_for
+from stages.llm.history_store import CorruptHistory, console_path, content_path, decode, path_for, read
 
 
 def chosen(cfg: config_mod.Config, console: bool) -> Path | None:
@@ -56,12 +56,14 @@ def main(cfg: config_mod.Config, console: bool = False, clear: bool = False, arc
 def show(path: Path) -> int:
     """Print the conversation in ``path``, one exchange after the other; 1 if it cannot be read."""
     try:  # read only: not HistoryStore.load, which sets a corrupt file aside
-        pairs = decode(path.read_bytes())
+        conversation = read(path.read_bytes())
     except (CorruptHistory, OSError) as exc:
         print(f"{path} cannot be read: {exc}")
         return 1
-    print(f"{path}: {len(pairs)} exchanges")
-    for user, assistant in pairs:
+    print(f"{path}: {len(conversation.pairs)} exchanges")
+    if conversation.summary:
+        print(f"  summary of the {conversation.folded} exchanges before them: {conversation.summary}")
+    for user, assistant in conversation.pairs:
         print(f"  you:    {user.get('content', '')}")
         print(f"  avatar: {assistant.get('content', '')}")
     return 0

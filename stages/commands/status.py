@@ -5,7 +5,8 @@ second, so a live one is heard and a dead one is not) and prints:
 
 - each process: up or down, pid, ready, restarts (as the bridge counted them since it
   started), and every observer heard;
-- the LLM backend and model (the llm's heartbeat);
+- the LLM backend and model, its tools and MCP servers (a failed server's reason), the
+  history's summary (the llm's heartbeat);
 - the last turns' latencies (the bridge's heartbeat, see :mod:`stages.latency`), failed
   turns by cause (the llm's), and bad input: the bridge's stdin problems and refused
   commands, every process's refused frames.
@@ -81,6 +82,14 @@ def report(beats: dict[str, dict[str, Any]], session: str) -> tuple[list[str], l
     if llm:
         offline = " (the embedded offline responder)" if llm.get("offline") else ""
         lines.append(f"LLM: {llm.get('backend')}, model {llm.get('model')}{offline}")
+        tools = llm.get("tools") if isinstance(llm.get("tools"), list) else []
+        lines.append(f"tools: {', '.join(str(t) for t in tools) or 'none'}; calls: {_counts(llm.get('tool_calls'))}")
+        for server, state in sorted((llm.get("mcp") or {}).items()):  # a failed one is said, not "unhealthy":
+            lines.append(f"  MCP server {server}: {state}")          # restarting the pipeline would not mend it
+        folded = llm.get("summary") if isinstance(llm.get("summary"), dict) else {}
+        if folded:
+            lines.append(f"summary: {folded.get('exchanges')} older exchanges in {folded.get('characters')} characters; "
+                         f"summaries since start: {folded.get('ok')} ok, {folded.get('failed')} failed")
     turns = bridge.get("turns") if isinstance(bridge.get("turns"), list) else []
     lines.append("last turns:" if turns else "last turns: none yet")
     for t in turns:

@@ -52,6 +52,11 @@ def describe(rec: dict[str, Any]) -> str:
         return f"{when}  *** {rec.get('stage')} {rec.get('change')} (pid {rec.get('pid')})"
     if event == "broken":
         return f"{when}  *** {rec.get('stage')} could not finish turn {rec.get('turn')}: {rec.get('reason')}"
+    if event == "summary":
+        if rec.get("ok"):
+            text = " ".join(str(rec.get("text", "")).split())
+            return f"{when}  ... {rec.get('exchanges')} older exchanges folded into the summary: {text}"
+        return f"{when}  ... summarizing {rec.get('exchanges')} older exchanges failed: {rec.get('error', '')}"
     if event == "notice":
         return f"{when}  ({rec.get('level')}) {rec.get('text')}"
     if event == "observer":

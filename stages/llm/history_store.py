@@ -1,13 +1,16 @@
 """Conversation history on disk: one JSON file per session, so a restarted llm stage goes on
 with the same conversation.
 
-The file holds a format version, the session name (for people reading it), the user/assistant
-pairs, and the SHA-256 of the canonical JSON of the pairs, so a truncated or altered file is
-noticed::
+The file holds a format version, the session name (for people reading it), the summary of the
+exchanges folded out of it (:mod:`stages.llm.summary`), the user/assistant pairs, and the SHA-256
+of the canonical JSON of the summary and the pairs, so a truncated or altered file is noticed::
 
-    {"format": "mmdagent-llm-history", "version": 1, "session": "default",
+    {"format": "mmdagent-llm-history", "version": 2, "session": "default",
+     "summary": {"text": "...", "exchanges": 12},
      "pairs": [[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]],
      "sha256": "..."}
+
+Version 1 files (no summary; the checksum covers the pairs alone) are read as they are.
 
 Writing is crash-safe: the new content goes to a temporary file in the same folder, is flushed
 and fsynced, then atomically replaces the old file (``os.replace``), and the folder is fsynced
@@ -36,6 +39,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -46,7 +50,8 @@ from broker.curve import make_folders
 log = logging.getLogger("mmdagent_llm")
 
 FORMAT = "mmdagent-llm-history"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)
 #: ``[llm] history_file`` value that keeps the history in memory only
 MEMORY_ONLY = "none"
 
@@ -61,14 +66,25 @@ class CorruptHistory(ValueError):
     """The file's content cannot be used; the message is the reason."""
 
 
-def canonical(pairs: Iterable[Pair]) -> bytes:
-    """The bytes the checksum covers: the pairs as compact, key-sorted UTF-8 JSON."""
-    data = [[user, assistant] for user, assistant in pairs]
+@dataclass
+class Conversation:
+    """What a history file holds."""
+    pairs: list[Pair] = field(default_factory=list)
+    summary: str = ""  # of the exchanges folded out of ``pairs``
+    folded: int = 0    # how many exchanges the summary covers
+
+
+def canonical(pairs: Iterable[Pair], summary: dict | None = None) -> bytes:
+    """The bytes the checksum covers: the pairs (version 1), or the summary and the pairs
+    (version 2), as compact, key-sorted UTF-8 JSON."""
+    data: Any = [[user, assistant] for user, assistant in pairs]
+    if summary is not None:
+        data = {"summary": summary, "pairs": data}
     return json.dumps(data, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
-def checksum(pairs: Iterable[Pair]) -> str:
-    return hashlib.sha256(canonical(pairs)).hexdigest()
+def checksum(pairs: Iterable[Pair], summary: dict | None = None) -> str:
+    return hashlib.sha256(canonical(pairs, summary)).hexdigest()
 
 
 def default_path(session: str) -> Path:
@@ -121,9 +137,9 @@ class HistoryStore:
 
     # -- loading -------------------------------------------------------------------------
 
-    def load(self) -> list[Pair] | None:
-        """The saved pairs; None if there is no file; ``[]`` (after one error line) if the file
-        is corrupt, which is then kept renamed to ``<name>.corrupt-<timestamp>``, or cannot be
+    def load(self) -> Conversation | None:
+        """The saved conversation; None if there is no file; an empty one (after one error line)
+        if the file is corrupt, which is then kept renamed to ``<name>.corrupt-<timestamp>``, or cannot be
         read (a file then kept as ``<name>.unreadable-<timestamp>``)."""
         self._remove_stale_temps()
         self._seen = None
@@ -138,13 +154,13 @@ class HistoryStore:
             where = f"; {self._keep_aside('unreadable')}" if os.path.isfile(self.path) else ""
             log.error("history file %s cannot be read (%s)%s: starting a fresh conversation",
                       self.path, exc.strerror or exc, where)
-            return []
+            return Conversation()
         try:
-            return decode(raw)
+            return read(raw)
         except CorruptHistory as exc:
             log.error("history file %s is corrupt (%s); %s; starting a fresh conversation",
                       self.path, exc, self._keep_aside("corrupt"))
-            return []
+            return Conversation()
 
     def _keep_aside(self, why: str) -> str:
         """Rename the file to ``<name>.<why>-<timestamp>`` beside it; what became of it, for the log."""
@@ -158,8 +174,8 @@ class HistoryStore:
         self._seen = None
         return f"kept as {kept.name}"
 
-    def outside_change(self) -> list[Pair] | None:
-        """The file's pairs now (``[]`` if it is gone), if another program changed it since this
+    def outside_change(self) -> Conversation | None:
+        """The file's conversation now (an empty one if it is gone), if another program changed it since this
         store last loaded or saved it (``mmdagent-llm history --clear``, an edit, a copy put in
         its place); None if it did not, or if that cannot be told (the file cannot be looked at)."""
         try:
@@ -170,11 +186,11 @@ class HistoryStore:
             return None  # unknown is not a change: what is in memory is kept
         if now == self._seen:
             return None
-        pairs = self.load() or []
+        theirs = self.load() or Conversation()
         log.warning("history file %s was %s by another program since this process last saved it: going on "
                     "from it (%d exchanges), not overwriting it", self.path,
-                    "removed" if now is None else "replaced", len(pairs))
-        return pairs
+                    "removed" if now is None else "replaced", len(theirs.pairs))
+        return theirs
 
     def archive_copy(self, pairs: list[Pair]) -> Path | None:
         """Copy ``pairs``, the file's conversation, into the archive before the file loses some
@@ -193,11 +209,11 @@ class HistoryStore:
 
     # -- saving --------------------------------------------------------------------------
 
-    def save(self, pairs: Iterable[Pair]) -> None:
-        """Replace the file's content with ``pairs``, atomically. Never raises."""
+    def save(self, conversation: Conversation) -> None:
+        """Replace the file's content with ``conversation``, atomically. Never raises."""
         tmp: str | None = None
         try:
-            data = encode(pairs, self.session)
+            data = encode(conversation.pairs, self.session, conversation.summary, conversation.folded)
             folder = self.path.parent
             make_folders(folder)
             tmp = write_temp(folder, self.path.name, data)
@@ -226,19 +242,25 @@ class HistoryStore:
             self._reported.clear()
 
 
-def encode(pairs: Iterable[Pair], session: str | None = None) -> bytes:
-    """The file's bytes for ``pairs``."""
+def encode(pairs: Iterable[Pair], session: str | None = None, summary: str = "", folded: int = 0) -> bytes:
+    """The file's bytes for ``pairs`` and the ``summary`` of ``folded`` exchanges before them."""
     pairs = [(user, assistant) for user, assistant in pairs]
     doc: dict[str, Any] = {"format": FORMAT, "version": VERSION}
     if session is not None:
         doc["session"] = session
+    doc["summary"] = {"text": summary, "exchanges": folded}
     doc["pairs"] = [[user, assistant] for user, assistant in pairs]
-    doc["sha256"] = checksum(pairs)
+    doc["sha256"] = checksum(pairs, doc["summary"])
     return (json.dumps(doc, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
 
 
 def decode(raw: bytes) -> list[Pair]:
     """The pairs in the file's bytes; :class:`CorruptHistory` says why they cannot be used."""
+    return read(raw).pairs
+
+
+def read(raw: bytes) -> Conversation:
+    """The conversation in the file's bytes; :class:`CorruptHistory` says why it cannot be used."""
     if not raw.strip():
         raise CorruptHistory("empty file")
     try:
@@ -253,8 +275,13 @@ def decode(raw: bytes) -> list[Pair]:
         raise CorruptHistory(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CorruptHistory("not an mmdagent-llm history file")
-    if doc.get("version") != VERSION:
-        raise CorruptHistory(f"format version {doc.get('version')!r}, this program reads version {VERSION}")
+    version = doc.get("version")
+    if type(version) is not int or version not in READS:
+        raise CorruptHistory(f"format version {version!r}, this program reads versions {READS[0]}-{READS[-1]}")
+    summary = doc.get("summary") if version >= 2 else None
+    if version >= 2 and not (isinstance(summary, dict) and isinstance(summary.get("text"), str)
+                             and type(summary.get("exchanges")) is int and summary["exchanges"] >= 0):
+        raise CorruptHistory("wrong structure: 'summary' is not a text and a number of exchanges")
     items = doc.get("pairs")
     if not isinstance(items, list):
         raise CorruptHistory("wrong structure: 'pairs' is not a list")
@@ -264,9 +291,11 @@ def decode(raw: bytes) -> list[Pair]:
                 and _is_message(item[0], "user") and _is_message(item[1], "assistant")):
             raise CorruptHistory(f"wrong structure: pair {i} is not a user and an assistant message")
         pairs.append((item[0], item[1]))
-    if doc.get("sha256") != checksum(pairs):
+    if doc.get("sha256") != checksum(pairs, summary):
         raise CorruptHistory("checksum mismatch: the content was changed or damaged")
-    return pairs
+    if summary is None:
+        return Conversation(pairs)
+    return Conversation(pairs, summary["text"], summary["exchanges"])
 
 
 def _is_message(m: Any, role: str) -> bool:

@@ -24,6 +24,10 @@
   once and no follow-up request is made), and the answer goes on from a follow-up request with
   their results. Each call is a ``tool`` event on the bus. A server that refuses a request with
   tools (before any text) is asked again without them, once, and never offered them again.
+- History (:mod:`stages.llm.history`): each request holds the newest exchanges within ``[llm]
+  history_turns`` and ``history_tokens`` (counted the model's way, :mod:`stages.llm.tokens`); older
+  ones are folded into a summary by the LLM in the background (:mod:`stages.llm.summary`), which
+  never delays a turn; the long-term memory's facts (:mod:`stages.llm.memory`) ride along.
 - The connection to the server is opened ahead of turns, so none pays a handshake: at start,
   after a request was cut off or failed, when the user starts speaking
   (``mmd.RECOG_EVENT_START``) and every few seconds while idle, if it is not open (decisions in
@@ -53,7 +57,8 @@ from stages.llm.history_archive import archive_of
 from stages.llm.history_store import default_path, store_for
 from stages.llm.memory import Memory, path_beside
 from stages.llm.llm_http import make_client, open_ahead
-from stages.llm import tools, warm
+from stages.llm import summary, tools, warm
+from stages.llm.tokens import TokenCounter
 from stages.llm.mcp_tools import McpTools
 from broker.runtime import Stage, setup_logging
 from stages.states import Machine, TURN_TRANSITIONS, TurnState
@@ -130,6 +135,14 @@ def join_segments(segments: list[str]) -> str:
     return out
 
 
+#: what a request's ``usage`` tells the token counter: the prompt's tokens, its messages, its tools' specs
+Usage = tuple[int, list[dict], str]
+
+
+def usage_of(usage: Any, kwargs: dict[str, Any]) -> Usage:
+    return usage.prompt_tokens, kwargs["messages"], json.dumps(kwargs.get("tools") or "", ensure_ascii=False)
+
+
 class _Worker(threading.Thread):
     """Runs one chat completion request and reports to the stage loop over an inproc PUSH."""
 
@@ -178,7 +191,7 @@ class _Worker(threading.Thread):
         finally:
             out.close()
 
-    def _stream(self, out: zmq.Socket, kwargs: dict[str, Any]) -> int | None:
+    def _stream(self, out: zmq.Socket, kwargs: dict[str, Any]) -> Usage | None:
         """Stream the answer; when the model calls tools, run them and stream the rest of the
         answer from a follow-up request (at most ``[tools] max_calls`` calls in all)."""
         used, calls_made = None, 0
@@ -191,7 +204,7 @@ class _Worker(threading.Thread):
                     if self.cancelled.is_set():
                         return used
                     if chunk.usage is not None:
-                        used = chunk.usage.total_tokens
+                        used = usage_of(chunk.usage, kwargs)
                     if not chunk.choices:
                         continue
                     delta = chunk.choices[0].delta
@@ -239,12 +252,12 @@ class _Worker(threading.Thread):
             messages.append({"role": "tool", "tool_call_id": call["id"], "content": content})
         return messages
 
-    def _whole(self, out: zmq.Socket, kwargs: dict[str, Any]) -> int | None:
+    def _whole(self, out: zmq.Socket, kwargs: dict[str, Any]) -> Usage | None:
         completion = self.stage.client.chat.completions.create(**kwargs)
         text = completion.choices[0].message.content or "" if completion.choices else ""
         if text and not self.cancelled.is_set():
             out.send_pyobj((self.turn, "token", (text, time.time())))
-        return completion.usage.total_tokens if completion.usage else None
+        return usage_of(completion.usage, kwargs) if completion.usage else None
 
 
 class LlmStage(Stage):
@@ -256,11 +269,20 @@ class LlmStage(Stage):
     def __init__(self, cfg: config_mod.Config) -> None:
         super().__init__(cfg)
         c = cfg["llm"]
+        self.offline_server = None
+        self.client, self.backend = self._make_client()
         store = store_for(cfg, archive=archive_of(cfg).copy_in)
         # the character (a persona file, else [llm] system_prompt), and the tags it may write
         prompt = "\n".join(p for p in (character_prompt(cfg) or c["system_prompt"], Vocabulary(cfg).prompt) if p)
         self.memory = Memory(path_beside(store.path if store is not None else default_path(cfg["bus"]["session"])))
-        self.history = History(prompt, c["history_turns"], c["history_tokens"], store=store, notes=self.memory.prompt)
+        # the offline responder is no language model: it cannot summarize
+        self.history = History(prompt, c["history_turns"], c["history_tokens"], store=store, notes=self.memory.prompt,
+                               counter=TokenCounter(c["model"]),
+                               summarize=c["summarize"] and self.offline_server is None)
+        timeout = openai.Timeout(connect=5.0, read=c["turn_timeout"], write=10.0, pool=5.0)
+        self.summaries = summary.Summaries(
+            c, self.history, lambda: make_client(*self._server, c["max_retries"], timeout)[0],
+            lambda data: self._to_loop("summary", data), lambda body: self.publish("summary", body), describe)
         if store is not None and self.history.pairs:  # said, so nobody wonders what the LLM "remembers"
             log.info("continuing the conversation in %s: %d earlier exchanges (mmdagent-llm history --clear "
                      "to start afresh)", store.path, len(self.history.pairs))
@@ -268,8 +290,6 @@ class LlmStage(Stage):
             log.info("a new conversation, kept in %s", store.path)
         self.errors: dict[str, int] = {}  # failed turns by cause, since start (the heartbeat carries it)
         self.machine: Machine[TurnState] = Machine("turn", TURN_TRANSITIONS, TurnState.IDLE)
-        self.offline_server = None
-        self.client, self.backend = self._make_client()
         self.warmth = warm.Warmth(self.backend) if warm.worth_keeping_warm(str(self.client.base_url)) else None
         self.opening_done = threading.Event()  # clear while a connection is being opened ahead of turns
         self.opening_done.set()
@@ -294,6 +314,7 @@ class LlmStage(Stage):
         self.tools_refused = threading.Event()  # the server refused a request with tools once
         self.mcp = McpTools(cfg["tools"]["mcp"], set(self.tools), self._mcp_problem) if cfg["tools"]["mcp"] else None
         self.tool_calls: dict[tuple[str, bool], int] = {}  # (name, ok) -> calls since start
+        self.summaries.ask()  # what an earlier process left unfolded (it ended in the middle of a summary)
 
     def tools_now(self) -> dict[str, tools.Tool]:
         """The tools to offer now: the built-in ones and those of the MCP servers that are up."""
@@ -301,11 +322,15 @@ class LlmStage(Stage):
 
     def _mcp_problem(self, server: str, what: str) -> None:
         """On the MCP thread: to the loop, which reports it (once per server)."""
+        self._to_loop("mcp", (server, what))
+
+    def _to_loop(self, what: str, data: Any) -> None:
+        """From a thread of its own to the stage loop (:meth:`_on_worker`)."""
         out = self.ctx.socket(zmq.PUSH)
         out.linger = 1000
         out.connect(self.worker_address)
         try:
-            out.send_pyobj((0, "mcp", (server, what)))
+            out.send_pyobj((0, what, data))
         finally:
             out.close()
 
@@ -324,6 +349,7 @@ class LlmStage(Stage):
             backend = base or "OpenAI"
             log.info("answering with %s, model %s", backend, c["model"])
         client, self.connections = make_client(key or "not-needed", base or None, c["max_retries"], timeout)
+        self._server = (key or "not-needed", base or None)  # for the summarizer's own client
         return client, backend
 
     def info(self) -> dict[str, Any]:
@@ -332,7 +358,8 @@ class LlmStage(Stage):
                 "errors": dict(self.errors), "history": len(self.history.pairs),
                 "tools": [] if self.tools_refused.is_set() else sorted(self.tools_now()),
                 "mcp": dict(self.mcp.state) if self.mcp is not None else {},
-                "tool_calls": {f"{name} {'ok' if ok else 'failed'}": n for (name, ok), n in self.tool_calls.items()}}
+                "tool_calls": {f"{name} {'ok' if ok else 'failed'}": n for (name, ok), n in self.tool_calls.items()},
+                "summary": self.summaries.info()}
 
     # -- turns -----------------------------------------------------------------------------
     def on_event(self, env: wire.Envelope) -> None:
@@ -449,6 +476,9 @@ class LlmStage(Stage):
             if what == "warm":
                 self._warmed(data)
                 continue
+            if what == "summary":
+                self.summaries.took(*data)
+                continue
             if what == "mcp":
                 server, problem = data
                 log.error("MCP server %s %s: its tools are left out", server, problem)
@@ -473,7 +503,9 @@ class LlmStage(Stage):
                 self.answer.append(text)
                 self._push_token(text, arrived)
             elif what == "done":
-                self._end_turn("done", "", used_tokens=data)
+                if data is not None:  # the server's count of the request's tokens
+                    self.history.counter.calibrate(*data)
+                self._end_turn("done", "")
             else:
                 error, cause = data
                 if cause in ("unreachable", "openai_unreachable") and self.answer:  # it was reached: the stream broke
@@ -494,11 +526,16 @@ class LlmStage(Stage):
         return end
 
     def next_deadline(self) -> float | None:
+        retry = self.summaries.retry_at()  # a summary that failed is asked again then, turns or not
         if self.machine != TurnState.IDLE:
-            return self._turn_deadline()
-        return self.warmth.next_deadline() if self.warmth is not None else None
+            ahead = self._turn_deadline()
+        else:
+            ahead = self.warmth.next_deadline() if self.warmth is not None else None
+        return min((t for t in (ahead, retry) if t is not None), default=None)
 
     def on_tick(self, now: float) -> None:
+        if (retry := self.summaries.retry_at()) is not None and now >= retry:
+            self.summaries.ask()
         deadline = self._turn_deadline()
         if deadline is not None and now >= deadline:
             which = "first_token_timeout" if self.machine == TurnState.REQUESTING else "turn_timeout"
@@ -518,13 +555,7 @@ class LlmStage(Stage):
             error = describe(exc) + (f" ({redact(str(exc.__cause__))})" if exc.__cause__ else "")
         finally:
             self.opening_done.set()  # a turn waiting for it goes on, whatever happened
-        out = self.ctx.socket(zmq.PUSH)
-        out.linger = 1000
-        out.connect(self.worker_address)
-        try:
-            out.send_pyobj((0, "warm", error))
-        finally:
-            out.close()
+        self._to_loop("warm", error)
 
     def _warmed(self, error: str | None) -> None:
         """An opening ended (``error`` None: it answered); a connection the server closed at once
@@ -536,8 +567,7 @@ class LlmStage(Stage):
         if line is not None:
             log.log(*line)
 
-    def _end_turn(self, reason: str, error: str, used_tokens: int | None = None, spoken: str | None = None,
-                  cause: str = "") -> None:
+    def _end_turn(self, reason: str, error: str, spoken: str | None = None, cause: str = "") -> None:
         """End the running request. ``spoken``: the turn was cancelled after the user heard this;
         ``cause``: for an error, its :data:`broker.wire.CAUSES` key."""
         if self.worker is not None:
@@ -560,7 +590,7 @@ class LlmStage(Stage):
         elif spoken is not None:
             self.history.add(self.user_text, spoken, interrupted=True)
         elif answer:
-            self.history.add(self.user_text, answer, interrupted=reason != "done", used_tokens=used_tokens)
+            self.history.add(self.user_text, answer, interrupted=reason != "done")
             self.recorded = True
         if spoken is None:  # a cancelled turn's items are dropped downstream anyway
             self.push("turn_end", {"reason": reason, "segments": 0, "tokens": self.tokens_sent}, turn=self.turn)
@@ -570,6 +600,7 @@ class LlmStage(Stage):
         log.info("turn %d %s after %.2f s, %d characters", self.turn, reason,
                  time.monotonic() - self.turn_started, len(answer))
         self.machine.move(TurnState.IDLE, reason)
+        self.summaries.ask()
 
     def close(self) -> None:
         if self.worker is not None:

@@ -69,7 +69,7 @@ class McpTools:
                 await client.__aenter__()
         except BaseException as exc:  # noqa: BLE001 - anything a server does at start is its own problem
             self._problem(name, f"did not start within {START_TIMEOUT:g} s" if isinstance(exc, TimeoutError)
-                          else f"could not start: {type(exc).__name__}: {str(exc)[:200]}")
+                          else f"could not start: {_said(exc)}")
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
@@ -82,7 +82,7 @@ class McpTools:
         except TimeoutError:
             self._problem(name, f"did not list its tools within {START_TIMEOUT:g} s")
         except Exception as exc:
-            self._problem(name, f"failed: {type(exc).__name__}: {str(exc)[:200]}")
+            self._problem(name, f"failed: {_said(exc)}")
         finally:
             try:
                 await client.__aexit__(None, None, None)
@@ -119,3 +119,10 @@ class McpTools:
         if self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(START_TIMEOUT + 5)
+
+
+def _said(exc: BaseException) -> str:
+    """What went wrong, in a line: the first real error inside the SDK's task groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"

@@ -19,6 +19,8 @@ metric                                               type        labels, meaning
 ``mmdagent_llm_tool_calls_total``                    counter     ``tool``: calls that gave a result
 ``mmdagent_llm_tool_failures_total``                 counter     ``tool``: calls that failed, timed
                                                                  out or were cancelled
+``mmdagent_llm_summaries_total``                     counter     ``outcome`` (``ok``, ``failed``): the
+                                                                 history's oldest exchanges folded
 ``mmdagent_llm_first_token_seconds``                 histogram   utterance -> first token
 ``mmdagent_llm_first_synth_start_seconds``           histogram   utterance -> first SYNTH_START
 ``mmdagent_llm_first_speech_seconds``                histogram   utterance -> SYNTH_EVENT_START
@@ -53,6 +55,7 @@ COUNTERS = {"turns_total": "turns opened by a user utterance",
             "stage_restarts_total": "stage processes that came back with a new pid",
             "bad_input_total": "stdin problems the bridge counted since its start, by reason",
             "tool_calls_total": "tool calls of the LLM that gave a result, by tool",
+            "summaries_total": "summaries of the history's oldest exchanges, by outcome",
             "tool_failures_total": "tool calls of the LLM that failed, timed out or were cancelled, by tool"}
 
 
@@ -105,7 +108,7 @@ class Registry:
 
 class Metrics(Stage):
     name = "metrics"
-    topics = ("turn_start", "written", "speech", "cancel", "turn_result", "tool")
+    topics = ("turn_start", "written", "speech", "cancel", "turn_result", "tool", "summary")
 
     def __init__(self, cfg: config_mod.Config) -> None:
         super().__init__(cfg)
@@ -134,6 +137,8 @@ class Metrics(Stage):
         elif env.kind == "tool":
             self.registry.count("tool_calls_total" if env.body.get("ok") is True else "tool_failures_total",
                                 ("tool", str(env.body.get("name"))[:64]))
+        elif env.kind == "summary":
+            self.registry.count("summaries_total", ("outcome", "ok" if env.body.get("ok") is True else "failed"))
         elif env.kind == "turn_result":
             self.registry.count("turn_results_total", ("reason", str(env.body.get("reason"))))
             if env.body.get("reason") == "error":

@@ -16,6 +16,9 @@ observer     ``pid``: this observer started (what came before it was not recorde
 user         ``text``: the user's utterance opened the turn
 greeting     ``text``: the avatar opened the turn itself with the persona's greeting
 tool         ``name``, ``ok``, ``seconds``, ``result`` (at most 300 characters): the LLM called a tool
+             (``remember``: a fact written to the memory file)
+summary      ``ok``, ``exchanges``, ``text`` (at most 2000 characters), ``error``: the oldest exchanges
+             of the history were folded into its summary (now ``text``), or that failed
 resumed      ``of``, ``skip``: the turn goes on with turn ``of``'s answer (a stage was lost in its
              middle), its first ``skip`` sentences said already
 sentence     ``index``, ``text``, ``tags`` (its expression tags' names), ``heard``: ``full`` (spoken to its end), ``cut`` (cut off by an
@@ -113,7 +116,7 @@ class _Turn:
 class Transcript(Stage):
     name = "transcript"
     topics = ("turn_start", "segment", "speech", "written", "cancel", "spoken", "turn_result",
-              "broken", "notice", "tool")
+              "broken", "notice", "tool", "summary")
 
     def __init__(self, cfg: config_mod.Config, lines: RotatingLines | None = None) -> None:
         super().__init__(cfg)
@@ -151,6 +154,10 @@ class Transcript(Stage):
         if env.kind == "tool":
             self.record("tool", n, env.ts, name=str(body.get("name")), ok=body.get("ok") is True,
                         seconds=body.get("seconds"), result=str(body.get("result", ""))[:wire.TOOL_RESULT_MAX])
+            return
+        if env.kind == "summary":
+            self.record("summary", n, env.ts, ok=body.get("ok") is True, exchanges=body.get("exchanges"),
+                        text=str(body.get("text", ""))[:wire.SUMMARY_MAX], error=str(body.get("error", ""))[:300])
             return
         if env.kind == "notice":
             self.record("notice", n, env.ts, level=str(body.get("level")), text=str(body.get("text")))
