@@ -63,6 +63,8 @@ TIMER_MAX_SECONDS = 86_400  # a ``timer``'s seconds: a reminder within a day
 TIMER_MAX_TEXT = 200  # characters of a ``timer``'s text
 TOOL_RESULT_MAX = 300  # characters of a ``tool`` event's result
 SUMMARY_MAX = 2000  # characters of a ``summary`` event's text
+INPUT_MAX_TEXT = 1000  # characters of an ``input``'s text (longer is cut)
+INPUT_ACTIONS = ("say", "ask", "stop")
 
 
 KINDS: dict[str, str] = {
@@ -103,12 +105,34 @@ KINDS: dict[str, str] = {
     asks for its rest with ``heard`` as the assistant's beginning (``[llm] prefill``), or
     reports the turn ``broken``. A turn the avatar opens itself (the persona's greeting when it
     starts) has ``text`` "" and ``say`` (str): the llm streams exactly that as the answer, with
-    no request and nothing kept in history.""",
+    no request and nothing kept in history. A turn an ``input`` opened also has ``source`` and
+    ``from`` (str: see ``input``).""",
     "tool": """The LLM called a tool during the answer (bus, llm; :mod:`stages.llm.tools`).
 
     body: ``name`` (str), ``ok`` (bool: it gave a result), ``seconds`` (float: how long it
     took), ``result`` (str: what the model was told, at most :data:`TOOL_RESULT_MAX`
     characters here).""",
+    "input": """An input process asks the avatar to do something (bus, an input: ``mmdagent-llm
+    input <name>``, e.g. the control API, stream comments, idle talk; :mod:`stages.bridge.turns`
+    decides).
+
+    body: ``action`` (``say``: say ``text`` as an answer of its own, no LLM, no history; ``ask``:
+    a turn as if the user had said ``text``; ``stop``: stop speaking now, the turn in progress
+    cancelled with reason ``stopped``), ``text`` (str, one line, at most :data:`INPUT_MAX_TEXT`
+    characters: cut there; tags ``[name]`` of the expression vocabulary work as in an answer),
+    ``when`` (``now``: as the user's own utterance would, cutting off the avatar; ``idle``: only
+    if nothing is going on, no turn, nobody speaking: else refused, ``busy``), ``id`` (str, at
+    most 64: the input's own, echoed in ``input_result``), ``source`` (str, at most 32: which
+    input), ``from`` (str, at most 64: on whose behalf, e.g. a viewer's name; "" if none).
+    ``source`` and ``from`` go on in the turn's ``turn_start`` for observers; the llm gets only
+    ``text``, so an input that passes on someone else's words (comments) puts them in ``text``
+    as data, in a template of its own.""",
+    "input_result": """What came of an ``input`` (bus, bridge).
+
+    body: ``id`` (the input's), ``ok`` (bool), ``reason`` (str: "" when ``ok``; ``busy``: ``when``
+    was ``idle`` and something was going on; ``away``: recognition is paused; ``empty``: no
+    text; ``invalid``: not a request this bridge knows). ``turn``: the turn it opened or
+    stopped, 0 if none.""",
     "summary": """The oldest exchanges of the history were folded into its summary, or that
     failed (bus, llm; :mod:`stages.llm.summary`).
 

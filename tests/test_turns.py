@@ -547,3 +547,44 @@ def test_the_avatar_gone_drops_a_held_utterance():
     assert tc.machine == C.HOLDING
     assert kinds(tc.on_avatar_gone(0.0)) == ["cancel"]
     assert tc.machine == C.IDLE and kinds(tc.on_pipeline(True)) == []
+
+
+def test_an_input_asks_says_and_stops_as_the_bridge_decides():
+    tc = controller()
+    ask = tc.on_input({"action": "ask", "text": "今日の\n天気は？", "id": "a1", "source": "api", "from": "op"}, 0.0)
+    assert kinds(ask) == ["turn_start", "input_result"]
+    assert ask[0].body == {"text": "今日の 天気は？", "source": "api", "from": "op"}  # one line
+    assert ask[1].body == {"id": "a1", "ok": True, "reason": "", "turn": tc.turn} and tc.machine == C.ANSWERING
+    busy = tc.on_input({"action": "say", "text": "コメントありがとう", "when": "idle", "id": "c1"}, 0.0)
+    assert kinds(busy) == ["input_result"] and busy[0].body["reason"] == "busy"  # never over a turn
+    speak(tc, "晴れです。")
+    first = tc.turn
+    say_now = tc.on_input({"action": "say", "text": "[happy] お知らせです", "id": "s1", "source": "api"}, 0.0)
+    assert kinds(say_now) == ["SYNTH_STOP", "cancel", "turn_start", "input_result"]  # cuts off, as a user would
+    assert say_now[1].body["reason"] == "superseded" and say_now[1].turn == first
+    assert say_now[2].body == {"text": "", "say": "[happy] お知らせです", "source": "api", "from": ""}
+    speak(tc, "お知らせです")
+    stop = tc.on_input({"action": "stop", "id": "x"}, 0.0)
+    assert kinds(stop) == ["SYNTH_STOP", "cancel", "input_result"] and stop[1].body["reason"] == "stopped"
+    assert tc.machine == C.IDLE and stop[2].body == {"id": "x", "ok": True, "reason": "", "turn": tc.turn}
+    assert kinds(tc.on_input({"action": "stop"}, 0.0)) == ["input_result"]  # nothing to stop: fine
+    idle = tc.on_input({"action": "ask", "text": "話題", "when": "idle", "source": "idle"}, 0.0)
+    assert kinds(idle) == ["turn_start", "input_result"]
+
+
+def test_an_input_never_comes_before_the_user_and_bad_ones_are_refused():
+    tc = controller()
+    tc.on_line("RECOG_EVENT_START", [], 0.0)  # the user is speaking
+    assert tc.on_input({"action": "ask", "text": "コメント", "when": "idle"}, 0.0)[0].body["reason"] == "busy"
+    tc.on_line("RECOG_EVENT_STOP", ["ユーザーの質問"], 0.0)
+    assert tc.on_input({"action": "ask", "text": "x", "when": "idle"}, 0.0)[0].body["reason"] == "busy"
+    for bad in ({"action": "EXECUTE", "text": "x"}, {"action": "ask", "text": "x", "when": "later"}, {}):
+        assert tc.on_input(bad, 0.0)[0].body["reason"] == "invalid"
+    assert tc.on_input({"action": "ask", "text": " \n "}, 0.0)[0].body["reason"] == "empty"
+    tc.on_line("RECOG_EVENT_AWAY", ["ON"], 0.0)
+    assert tc.on_input({"action": "ask", "text": "x"}, 0.0)[0].body["reason"] == "away"
+    down = controller(up=False)
+    held = down.on_input({"action": "ask", "text": "x" * 5000, "id": "h"}, 0.0)
+    assert kinds(held) == ["input_result"] and down.machine == C.HOLDING and len(down.user_text) == 1000
+    assert kinds(down.on_input({"action": "stop"}, 0.0)) == ["input_result"] and down.machine == C.IDLE
+    assert kinds(down.on_pipeline(True)) == []  # the dropped utterance is not sent later

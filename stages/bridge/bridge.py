@@ -69,7 +69,7 @@ MAX_REMINDERS = 20  # reminders pending at once; the oldest is forgotten past it
 class Bridge(Stage):
     name = "bridge"
     topics = ("spoken", "broken", "turn_result", "turn_end", "token", "segment", "speech",  # turn progress
-              "notice", "timer")
+              "notice", "timer", "input")
     input_queue = "commands"
 
     def __init__(self, cfg, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> None:
@@ -273,6 +273,8 @@ class Bridge(Stage):
         self.clock.observe(env)
         if env.kind == "timer":
             self._timer(env)
+        elif env.kind == "input":
+            self._carry_out(self.turns.on_input(env.body, env.origin), env.origin)
         elif env.kind == "notice":
             self._carry_out(self.turns.on_notice(str(env.body.get("level")), str(env.body.get("text", ""))),
                             env.origin)

@@ -17,6 +17,11 @@ order. States and moves: :data:`stages.states.CONVERSATION_TRANSITIONS`.
   to idle, nothing resumed, nothing lost.
 - ``RECOG_EVENT_AWAY|ON`` cancels a turn in progress (reason ``away``) and discards utterances
   until ``RECOG_EVENT_AWAY|OFF``.
+- An input process's ``input`` (:meth:`TurnController.on_input`; the control API, comments, idle
+  talk): ``ask`` opens a turn as an utterance would, ``say`` one that says fixed words, ``stop``
+  cancels the turn in progress (reason ``stopped``). With ``when = "idle"`` only if nothing is
+  going on (no turn, nobody speaking, not away), else refused: the user always comes first.
+  Each is answered with ``input_result``.
 - Cancelling: ``SYNTH_STOP|<model>`` first if the model is speaking or a ``SYNTH_START`` of
   ours is outstanding, then ``cancel`` on the bus with ``stopped`` (whether ``SYNTH_STOP`` was
   written, so the sequencer knows a ``SYNTH_EVENT_STOP`` is still to come) and ``spoken`` (the
@@ -49,7 +54,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from broker.wire import CAUSES
+from broker.wire import CAUSES, INPUT_ACTIONS, INPUT_MAX_TEXT
 from stages.bridge.motions import Motions
 from stages.bridge.voice import Voice
 from stages.expression import Vocabulary
@@ -118,6 +123,7 @@ class TurnController:
         self.epoch = int(time.time() * 1000)
         self.last_cancel: Publish | None = None  # published again to a process that may have missed it
         self.say = ""  # the held or current turn's fixed words (a greeting), "" for an utterance
+        self.came_from: dict[str, str] = {}  # the held or current turn's input (source, from), if one opened it
 
     # -- input ---------------------------------------------------------------------------
     def on_line(self, msg_type: str, args: list[str], origin: float, now: float | None = None) -> list[Action]:
@@ -466,6 +472,49 @@ class TurnController:
         log.info("turn %d: words of its own, %s", self.turn, "now" if self.pipeline_up else "once the pipeline is up")
         return self._release_held(now) if self.pipeline_up else []
 
+    def on_input(self, body: dict[str, Any], origin: float, now: float | None = None) -> list[Action]:
+        """An input process's request (bus ``input``; :data:`broker.wire.KINDS` is its spec):
+        carried out, or refused, and answered with ``input_result`` either way."""
+        now = time.monotonic() if now is None else now
+        ident = str(body.get("id", ""))[:64]
+        action, when = body.get("action"), body.get("when", "now")
+        text = " ".join(str(body.get("text", "")).split())[:INPUT_MAX_TEXT]  # one line: it is spoken
+
+        def result(reason: str = "", turn: int = 0) -> list[Action]:
+            return [Publish("input_result", {"id": ident, "ok": not reason, "reason": reason, "turn": turn}, turn)]
+
+        if action not in INPUT_ACTIONS or when not in ("now", "idle"):
+            log.info("input refused: not a request this bridge knows (%r, %r)", str(action)[:20], str(when)[:20])
+            return result("invalid")
+        if self._all_said():
+            self.machine.move(C.IDLE, f"turn {self.turn} all said")
+        state = self.machine.state
+        if action == "stop":
+            if state == C.ANSWERING:
+                stopped = self.turn
+                actions = self._cancel("stopped", origin) + [Write(t, a) for t, a in self.motions.end_mood()]
+                self.machine.move(C.IDLE, "stopped")
+                return actions + result(turn=stopped)
+            if state == C.HOLDING:
+                log.info("turn %d: the held utterance is dropped: stopped", self.turn)
+                self.cancelled = self.turn
+                self.machine.move(C.IDLE, "stopped")
+            return result()
+        if not text:
+            return result("empty")
+        if state == C.AWAY:
+            return result("away")
+        if when == "idle" and state != C.IDLE:
+            return result("busy")
+        actions = self._cancel("superseded", origin) if state == C.ANSWERING else []
+        self._hold(text if action == "ask" else "", now, origin)
+        self.say = text if action == "say" else ""
+        self.came_from = {"source": str(body.get("source", ""))[:32], "from": str(body.get("from", ""))[:64]}
+        log.info("turn %d: %s from input %s", self.turn, action, self.came_from["source"] or "?")
+        if self.pipeline_up:
+            actions += self._release_held(now)
+        return actions + result(turn=self.turn)
+
     def _hold(self, text: str, asked_at: float, origin: float) -> None:
         """Open a new turn for ``text``, not yet sent to the pipeline."""
         self.turn = max(self.turn + 1, int(time.time() * 1000), self.epoch)
@@ -477,6 +526,7 @@ class TurnController:
         self.done_by = set()
         self.cued = None
         self.say = ""
+        self.came_from = {}
         self.machine.move(C.HOLDING, f"turn {self.turn}")
 
     def _release_held(self, now: float) -> list[Action]:
@@ -487,7 +537,7 @@ class TurnController:
         self.motions.think_from(now)
         self.machine.move(C.ANSWERING, f"turn {self.turn} sent")
         self.asked_turn = self.turn
-        self.start_body = {"text": self.user_text, **({"say": self.say} if self.say else {})}
+        self.start_body = {"text": self.user_text, **({"say": self.say} if self.say else {}), **self.came_from}
         return [Publish("turn_start", self.start_body, self.turn, self.asked_origin)]
 
     def _fail(self, why: str, origin: float) -> list[Action]:
