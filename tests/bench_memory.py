@@ -53,7 +53,7 @@ def run(turns: int, budget: int, first_token: float) -> None:
         with tempfile.TemporaryDirectory(prefix="mmdagent-llm-bench-memory-") as tmp:
             history = Path(tmp) / "history-bench.json"
             memory = Memory(path_beside(history))
-            with launched(Path(tmp), server=server, llm={"model": MODEL, "history_tokens": budget,
+            with launched(Path(tmp), server=server, llm={"model": MODEL, "history_tokens": budget, "summarize": True,
                                                          "history_file": str(history)},
                           avatar_kwargs={"seconds_per_char": 0.0005, "min_speech": 0.01}) as world:
                 for i in range(1, turns + 1):

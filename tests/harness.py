@@ -58,8 +58,10 @@ def write_config(folder: Path, *, transport: str = "tcp", **sections: dict) -> P
     values: dict[str, dict] = {
         "bus": {"transport": transport, "base_port": free_base_port(),
                 "ipc_prefix": f"@mmdagent-llm-test-{uuid.uuid4().hex[:12]}-"},
+        # no summaries unless a test asks: a summary request would take a test's scripted answer,
+        # and be the server's last request when the test looks at its last turn's
         "llm": {"first_token_timeout": 3.0, "chunk_timeout": 5.0, "turn_timeout": 20.0, "max_retries": 2,
-                "history_file": str(folder / "history.json")},
+                "history_file": str(folder / "history.json"), "summarize": False},
         "speech": {"start_timeout": 1.5, "stop_timeout_base": 3.0},
         "transcript": {"folder": str(folder / "transcripts")},
         "subtitles": {"port": free_base_port(1)},

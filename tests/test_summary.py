@@ -56,7 +56,7 @@ def test_the_summarizer_is_asked_with_what_was_heard_and_paused_after_failures()
 
 
 def settings(tmp: Path) -> dict:
-    return {"model": MODEL, "history_tokens": BUDGET, "history_turns": 8,
+    return {"model": MODEL, "history_tokens": BUDGET, "history_turns": 8, "summarize": True,
             "system_prompt": "あなたは明るいアバターです。", "history_file": str(tmp / "history-s.json")}
 
 
