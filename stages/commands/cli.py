@@ -37,6 +37,11 @@ OBSERVERS = {
     "subtitles": "stages.observers.subtitles:main",
     "metrics": "stages.observers.metrics:main",
 }
+INPUTS = {
+    "api": "stages.inputs.api:main",
+    "comments": "stages.inputs.comments:main",
+    "idle": "stages.inputs.idle:main",
+}
 WEB = ("subtitles", "metrics")  # observers with a private web address (--url)
 
 
@@ -68,6 +73,7 @@ HELP = {
     "memory": "the facts the avatar remembers across conversations: show, edit, forget TEXT, clear",
     "paths": "where everything of the session lives: configuration, keys, histories, transcripts, logs",
     "observe": "run an observer: transcript, captions, subtitles (OBS) or metrics",
+    "input": "run an input: api (HTTP control API), comments (live-stream comments) or idle (talk first)",
     "transcript": "print the session's transcript readably",
     "config": "print the configuration in effect and where each value comes from (--defaults: every key, "
               "its default and meaning)",
@@ -139,6 +145,7 @@ def _main(argv: list[str] | None) -> int:
     commands["observe"].add_argument("--url", action="store_true",
                                      help="subtitles, metrics: print the private address (with its access key) "
                                           "and exit")
+    commands["input"].add_argument("input", choices=INPUTS)
     commands["transcript"].add_argument("--follow", "-f", action="store_true",
                                         help="keep printing new lines as they come")
     commands["config"].add_argument("--defaults", action="store_true",
@@ -172,6 +179,8 @@ def _main(argv: list[str] | None) -> int:
     target, extra = PROCESSES.get(args.command, ""), {}
     if args.command == "observe":
         target = OBSERVERS[args.observer]
+    elif args.command == "input":
+        target = INPUTS[args.input]
     elif args.command == "transcript":
         target, extra = "stages.commands.transcript:main", {"follow": args.follow}
     elif args.command == "doctor" and args.notice:
