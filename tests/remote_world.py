@@ -97,6 +97,8 @@ class App:
         assert first is not None, f"no answer to {text!r} within {timeout} s"
         def said_and_quiet() -> bool:  # every sentence written and ended: the next utterance interrupts nothing
             lines = [line for _, line in self.log.lines[start:]]
+            # counted from its first sentence on: the stop event of a speech it cut off is not one of its own
+            lines = lines[next(i for i, x in enumerate(lines) if x.startswith("SYNTH_START|")):]
             return "".join(self.spoken_after(start, locked=True)) == answer and \
                 sum(x.startswith("SYNTH_EVENT_STOP|") for x in lines) >= sum(x.startswith("SYNTH_START|") for x in lines)
         with self.log.cond:
@@ -119,7 +121,13 @@ class App:
         llm.queue([Token("ずっと", 0.01)] + tokens_of("話しています。" * 4, delay=0.2))
         start = self.log.count()
         self.sim.send("RECOG_EVENT_STOP|話し続けて")
-        assert self.log.wait("SYNTH_EVENT_START|", 20, start), "the slow answer did not start"
+        # its own SYNTH_START first: a speech event after `start` may still be the last answer's
+        # (a loaded machine), and quitting before this answer was asked would leave its script queued
+        mine = self.log.wait("SYNTH_START|0|mei_voice_normal|ずっと", 20, start)
+        assert mine is not None, f"the slow answer was not written: {self.log.since(start)}"
+        with self.log.cond:
+            at = start + [line for _, line in self.log.lines[start:]].index(mine[1])
+        assert self.log.wait("SYNTH_EVENT_START|", 20, at), "the slow answer did not start"
 
     def spoken_after(self, start: int, locked: bool = False) -> list[str]:
         lines = [line for _, line in self.log.lines[start:]] if locked else self.log.since(start)
