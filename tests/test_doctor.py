@@ -14,7 +14,7 @@ import pytest
 
 from broker import wire
 from stages.commands.doctor import FIXES
-from stages.llm.llm import cause_of, wrong_path
+from stages.llm.failures import cause_of, wrong_path
 from stages.llm.llm_http import make_client
 from stages.llm.offline_responder import ChatCompletionServer, Stall, Status
 from tests.e2e import ScriptedLLM

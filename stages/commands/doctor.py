@@ -24,7 +24,7 @@ import zmq
 
 from broker import wire
 from broker import config as config_mod
-from stages.llm.llm import cause_of, redact
+from stages.llm.failures import cause_of, redact
 from broker.runtime import connect, setup_logging, watch_owner
 from stages.expression import Vocabulary
 from stages.llm.offline_responder import OFFLINE_NOTICE

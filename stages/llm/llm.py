@@ -36,15 +36,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import threading
 import time
 from typing import Any
 
-import httpx2
 import openai
 import zmq
 
@@ -56,7 +53,9 @@ from stages.llm.history import History
 from stages.llm.history_archive import archive_of
 from stages.llm.history_store import default_path, store_for
 from stages.llm.memory import Memory, path_beside
+from stages.llm.failures import describe, redact
 from stages.llm.llm_http import make_client, open_ahead
+from stages.llm.worker import Worker
 from stages.llm import summary, tools, warm
 from stages.llm.tokens import TokenCounter
 from stages.llm.mcp_tools import McpTools
@@ -64,66 +63,6 @@ from broker.runtime import Stage, setup_logging
 from stages.states import Machine, TURN_TRANSITIONS, TurnState
 
 log = logging.getLogger("mmdagent_llm")
-
-_KEY_PATTERN = re.compile(r"(sk-|key-|Bearer\s+)[A-Za-z0-9_\-\*\.]{6,}")
-
-
-def redact(text: str) -> str:
-    """``text`` on one line with the API key and anything shaped like a key removed."""
-    key = os.environ.get("OPENAI_API_KEY")
-    if key:
-        text = text.replace(key, "***")
-    text = _KEY_PATTERN.sub(lambda m: m.group(1) + "***", text)
-    return " ".join(text.split())[:300]
-
-
-OPENAI_HOST = "api.openai.com"  # where the client goes when OPENAI_BASE_URL is not set
-
-
-def cause_of(exc: BaseException) -> str:
-    """The :data:`broker.wire.CAUSES` key of a failure raised by the openai client.
-
-    A 404 is ``model_not_found`` only when the body is the API's own error (:func:`wrong_path`
-    tells the two apart), and a connection that could not be made is ``openai_unreachable``
-    when it was to OpenAI's own API (no ``OPENAI_BASE_URL``: the network or a proxy is at
-    fault), else ``unreachable`` (the server at ``OPENAI_BASE_URL``)."""
-    if isinstance(exc, openai.NotFoundError):
-        try:
-            body = exc.response.text
-        except httpx2.ResponseNotRead:  # closed before it was read: nothing to tell by
-            return "model_not_found"
-        return "wrong_url" if wrong_path(body) else "model_not_found"
-    if isinstance(exc, openai.APIConnectionError) and not isinstance(exc, openai.APITimeoutError):
-        return "openai_unreachable" if exc.request.url.host == OPENAI_HOST else "unreachable"
-    for kind, cause in ((openai.AuthenticationError, "authentication"), (openai.PermissionDeniedError, "permission"),
-                        (openai.RateLimitError, "rate_limited"), (openai.APITimeoutError, "timeout")):
-        if isinstance(exc, kind):
-            return cause
-    if isinstance(exc, openai.APIStatusError):
-        return "server_error" if exc.status_code >= 500 else "bad_request"
-    if isinstance(exc, openai.APIError):
-        return "stream_error"
-    return "other"
-
-
-def wrong_path(body: str) -> bool:
-    """Whether a 404's ``body`` says the URL's path is not the API (a base URL without ``/v1``)
-    rather than that the API has no such model: it is not an OpenAI error object
-    ``{"error": {...}}`` (Ollama's ``404 page not found``, vLLM's ``{"detail": "Not Found"}``),
-    or it is one whose code is ``unknown_url`` (OpenAI's own word for a path it does not serve)."""
-    try:
-        error = json.loads(body).get("error")
-    except (ValueError, AttributeError):  # not JSON, or JSON but not an object
-        return True
-    return not isinstance(error, dict) or error.get("code") == "unknown_url"
-
-
-def describe(exc: BaseException) -> str:
-    """One line naming the failure, for logs and ``turn_result``."""
-    status = getattr(exc, "status_code", None)
-    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-    return redact(f"{type(exc).__name__}{f' {status}' if status else ''}: {message}")
-
 
 def join_segments(segments: list[str]) -> str:
     """Spoken segments as one text: a space between Latin neighbours, none next to CJK."""
@@ -133,131 +72,6 @@ def join_segments(segments: list[str]) -> str:
             out += " "
         out += seg
     return out
-
-
-#: what a request's ``usage`` tells the token counter: the prompt's tokens, its messages, its tools' specs
-Usage = tuple[int, list[dict], str]
-
-
-def usage_of(usage: Any, kwargs: dict[str, Any]) -> Usage:
-    return usage.prompt_tokens, kwargs["messages"], json.dumps(kwargs.get("tools") or "", ensure_ascii=False)
-
-
-class _Worker(threading.Thread):
-    """Runs one chat completion request and reports to the stage loop over an inproc PUSH."""
-
-    def __init__(self, stage: "LlmStage", turn: int, messages: list[dict]) -> None:
-        super().__init__(name=f"turn-{turn}", daemon=True)
-        self.stage, self.turn, self.messages = stage, turn, messages
-        self.cancelled = threading.Event()
-        self.said = False  # text of the answer was sent on: no asking again
-        self.tools: dict[str, tools.Tool] = {}  # those offered to this request
-
-    def cancel(self) -> None:
-        """Stop now: the request's connection is shut down, so the server sees it close."""
-        self.cancelled.set()
-        self.stage.connections.cut(self)
-
-    def run(self) -> None:
-        out = self.stage.ctx.socket(zmq.PUSH)
-        out.linger = 1000
-        out.connect(self.stage.worker_address)
-        cfg = self.stage.cfg["llm"]
-        kwargs: dict[str, Any] = {"model": cfg["model"], "messages": self.messages, "temperature": cfg["temperature"]}
-        # a connection being opened ahead is nearer than a new one: its handshake is under way
-        self.stage.opening_done.wait(warm.TURN_WAITS)
-        if cfg["max_tokens"] > 0:
-            kwargs["max_tokens"] = cfg["max_tokens"]
-        self.tools = self.stage.tools_now()
-        offered = cfg["stream"] and bool(self.tools) and not self.stage.tools_refused.is_set()
-        if offered:
-            kwargs["tools"] = [tool.spec() for tool in self.tools.values()]
-        try:
-            try:
-                used = self._stream(out, kwargs) if cfg["stream"] else self._whole(out, kwargs)
-            except openai.BadRequestError as exc:
-                if not offered or self.said:
-                    raise
-                # a server (or model) without tools: once, then never offered again by this process
-                self.stage.tools_refused.set()
-                log.warning("the server refused a request with tools (%s): asking again without them, and not "
-                            "offering tools again", describe(exc))
-                kwargs.pop("tools")
-                used = self._stream(out, kwargs)
-            out.send_pyobj((self.turn, "done", used))
-        except Exception as exc:
-            if not self.cancelled.is_set():
-                out.send_pyobj((self.turn, "error", (describe(exc), cause_of(exc))))
-        finally:
-            out.close()
-
-    def _stream(self, out: zmq.Socket, kwargs: dict[str, Any]) -> Usage | None:
-        """Stream the answer; when the model calls tools, run them and stream the rest of the
-        answer from a follow-up request (at most ``[tools] max_calls`` calls in all)."""
-        used, calls_made = None, 0
-        while True:
-            text, calls = [], {}
-            stream = self.stage.client.chat.completions.create(
-                **kwargs, stream=True, stream_options={"include_usage": True})
-            with stream:
-                for chunk in stream:
-                    if self.cancelled.is_set():
-                        return used
-                    if chunk.usage is not None:
-                        used = usage_of(chunk.usage, kwargs)
-                    if not chunk.choices:
-                        continue
-                    delta = chunk.choices[0].delta
-                    if delta.content:
-                        self.said = True
-                        text.append(delta.content)
-                        out.send_pyobj((self.turn, "token", (delta.content, time.time())))
-                    for part in delta.tool_calls or []:  # a call comes in pieces: id and name, then arguments
-                        call = calls.setdefault(part.index, {"id": "", "name": "", "arguments": ""})
-                        call["id"] = part.id or call["id"]
-                        if part.function is not None:
-                            call["name"] += part.function.name or ""
-                            call["arguments"] += part.function.arguments or ""
-            limit = self.stage.cfg["tools"]["max_calls"]
-            if not calls or self.cancelled.is_set() or calls_made >= limit:
-                if calls and calls_made >= limit:
-                    log.warning("turn %d: the model asked for more than [tools] max_calls = %d tool calls: "
-                                "the answer ends here", self.turn, limit)
-                return used
-            calls_made += len(calls)
-            kwargs = {**kwargs, "messages": [*kwargs["messages"], *self._run_calls(out, "".join(text), calls)]}
-            if self.cancelled.is_set():  # barge-in during the call: no follow-up request
-                return used
-
-    def _run_calls(self, out: zmq.Socket, text: str, calls: dict[int, dict[str, str]]) -> list[dict]:
-        """Run the model's calls; the messages that give it their results."""
-        ordered = [calls[i] for i in sorted(calls)]
-        for n, call in enumerate(ordered):
-            call["id"] = call["id"] or f"call_{self.turn}_{n}"
-        messages: list[dict] = [{"role": "assistant", "content": text or None, "tool_calls": [
-            {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
-            for c in ordered]}]
-        for call in ordered:
-            tool = self.tools.get(call["name"])
-            outcome = tools.call(tool, call["name"], call["arguments"], self.stage.cfg["tools"]["timeout"],
-                                 self.cancelled)
-            out.send_pyobj((self.turn, "tool", {"name": call["name"][:64], "ok": outcome.ok,
-                                                "seconds": round(outcome.seconds, 3), "result": outcome.result}))
-            content = outcome.result
-            if tool is not None and tool.tag and outcome.ok:  # the gesture goes with the next sentence
-                out.send_pyobj((self.turn, "token", (outcome.result, time.time())))
-                content = "ok: it plays with your next sentence"
-            elif tool is not None and outcome.ok and (done := tools.effect(tool, call["arguments"])) is not None:
-                out.send_pyobj((self.turn, *done))
-            messages.append({"role": "tool", "tool_call_id": call["id"], "content": content})
-        return messages
-
-    def _whole(self, out: zmq.Socket, kwargs: dict[str, Any]) -> Usage | None:
-        completion = self.stage.client.chat.completions.create(**kwargs)
-        text = completion.choices[0].message.content or "" if completion.choices else ""
-        if text and not self.cancelled.is_set():
-            out.send_pyobj((self.turn, "token", (text, time.time())))
-        return usage_of(completion.usage, kwargs) if completion.usage else None
 
 
 class LlmStage(Stage):
@@ -301,7 +115,7 @@ class LlmStage(Stage):
         self.asked_turn = 0  # the turn the current answer was first asked under (a resume names it)
         self.cancelled = 0  # highest cancelled turn: a turn_start of it or an older one is stale
         self.heard: list[str] = []  # the current turn's sentences the avatar began to say (speech started)
-        self.worker: _Worker | None = None
+        self.worker: Worker | None = None
         self.user_text = ""
         self.answer: list[str] = []
         self.first_token_at = 0.0  # when the turn's first LLM token arrived (time.time()), 0 if none
@@ -385,7 +199,7 @@ class LlmStage(Stage):
         text = str(env.body.get("text", "")).strip()
         self._begin(env.turn, text)
         log.info("turn %d: %d characters from the user", self.turn, len(text))
-        self.worker = _Worker(self, self.turn, self.history.request(text))
+        self.worker = Worker(self, self.turn, self.history.request(text))
         self.worker.start()
 
     def _say(self, turn: int, text: str) -> None:
@@ -449,7 +263,7 @@ class LlmStage(Stage):
         self.answer, self.heard = [heard], []
         log.info("turn %d: asking for the rest of an answer after %d heard characters", self.turn, len(heard))
         messages = [*self.history.request(self.user_text), {"role": "assistant", "content": heard}]
-        self.worker = _Worker(self, self.turn, messages)
+        self.worker = Worker(self, self.turn, messages)
         self.worker.start()
 
     def _cancel(self, env: wire.Envelope) -> None:
