@@ -13,18 +13,29 @@ import json
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import openai
 import zmq
 
 from stages.llm import tools, warm
 from stages.llm.failures import cause_of, describe
-
-if TYPE_CHECKING:
-    from stages.llm.llm import LlmStage
+from stages.llm.llm_http import Connections
 
 log = logging.getLogger("mmdagent_llm")
+
+
+class Host(Protocol):
+    """What a worker uses of the llm stage that runs it."""
+    cfg: Any
+    client: openai.OpenAI
+    connections: Connections
+    ctx: zmq.Context
+    opening_done: threading.Event  # set when no connection is being opened ahead of the turn
+    tools_refused: threading.Event  # the server refused a request with tools once
+    worker_address: str  # the stage loop's inproc PULL
+
+    def tools_now(self) -> dict[str, tools.Tool]: ...
 
 
 #: what a request's ``usage`` tells the token counter: the prompt's tokens, its messages, its tools' specs
@@ -38,7 +49,7 @@ def usage_of(usage: Any, kwargs: dict[str, Any]) -> Usage:
 class Worker(threading.Thread):
     """Runs one chat completion request and reports to the stage loop over an inproc PUSH."""
 
-    def __init__(self, stage: "LlmStage", turn: int, messages: list[dict]) -> None:
+    def __init__(self, stage: Host, turn: int, messages: list[dict]) -> None:
         super().__init__(name=f"turn-{turn}", daemon=True)
         self.stage, self.turn, self.messages = stage, turn, messages
         self.cancelled = threading.Event()
