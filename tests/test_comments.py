@@ -162,7 +162,15 @@ def run(world: World, onecomme: FakeOneComme, twitch: FakeTwitch, llm: EchoLLM) 
     rss_after = rss_kb(pid)
     assert twitch.pongs >= 1
 
-    check_policy(world)
+    # whichever comments the flood had answered, one hostile comment now, the newest: answered for sure
+    since = len(bus.envelopes)
+    onecomme.send([onecomme_comment(999, "UCevil", "攻撃者", EXECUTE)])
+
+    def hostile_spoken(envs: list[wire.Envelope]) -> bool:
+        turns = {e.turn for e in envs[since:] if e.kind == "turn_start" and e.body.get("from") == "攻撃者"}
+        return any(e.kind == "spoken" and e.turn in turns for e in envs[since:])
+    assert bus.wait_for(hostile_spoken, 15), "the hostile comment was not answered"
+    check_policy(world, sent)
     check_lines(world)
     print(f"comments input RSS: {rss_before / 1024:.1f} MB before, {rss_after / 1024:.1f} MB after {COMMENTS} "
           f"comments; info {after['info']}")
@@ -211,7 +219,7 @@ def comment_turns(world: World) -> list[tuple[wire.Envelope, wire.Envelope, dict
     return out
 
 
-def check_policy(world: World) -> None:
+def check_policy(world: World, sent: dict[str, float]) -> None:
     turns = comment_turns(world)
     assert len(turns) >= 5, f"only {len(turns)} comments answered in {SECONDS} s"
     by_viewer: dict[str, list[float]] = {}
@@ -222,6 +230,8 @@ def check_policy(world: World) -> None:
         assert len(asked.body["text"]) <= wire.INPUT_MAX_TEXT and asked.body["when"] == "idle"
         assert all(unicodedata.category(c) != "Cc" for c in comment)
         by_viewer.setdefault(name, []).append(asked.ts)
+        if comment in sent and comment.startswith("コメント"):  # the unique ones: how long it waited
+            assert asked.ts - sent[comment] <= POLICY["max_age"] + 0.5, comment  # + its way here
     for name, times in by_viewer.items():
         assert all(b - a >= POLICY["per_viewer"] - 0.05 for a, b in zip(times, times[1:])), name
     # never over the streamer: no comment turn began between their RECOG_EVENT_START and their turn
