@@ -105,11 +105,11 @@ class Asker(Stage):
 
     def next_deadline(self) -> float | None:
         now = time.monotonic()
+        quiet = self.activity.quiet_since(now)  # first: it lets spans that ran out end, so no deadline is past
         times = [self.activity.next_change()]
         if self.asked is not None:
             times.append(self.asked.deadline)
         elif self.ready:
-            quiet = self.activity.quiet_since(now)
             due = self.due(now, quiet) if quiet is not None else None
             if due is not None:
                 times.append(max(due, self.retry_at))
