@@ -40,7 +40,8 @@ ENDPOINTS = (
 
 # keys whose value is one of a few words
 CHOICES = {("bus", "transport"): ("tcp", "ipc"), ("turn", "barge_in"): ("interrupt", "ignore"),
-           ("plugin", "pipeline"): ("builtin", "supervisord"), ("expression", "untagged"): ("keep", "neutral")}
+           ("plugin", "pipeline"): ("builtin", "supervisord"), ("expression", "untagged"): ("keep", "neutral"),
+           ("comments", "while_busy"): ("latest", "oldest", "skip")}
 
 BUILTIN_TOOLS = ("current_time", "gesture", "set_timer", "remember")  # [tools] builtin (stages.llm.tools)
 
@@ -63,6 +64,9 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("tools", "timeout"): (0.1, 600), ("tools", "max_calls"): (1, 20),
     ("remote", "max_connections"): (1, 1000), ("remote", "liveness"): (0.1, 3600),
     ("subtitles", "port"): _PORT, ("metrics", "port"): _PORT, ("expression", "thinking_after"): (0.1, 60),
+    ("comments", "max_age"): (1, 86400), ("comments", "max_queue"): (1, 1000), ("comments", "quiet"): (0, 600),
+    ("comments", "per_viewer"): (0, 86400), ("comments", "max_chars"): (1, 500),
+    ("idle", "after"): (0.1, 86400), ("idle", "every"): (0.1, 86400),
 }
 
 
@@ -122,6 +126,7 @@ def load(path: Path | None = None, sources: dict[tuple[str, str], str] | None = 
     _check_expression(cfg["expression"], _from(sources, "expression", "names"))
     _check_remote(cfg["remote"], _from(sources, "remote", "avatars"))
     _check_mcp(cfg["tools"]["mcp"], _from(sources, "tools", "mcp"))
+    _check_inputs(cfg, sources)
     unknown = [name for name in cfg["tools"]["builtin"] if name not in BUILTIN_TOOLS]
     if unknown:
         raise ConfigError(f"[tools] builtin: no tool {unknown[0]!r} (known: {', '.join(BUILTIN_TOOLS)})"
@@ -142,6 +147,31 @@ def _check_mcp(servers: Any, where: str) -> None:
         if not ok:
             raise ConfigError(f'{at}: expected {{ command = "<program>", args = ["..."] }} or '
                               f'{{ url = "http://host:port/mcp" }}{where}')
+
+
+TWITCH_CHANNEL = re.compile(r"#?[A-Za-z0-9_]{1,25}")
+IDLE_PROMPT_MAX = 500  # characters: the idle prompt and its longest topic reach the model as one input
+
+
+def _check_inputs(cfg: Config, sources: dict[tuple[str, str], str]) -> None:
+    """``[comments]``: the sources' addresses; ``[idle]``: a prompt to ask with."""
+    comments, idle = cfg["comments"], cfg["idle"]
+    url = comments["onecomme_url"]
+    if url and not re.fullmatch(r"wss?://[^\s/]+(/\S*)?", url):
+        raise ConfigError(f"[comments] onecomme_url = {url!r}: expected \"\" or a ws:// address, e.g. "
+                          f"\"ws://127.0.0.1:11180/sub\"{_from(sources, 'comments', 'onecomme_url')}")
+    channel = comments["twitch_channel"]
+    if channel and not TWITCH_CHANNEL.fullmatch(channel):
+        raise ConfigError(f"[comments] twitch_channel = {channel!r}: expected \"\" or a channel name (letters, digits, "
+                          f"_, at most 25){_from(sources, 'comments', 'twitch_channel')}")
+    host, _, port = comments["twitch_server"].rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"[comments] twitch_server = {comments['twitch_server']!r}: expected HOST:PORT"
+                          f"{_from(sources, 'comments', 'twitch_server')}")
+    longest = max((len(t) for t in idle["topics"]), default=0)
+    if not idle["prompt"].strip() or len(idle["prompt"]) + longest > IDLE_PROMPT_MAX:
+        raise ConfigError(f"[idle] prompt: empty, or with its longest topic over {IDLE_PROMPT_MAX} characters"
+                          f"{_from(sources, 'idle', 'prompt')}")
 
 
 def _check_remote(remote: dict[str, Any], where: str) -> None:

@@ -219,10 +219,11 @@ def launched(tmp: Path, *, server: ChatCompletionServer | None = None, base_url:
 
 @contextmanager
 def managed(tmp: Path, runner: str = "supervisord", *, reply=None, avatar_kwargs: dict | None = None,
-            **sections: dict) -> Iterator[World]:
+            extra_env: dict[str, str] | None = None, **sections: dict) -> Iterator[World]:
     """The real pipeline under ``runner`` (supervisord with deploy/supervisord.conf, or honcho with
     the Procfile), a local streaming server answering with ``reply`` (default: a
     :class:`ScriptedLLM`), the fake MMDAgent-EX and a bus watcher; everything ended on exit.
+    ``extra_env``: added to the processes' environment (``SSL_CERT_FILE``).
     The configuration sits in the .mdf folder: the bridge (cwd = that folder) finds it by itself."""
     llm = ScriptedLLM() if reply is None else None
     server = ChatCompletionServer(reply or llm).start()
@@ -230,7 +231,7 @@ def managed(tmp: Path, runner: str = "supervisord", *, reply=None, avatar_kwargs
     mdf.mkdir()
     cfg_path = write_config(mdf, **sections)
     cfg = config_mod.load(cfg_path)
-    env = pipeline_env(cfg_path, server.base_url)
+    env = {**pipeline_env(cfg_path, server.base_url), **(extra_env or {})}
     bus = avatar = None
     try:
         with supervised(tmp, env, runner) as run_dir:
@@ -248,16 +249,17 @@ def managed(tmp: Path, runner: str = "supervisord", *, reply=None, avatar_kwargs
 
 
 class Observer:
-    """``mmdagent-llm observe <name>`` as a real process of its own, on the world's bus."""
+    """``mmdagent-llm observe <name>`` (or ``input <name>``: ``command``) as a real process of its
+    own, on the world's bus."""
 
-    def __init__(self, world: World, name: str, log: Path | None = None) -> None:
-        self.world, self.name = world, name
+    def __init__(self, world: World, name: str, log: Path | None = None, command: str = "observe") -> None:
+        self.world, self.name, self.command = world, name, command
         self.log_path = log or world.run_dir / f"observer-{name}.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self, ready: bool = True) -> "Observer":
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "stages.commands.cli", "observe", self.name],
+            self.proc = subprocess.Popen([sys.executable, "-m", "stages.commands.cli", self.command, self.name],
                                          env=self.world.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=log)
         if ready:

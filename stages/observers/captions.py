@@ -12,7 +12,9 @@ the bridge's default ``[bridge] allow_senders``/``allow_types`` admit it):
   caption goes away by itself even if this observer dies.
 - ``CAPTION_STOP|mmdagent-llm`` when its ``SYNTH_EVENT_STOP`` came, or it was cut off.
 - with ``[captions] show_user``: the user's utterance as ``CAPTION_START|mmdagent-llm-user|...``
-  for ``user_seconds``, at its own height.
+  for ``user_seconds``, at its own height; for a turn a live-stream comment opened, the comment
+  as ``<viewer>: <comment>``, and nothing for one the idle input opened
+  (:func:`stages.inputs.prompt.user_line`).
 
 The observer follows the sequencer's events, so it lags the speech by a few hops: on a loaded
 machine a caption may come on a moment after its sentence started, or even after it ended (a
@@ -34,6 +36,7 @@ import unicodedata
 from broker import config as config_mod
 from broker import wire
 from broker.runtime import Stage, setup_logging
+from stages.inputs.prompt import user_line
 from stages.observers.line_breaks import wrap
 
 log = logging.getLogger("mmdagent_llm")
@@ -119,9 +122,9 @@ class Captions(Stage):
 
     def on_event(self, env: wire.Envelope) -> None:
         if env.kind == "turn_start":
-            if self.c["show_user"] and time.time() - env.ts < STALE and "resume" not in env.body:
-                self._start(USER_ALIAS, str(env.body.get("text", "")), self.c["user_height"],
-                            self.c["user_seconds"], env.turn)
+            line = user_line(env.body)  # a comment turn: "<viewer>: <comment>"; an idle turn: nothing
+            if self.c["show_user"] and line and time.time() - env.ts < STALE and "resume" not in env.body:
+                self._start(USER_ALIAS, line, self.c["user_height"], self.c["user_seconds"], env.turn)
             return
         if env.kind == "cancel":
             if env.body.get("reason") != "lost":  # lost: the sentence plays on, and the answer with it

@@ -7,7 +7,8 @@ OBS's own "Custom CSS" can override ``#avatar``, ``#user`` and ``.line``).
 
 Updates are pushed by the server (Server-Sent Events on ``/events``), never polled: the
 sentence appears on its ``SYNTH_EVENT_START`` (the sequencer's ``speech`` ``started``) and goes
-on its end or cut-off; the user's utterance, with ``show_user``, for ``user_seconds``. Each
+on its end or cut-off; the user's utterance, with ``show_user``, for ``user_seconds`` (a
+live-stream comment as ``<viewer>: <comment>``: :func:`stages.inputs.prompt.user_line`). Each
 message is the whole state, ``{"avatar": str, "user": str}``, so a page that (re)connects is
 in step at once. The page reconnects by itself when this observer or the browser restarts.
 Text is set as text, never as HTML. Lines wrap by the Japanese line-breaking rules, like the
@@ -26,6 +27,7 @@ from http.server import BaseHTTPRequestHandler
 from broker import config as config_mod
 from broker import wire
 from broker.runtime import Stage
+from stages.inputs.prompt import user_line
 from stages.observers import web
 
 PING = 15.0  # an SSE comment this often: proxies and OBS keep the connection, a dead one is noticed
@@ -138,7 +140,7 @@ class Subtitles(Stage):
     def on_event(self, env: wire.Envelope) -> None:
         if env.kind == "turn_start":
             if self.s["show_user"] and "resume" not in env.body:  # a resumed answer: the same utterance
-                self.board.set(user=str(env.body.get("text", "")))
+                self.board.set(user=user_line(env.body))  # a comment turn: "<viewer>: <comment>"
                 self.user_until = time.monotonic() + self.s["user_seconds"]
             return
         if env.kind == "cancel":
