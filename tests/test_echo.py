@@ -25,34 +25,38 @@ def test_normalize_keeps_only_what_is_said():
 
 def test_a_sentence_heard_with_a_few_wrong_characters_is_an_echo():
     echo = guard(("今日は晴れていて、とても気持ちがいいですね。", 0.0, None))
-    score, like = echo.match("今日は晴れてて、とても気持ちがいいです", since=0.2)
+    score, like = echo.match("今日は晴れてて、とても気持ちがいいです", began=0.2, now=9.0)
     assert score >= 0.85 and like.startswith("今日は")
-    assert echo.match("キョウハハレテイテ", since=0.2)[0] < 0.75  # kanji read as kana: not alike enough
+    assert echo.match("キョウハハレテイテ", began=0.2, now=9.0)[0] < 0.75  # kanji read as kana: not alike enough
 
 
 def test_a_cut_off_sentence_and_two_sentences_heard_as_one_are_echoes():
     echo = guard(("東京の明日の天気は晴れです。", 0.0, 2.0), ("最高気温は二十五度の予想です。", 2.0, None))
-    assert echo.match("東京の明日の天", since=0.1)[0] >= 0.9                 # cut off by SYNTH_STOP
-    assert echo.match("晴れです最高気温は二十五度の", since=0.1)[0] >= 0.9   # across the two
+    assert echo.match("東京の明日の天", began=0.1, now=9.0)[0] >= 0.9  # cut off by SYNTH_STOP
+    assert echo.match("晴れです最高気温は二十五度の", began=0.1, now=9.0)[0] >= 0.9  # across the two
 
 
 def test_a_short_result_matches_only_a_whole_segment():
     echo = guard(("はい、", 0.0, 0.5), ("今日は晴れです。", 0.5, None))
-    assert echo.match("はい", since=0.1)[0] == 1.0
-    assert echo.match("今日", since=0.6)[0] < 0.75  # a part, but too short to say it is one
+    assert echo.match("はい", began=0.1, now=9.0)[0] == 1.0
+    assert echo.match("今日は晴", began=0.6, now=9.0)[0] == 1.0  # the beginning: cut off at once
+    assert echo.match("今", began=0.6, now=9.0)[0] == 1.0
+    assert echo.match("は晴れで", began=0.6, now=9.0)[0] < 0.75  # a part, but too short to say it is one
 
 
 def test_what_the_user_says_is_not_an_echo():
     echo = guard(("今日はちょっといい天気ですね、散歩にでも行きましょうか。", 0.0, None))
-    for said in ("ちょっと待って", "明日の天気は", "散歩はいやです", "ストップ"):
-        assert echo.match(said, since=1.0)[0] < 0.75, said
+    for said in ("ちょっと待って", "明日の天気は", "散歩はいやです", "ストップ", "散歩に", "天気は"):
+        assert echo.match(said, began=1.0, now=9.0)[0] < 0.75, said
 
 
-def test_only_what_was_audible_from_the_voice_on_counts():
+def test_only_what_it_could_have_heard_of_itself_counts():
     echo = guard(("駅は右です。", 0.0, 1.0), ("ほかにご質問は。", 5.0, 6.0))
-    assert echo.match("駅は右です", since=1.5)[0] == 1.0   # ended 0.5 s before: within the grace
-    assert echo.match("駅は右です", since=5.5)[0] < 0.75   # long over when the voice began
-    assert echo.match("ほかにご質問は", since=6.9)[0] == 1.0
+    assert echo.match("駅は右です", began=1.3, now=1.6)[0] == 1.0    # its voice began with the sound
+    assert echo.match("駅は右です", began=1.8, now=2.1)[0] < 0.75    # began after it: the user said it
+    assert echo.match("駅は右です", began=None, now=1.8)[0] == 1.0   # no start: a result within the grace
+    assert echo.match("駅は右です", began=None, now=2.5)[0] < 0.75
+    assert echo.match("ほかにご質問は", began=5.2, now=6.3)[0] == 1.0
 
 
 def test_our_line_and_mmdagent_ex_copy_of_it_are_one_segment():

@@ -652,16 +652,17 @@ def test_echo_guard_no_wait_the_words_decide_and_a_voice_without_words_was_a_noi
     assert tc.on_tick(6.1) == [] and tc.machine == C.ANSWERING and tc.accepts("SYNTH_START", turn)
 
 
-def test_echo_guard_drops_its_own_voice_after_the_answer_in_the_grace_and_not_later():
+def test_echo_guard_drops_its_own_voice_after_the_answer_and_not_the_user_saying_it_again():
     tc = controller(**ECHO_GUARD)
     turn = answering(tc, "駅は右に曲がってすぐです。", now=1.0)
     tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0, 3.0)
     tc.on_spoken(turn, now=3.0)
-    assert tc.on_line("RECOG_EVENT_STOP", ["駅は右に曲がってすぐです"], 0.0, 3.5) == []  # no START: idle
-    assert tc.on_line("RECOG_EVENT_START", [], 0.0, 3.6) == [] and tc.machine == C.LISTENING
-    assert tc.on_line("RECOG_EVENT_STOP", ["駅は右にまがってすぐです"], 0.0, 4.2) == []  # heard from 3.6
+    assert tc.on_line("RECOG_EVENT_STOP", ["駅は右に曲がってすぐです"], 0.0, 3.2) == []  # no start: in the grace
+    assert tc.on_line("RECOG_EVENT_START", [], 0.0, 3.3) == [] and tc.machine == C.LISTENING
+    assert tc.on_line("RECOG_EVENT_STOP", ["駅は右にまがってすぐです"], 0.0, 4.2) == []  # began with the sound
     assert tc.machine == C.IDLE and tc.dropped["echo"] == 2
-    assert kinds(tc.on_line("RECOG_EVENT_STOP", ["駅は右に曲がってすぐです"], 0.0, 4.1 + 1.0)) == ["turn_start"]
+    tc.on_line("RECOG_EVENT_START", [], 0.0, 4.5)  # 1.5 s after the sound: the user repeats it
+    assert kinds(tc.on_line("RECOG_EVENT_STOP", ["駅は右に曲がってすぐですか"], 0.0, 5.5)) == ["turn_start"]
 
 
 def test_a_backchannel_after_the_answer_is_an_utterance():

@@ -7,7 +7,10 @@ Pure matching, no decision: turn control (:mod:`stages.bridge.turns`) asks, and 
   punctuation and spaces are its own, not the speaker's).
 - :class:`EchoGuard` keeps the segments the avatar said lately (each ``SYNTH_START`` of its
   model, with the time it began and ended) and tells how much a recognition result looks like
-  what was audible from a given moment on (:meth:`EchoGuard.match`): the best of
+  what it could have heard (:meth:`EchoGuard.match`): an echo begins with the avatar's sound, so
+  for a voice whose ``RECOG_EVENT_START`` came at ``t``, the segments audible at ``t`` less
+  :data:`ONSET_LAG` or later; for a result with no start, those audible within ``grace`` before
+  it (the recognizer's result follows the end of the sound). The score is the best of
   - the result against each segment, and against all of them joined in order (a recognizer that
     did not cut between two sentences hears them as one utterance), by
     :class:`difflib.SequenceMatcher` ratio (``2 * matching / (len a + len b)``): a whole sentence
@@ -15,8 +18,11 @@ Pure matching, no decision: turn control (:mod:`stages.bridge.turns`) asks, and 
   - for a result of at least :data:`MIN_PARTIAL` characters that is shorter than such a text:
     the ratio against the stretch of that text it lines up with (a sentence cut off by
     ``SYNTH_STOP``, or a recognizer that cut inside one, is a part of what was said).
-  A short result only ever matches a whole segment: ``はい`` is not an echo of every sentence
-  with は and い in it, only of a segment ``はい、``.
+  - for a shorter result: the ratio against the beginning of each segment, as long as the
+    result: a sentence cut off at once (the user interrupted it) is heard as its first letter or
+    first few.
+  So a short result matches a whole segment or a beginning, nothing else: ``はい`` is not an echo
+  of every sentence with は and い in it, only of ``はい、`` or of one that begins with はい.
 - :class:`Backchannels`: a result that is, normalized, one of the configured words or a run of
   them (``うんうん``, ``はいはい``, ``ok ok``).
 """
@@ -28,7 +34,8 @@ from collections import deque
 from dataclasses import dataclass
 from difflib import SequenceMatcher
 
-MIN_PARTIAL = 4      # characters a result needs to match a part of what was said
+MIN_PARTIAL = 6      # letters a result needs to match a part of what was said (a clause, not a word)
+ONSET_LAG = 0.5      # seconds a recognizer may take to signal a voice (RECOG_EVENT_START) after its first sound
 KEEP = 20            # segments remembered (an answer is rarely longer; older ones are long over)
 MAX_JOINED = 2000    # characters of the joined text compared (keeps one match well under a millisecond)
 MAX_BACKCHANNEL = 24  # characters of a result looked at as a run of backchannels
@@ -99,14 +106,14 @@ class EchoGuard:
             self.said[-1].ended = now
 
     def recent(self, since: float) -> list[Said]:
-        """Segments audible at some moment from ``since - grace`` on, oldest first."""
-        return [s for s in self.said if s.ended is None or s.ended >= since - self.grace]
+        """Segments audible at some moment from ``since`` on, oldest first."""
+        return [s for s in self.said if s.ended is None or s.ended >= since]
 
-    def match(self, text: str, since: float) -> tuple[float, str]:
-        """How much ``text`` (a recognition result whose voice began at ``since``) looks like what
-        the avatar said from then on: a score in 0..1 and the segment it looks most like."""
+    def match(self, text: str, began: float | None, now: float) -> tuple[float, str]:
+        """How much ``text`` looks like what the avatar said: a score in 0..1 and the segment it
+        looks most like. ``began``: when its voice began (``RECOG_EVENT_START``), None if unknown."""
         heard = normalize(text)
-        segments = self.recent(since)
+        segments = self.recent(now - self.grace if began is None else began - ONSET_LAG)
         if not heard or not segments:
             return 0.0, ""
         best, like = 0.0, ""
@@ -115,6 +122,8 @@ class EchoGuard:
             score = ratio(heard, candidate)
             if len(heard) >= MIN_PARTIAL and len(heard) < len(candidate):
                 score = max(score, partial_ratio(heard, candidate))
+            elif len(heard) < len(candidate) and shown:
+                score = max(score, ratio(heard, candidate[:len(heard)]))
             if score > best:
                 best, like = score, shown or segments[-1].shown
             if best == 1.0:

@@ -21,15 +21,16 @@ What the microphone hears while the avatar speaks: its own voice from a loudspea
 :mod:`stages.bridge.echo`'s; the decisions are these.
 
 - The echo guard drops (logs, counts) a ``RECOG_EVENT_STOP`` whose text is at least
-  ``echo_similarity`` alike to what the avatar said from the moment that voice began (its
-  ``RECOG_EVENT_START``, else the result itself) less ``echo_grace``: while it speaks or just
-  after, whatever the state. A dropped result opens nothing and cancels nothing.
+  ``echo_similarity`` alike to what the avatar could have heard of itself: what it said from
+  the moment that voice began (its ``RECOG_EVENT_START``, less the recognizer's lag), or, with
+  no start, within ``echo_grace`` before the result; whatever the state. A dropped result opens
+  nothing and cancels nothing.
 - A backchannel is dropped while a turn's answer is in progress and the avatar is audible, or
   while its voice was heard (HEARING). Once the answer is over it is an utterance like any other:
   ``はい`` may answer the avatar's question.
 - **When a voice interrupts** (the hard part: both begin with ``RECOG_EVENT_START``, as a user
   does, before any word is known). Decided: with either guard on, once the avatar has begun to
-  answer (a sentence written, or, for the echo guard, its last one ended within ``echo_grace``),
+  answer (a sentence written, or, for the echo guard, its last one ended within the lag),
   ``RECOG_EVENT_START`` does not stop it; the conversation goes to HEARING and the answer goes
   on. Then its ``RECOG_EVENT_STOP``: the avatar's voice, a backchannel or empty: nothing is
   cancelled (back to ANSWERING); other words: cancel (reason ``interrupted``, ``SYNTH_STOP`` at
@@ -85,7 +86,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.wire import CAUSES, INPUT_ACTIONS, INPUT_MAX_TEXT
-from stages.bridge.echo import Backchannels, EchoGuard
+from stages.bridge.echo import ONSET_LAG, Backchannels, EchoGuard
 from stages.bridge.motions import Motions
 from stages.bridge.voice import Voice
 from stages.expression import Vocabulary
@@ -537,12 +538,13 @@ class TurnController:
     def _words_decide(self, now: float) -> bool:
         """Whether a voice that begins now may be the avatar's own or a backchannel, so that its
         words decide whether it interrupts: a guard is on and the avatar has begun to answer (or,
-        for the echo guard, has just spoken: the last sentence's echo). Else it interrupts at once."""
+        for the echo guard, fell silent so lately that this may be the echo of its last sentence).
+        Else it interrupts at once."""
         if self.echo is None and self.backchannels is None:
             return False
         if self.voice.audible or self.written:
             return True
-        return self.echo is not None and now < self.voice.quiet_since + self.echo_grace
+        return self.echo is not None and now < self.voice.quiet_since + ONSET_LAG
 
     def _recog_stop(self, text: str, origin: float, now: float) -> list[Action]:
         self._settle()
@@ -588,7 +590,7 @@ class TurnController:
         """A recognition result to drop (logged): the avatar's own voice ([turn] echo_guard), or a
         backchannel while it answers ([turn] backchannels)."""
         if self.echo is not None:
-            score, like = self.echo.match(text, self.heard_at if state in (C.LISTENING, C.HEARING) else now)
+            score, like = self.echo.match(text, self.heard_at if state in (C.LISTENING, C.HEARING) else None, now)
             if score >= self.echo_similarity:
                 self.dropped["echo"] += 1
                 log.info("recognition result %r dropped: the avatar's own voice (%.2f like %r, [turn] echo_guard)",
