@@ -11,18 +11,20 @@ Pure matching, no decision: turn control (:mod:`stages.bridge.turns`) asks, and 
   for a voice whose ``RECOG_EVENT_START`` came at ``t``, the segments audible at ``t`` less
   :data:`ONSET_LAG` or later; for a result with no start, those audible within ``grace`` before
   it (the recognizer's result follows the end of the sound). The score is the best of
-  - the result against each segment, and against all of them joined in order (a recognizer that
-    did not cut between two sentences hears them as one utterance), by
-    :class:`difflib.SequenceMatcher` ratio (``2 * matching / (len a + len b)``): a whole sentence
-    heard with a few wrong characters scores high;
-  - for a result of at least :data:`MIN_PARTIAL` characters that is shorter than such a text:
-    the ratio against the stretch of that text it lines up with (a sentence cut off by
-    ``SYNTH_STOP``, or a recognizer that cut inside one, is a part of what was said).
+  - the result against each segment, by :class:`difflib.SequenceMatcher` ratio
+    (``2 * matching / (len a + len b)``): a whole sentence heard with a few wrong characters
+    scores high;
+  - for a result of at least :data:`MIN_PARTIAL` letters: the ratio against the stretch of all
+    those segments joined in order that it lines up with (a sentence cut off by ``SYNTH_STOP``
+    or cut by the recognizer inside it is a part of one; one that did not cut between two
+    sentences hears them as one utterance);
   - for a shorter result: the ratio against the beginning of each segment, as long as the
     result: a sentence cut off at once (the user interrupted it) is heard as its first letter or
     first few.
   So a short result matches a whole segment or a beginning, nothing else: ``はい`` is not an echo
   of every sentence with は and い in it, only of ``はい、`` or of one that begins with はい.
+  A ratio that a cheap upper bound shows cannot beat the best so far is not computed, and
+  turn control stops looking at the first score that is enough (``[turn] echo_similarity``).
 - :class:`Backchannels`: a result that is, normalized, one of the configured words or a run of
   them (``うんうん``, ``はいはい``, ``ok ok``).
 """
@@ -37,7 +39,8 @@ from difflib import SequenceMatcher
 MIN_PARTIAL = 6      # letters a result needs to match a part of what was said (a clause, not a word)
 ONSET_LAG = 0.5      # seconds a recognizer may take to signal a voice (RECOG_EVENT_START) after its first sound
 KEEP = 20            # segments remembered (an answer is rarely longer; older ones are long over)
-MAX_JOINED = 2000    # characters of the joined text compared (keeps one match well under a millisecond)
+MAX_JOINED = 600     # letters of the joined text compared, the latest (about 2 minutes of speech; bounds a match to a few ms)
+MAX_WINDOWS = 8      # stretches tried for a part: those around the longest runs in common
 MAX_BACKCHANNEL = 24  # characters of a result looked at as a run of backchannels
 
 
@@ -53,26 +56,39 @@ def normalize(text: str) -> str:
     return "".join(out)
 
 
-def ratio(a: str, b: str) -> float:
-    if not a or not b:
-        return 0.0
-    return SequenceMatcher(None, a, b, autojunk=False).ratio()
+class Heard:
+    """A normalized result, compared with texts of the avatar's (one matcher: the result's index is
+    built once). Each ratio is 0.0 where a cheap upper bound says it cannot beat ``floor``."""
 
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.matcher = SequenceMatcher(None, autojunk=False)
+        self.matcher.set_seq2(text)
 
-def partial_ratio(short: str, long: str) -> float:
-    """The ratio of ``short`` against the stretch of ``long`` it lines up with best."""
-    if len(short) >= len(long):
-        return ratio(short, long)
-    best = 0.0
-    blocks = SequenceMatcher(None, short, long, autojunk=False).get_matching_blocks()
-    for i, j, size in blocks:
-        if not size:
-            continue
-        start = max(0, min(j - i, len(long) - len(short)))
-        best = max(best, ratio(short, long[start:start + len(short)]))
-        if best == 1.0:
-            break
-    return best
+    def ratio(self, other: str, floor: float = 0.0) -> float:
+        if not other or not self.text:
+            return 0.0
+        self.matcher.set_seq1(other)
+        if self.matcher.real_quick_ratio() <= floor or self.matcher.quick_ratio() <= floor:
+            return 0.0
+        return self.matcher.ratio()
+
+    def partial(self, long: str, floor: float = 0.0) -> tuple[float, int]:
+        """The ratio against the stretch of ``long`` (longer than the result) it lines up with
+        best, and where that stretch starts."""
+        size = len(self.text)
+        best, at = 0.0, 0
+        blocks = SequenceMatcher(None, self.text, long, autojunk=False).get_matching_blocks()
+        for i, j, n in sorted(blocks, key=lambda block: -block[2])[:MAX_WINDOWS]:  # where the longest runs are
+            if not n:
+                continue
+            start = max(0, min(j - i, len(long) - size))
+            score = self.ratio(long[start:start + size], max(floor, best))
+            if score > best:
+                best, at = score, start
+                if best == 1.0:
+                    break
+        return best, at
 
 
 @dataclass
@@ -109,25 +125,41 @@ class EchoGuard:
         """Segments audible at some moment from ``since`` on, oldest first."""
         return [s for s in self.said if s.ended is None or s.ended >= since]
 
-    def match(self, text: str, began: float | None, now: float) -> tuple[float, str]:
+    def match(self, text: str, began: float | None, now: float, enough: float = 1.0) -> tuple[float, str]:
         """How much ``text`` looks like what the avatar said: a score in 0..1 and the segment it
-        looks most like. ``began``: when its voice began (``RECOG_EVENT_START``), None if unknown."""
-        heard = normalize(text)
+        looks most like. ``began``: when its voice began (``RECOG_EVENT_START``), None if unknown.
+        Looking stops at a score of ``enough``."""
+        heard = Heard(normalize(text))
         segments = self.recent(now - self.grace if began is None else began - ONSET_LAG)
-        if not heard or not segments:
+        if not heard.text or not segments:
             return 0.0, ""
+        size = len(heard.text)
         best, like = 0.0, ""
-        joined = "".join(s.text for s in segments)[-MAX_JOINED:]
-        for candidate, shown in [(s.text, s.shown) for s in segments] + [(joined, "")]:
-            score = ratio(heard, candidate)
-            if len(heard) >= MIN_PARTIAL and len(heard) < len(candidate):
-                score = max(score, partial_ratio(heard, candidate))
-            elif len(heard) < len(candidate) and shown:
-                score = max(score, ratio(heard, candidate[:len(heard)]))
+        for said in segments:  # whole segments, and the beginnings of those cut off
+            score = heard.ratio(said.text, best)
+            if size < MIN_PARTIAL and size < len(said.text):
+                score = max(score, heard.ratio(said.text[:size], best))
             if score > best:
-                best, like = score, shown or segments[-1].shown
-            if best == 1.0:
-                break
+                best, like = score, said.shown
+            if best >= enough:
+                return best, like
+        if size < MIN_PARTIAL:
+            return best, like
+        # a part of the joined text: of one segment (cut inside it) or across two (heard as one)
+        texts = [said.text for said in segments]
+        joined = "".join(texts)
+        skipped = max(0, len(joined) - MAX_JOINED)
+        if size >= len(joined) - skipped:  # all of it heard as one utterance
+            score = heard.ratio(joined[skipped:], best)
+            return (score, segments[-1].shown) if score > best else (best, like)
+        score, at = heard.partial(joined[skipped:], best)
+        if score > best:
+            at += skipped
+            for said, part in zip(segments, texts):
+                if at < len(part):
+                    best, like = score, said.shown
+                    break
+                at -= len(part)
         return best, like
 
 

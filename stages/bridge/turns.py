@@ -590,7 +590,8 @@ class TurnController:
         """A recognition result to drop (logged): the avatar's own voice ([turn] echo_guard), or a
         backchannel while it answers ([turn] backchannels)."""
         if self.echo is not None:
-            score, like = self.echo.match(text, self.heard_at if state in (C.LISTENING, C.HEARING) else None, now)
+            score, like = self.echo.match(text, self.heard_at if state in (C.LISTENING, C.HEARING) else None, now,
+                                          enough=self.echo_similarity)
             if score >= self.echo_similarity:
                 self.dropped["echo"] += 1
                 log.info("recognition result %r dropped: the avatar's own voice (%.2f like %r, [turn] echo_guard)",
