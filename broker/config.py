@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import tomllib
+import unicodedata
 import zlib
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ CHOICES = {("bus", "transport"): ("tcp", "ipc"), ("turn", "barge_in"): ("interru
            ("plugin", "pipeline"): ("builtin", "supervisord"), ("expression", "untagged"): ("keep", "neutral"),
            ("comments", "while_busy"): ("latest", "oldest", "skip")}
 
+MAX_BACKCHANNEL_CHARS = 12  # letters of a backchannel word ([turn] backchannel_words)
+
 BUILTIN_TOOLS = ("current_time", "gesture", "set_timer", "remember")  # [tools] builtin (stages.llm.tools)
 
 # keys that meant something once and are accepted, unused, so an old config still loads
@@ -59,7 +62,8 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("segmenter", "max_bytes"): (16, 1900), ("segmenter", "pause_release"): (0.01, 10),
     ("speech", "start_timeout"): (0.1, 600), ("speech", "stop_timeout_base"): (0.1, 3600),
     ("speech", "cut_timeout"): (0.1, 600), ("turn", "listen_timeout"): (0.1, 3600), ("turn", "max_age"): (0.1, 86400),
-    ("turn", "stall_timeout"): (0.1, 86400), ("transcript", "max_bytes"): (100, None), ("transcript", "keep"): (1, 100),
+    ("turn", "stall_timeout"): (0.1, 86400), ("turn", "echo_similarity"): (0.5, 1.0),
+    ("turn", "backchannel_wait"): (0.1, 10), ("transcript", "max_bytes"): (100, None), ("transcript", "keep"): (1, 100),
     ("captions", "size"): (0.1, 100), ("captions", "line_chars"): (1, 200), ("captions", "max_lines"): (1, 20),
     ("tools", "timeout"): (0.1, 600), ("tools", "max_calls"): (1, 20),
     ("remote", "max_connections"): (1, 1000), ("remote", "liveness"): (0.1, 3600),
@@ -127,6 +131,7 @@ def load(path: Path | None = None, sources: dict[tuple[str, str], str] | None = 
     _check_remote(cfg["remote"], _from(sources, "remote", "avatars"))
     _check_mcp(cfg["tools"]["mcp"], _from(sources, "tools", "mcp"))
     _check_inputs(cfg, sources)
+    _check_backchannels(cfg["turn"], _from(sources, "turn", "backchannel_words"))
     unknown = [name for name in cfg["tools"]["builtin"] if name not in BUILTIN_TOOLS]
     if unknown:
         raise ConfigError(f"[tools] builtin: no tool {unknown[0]!r} (known: {', '.join(BUILTIN_TOOLS)})"
@@ -206,6 +211,19 @@ def _check_remote(remote: dict[str, Any], where: str) -> None:
 TAG_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _MOTION_KEYS = {"voice": str, "motion": str, "body": str, "play": str, "priority": (int, float)}
 _UNSAFE = re.compile(r"[|\x00-\x1f\x7f\u0085\u2028\u2029]")
+
+
+def _check_backchannels(turn: dict[str, Any], where: str) -> None:
+    """Each backchannel word is compared by its letters and digits (:mod:`stages.bridge.echo`):
+    one without any would never be heard; a long one is no backchannel."""
+    words = turn["backchannel_words"]
+    for word in words:
+        letters = [ch for ch in word if unicodedata.category(ch)[0] in "LN"]
+        if not letters or len(letters) > MAX_BACKCHANNEL_CHARS:
+            raise ConfigError(f"[turn] backchannel_words: {word!r}: a word of 1 to {MAX_BACKCHANNEL_CHARS} "
+                              f"letters or digits{where}")
+    if turn["backchannels"] and not words:
+        raise ConfigError(f"[turn] backchannels = true needs backchannel_words{where}")
 
 
 def _check_field(value: str, at: str, where: str) -> None:

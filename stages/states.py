@@ -6,6 +6,12 @@ Conversation (owned by the bridge, :mod:`stages.bridge.turns`: who may speak now
     IDLE --RECOG_EVENT_STOP (no START came)--> ANSWERING
     LISTENING --no RECOG_EVENT_STOP within listen_timeout (a noise)--> IDLE
     ANSWERING --RECOG_EVENT_START, policy "interrupt": cancel--> LISTENING
+    ANSWERING --RECOG_EVENT_START once the avatar answers, [turn] echo_guard or backchannels on--> HEARING
+    HEARING --its own voice, a backchannel, an empty result, or no result (echo guard: a noise)--> ANSWERING
+    HEARING --other words: cancel, new turn--> ANSWERING (through HOLDING)
+    HEARING --backchannel_wait over with no result (echo guard off): cancel--> LISTENING
+    HEARING --the answer all said while the voice goes on--> LISTENING
+    (HEARING is ANSWERING in every other respect: speech, cues, failures, a stage lost, away)
     ANSWERING --RECOG_EVENT_STOP: cancel (superseded), new turn--> ANSWERING
     any --RECOG_EVENT_AWAY|ON (cancels an answer)--> AWAY --RECOG_EVENT_AWAY|OFF--> IDLE
     IDLE/LISTENING/ANSWERING --utterance while a stage is down--> HOLDING
@@ -45,6 +51,7 @@ class ConversationState(enum.Enum):
     IDLE = "idle"
     LISTENING = "listening"
     ANSWERING = "answering"
+    HEARING = "hearing"   # answering, and a voice is heard whose words decide whether it interrupts
     HOLDING = "holding"
     AWAY = "away"
 
@@ -68,7 +75,9 @@ CONVERSATION_TRANSITIONS: dict[ConversationState, set[ConversationState]] = {
     ConversationState.LISTENING: {ConversationState.ANSWERING, ConversationState.IDLE, ConversationState.HOLDING,
                                   ConversationState.AWAY},
     ConversationState.ANSWERING: {ConversationState.IDLE, ConversationState.LISTENING, ConversationState.ANSWERING,
-                                  ConversationState.HOLDING, ConversationState.AWAY},
+                                  ConversationState.HOLDING, ConversationState.AWAY, ConversationState.HEARING},
+    ConversationState.HEARING: {ConversationState.ANSWERING, ConversationState.LISTENING, ConversationState.IDLE,
+                                ConversationState.HOLDING, ConversationState.AWAY},
     ConversationState.HOLDING: {ConversationState.ANSWERING, ConversationState.HOLDING, ConversationState.IDLE,
                                 ConversationState.AWAY},
     ConversationState.AWAY: {ConversationState.IDLE},

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from difflib import SequenceMatcher
 from pathlib import Path
 
 import pytest
@@ -301,6 +302,38 @@ def test_new_synth_start_cuts_off_with_exactly_one_extra_stop(launch):
     cut = next(r for r in lines if r.line == "LIPSYNC_STOP|0")
     old_stop = next(r for r in lines if r.line == "SYNTH_EVENT_STOP|0")
     assert 0.2 <= old_stop.t - cut.t < 3   # cut_delay 0.4 s
+
+
+def test_echo_the_recognizer_hears_each_sentence_with_small_errors(launch):
+    avatar = launch(seconds_per_char=0.02, echo=True, echo_delay=0.05, echo_tail=0.1, echo_errors=0.15, echo_seed=3)
+    whole = "今日は、とても良い天気ですね。"
+    say(avatar, f"SYNTH_START|0|mei_voice_normal|{whole}\n")
+    first = inbox_index(avatar, f"SYNTH_START|0|mei_voice_normal|{whole}")
+    heard = avatar.wait_inbox_line("RECOG_EVENT_STOP|", WAIT, after=first)
+    assert heard is not None
+    order = [r.line.split("|")[0] for r in avatar.inbox[first:avatar.inbox.index(heard) + 1]
+             if r.line.startswith(("SYNTH_EVENT_", "RECOG_EVENT_"))]
+    assert order == ["SYNTH_EVENT_START", "RECOG_EVENT_START", "SYNTH_EVENT_STOP", "RECOG_EVENT_STOP"]
+    text = heard.line.split("|", 1)[1]
+    assert text != whole and "、" not in text and "。" not in text
+    assert 0.6 <= SequenceMatcher(None, text, "今日はとても良い天気ですね").ratio() < 1.0
+    # cut off by SYNTH_STOP: only what played was heard
+    long = "長い文です" * 20  # 2 s
+    say(avatar, f"SYNTH_START|0|mei_voice_normal|{long}\n")
+    second = inbox_index(avatar, f"SYNTH_START|0|mei_voice_normal|{long}")
+    assert avatar.wait_inbox_line("RECOG_EVENT_START", WAIT, after=second)
+    say(avatar, "SYNTH_STOP|0\n")
+    cut = avatar.wait_inbox_line("RECOG_EVENT_STOP|", WAIT, after=second)
+    assert cut is not None and 1 <= len(cut.line.split("|", 1)[1]) < len(long) / 2
+    avatar.echo = False  # off again: the recognizer hears nothing
+    say(avatar, "SYNTH_START|0|mei_voice_normal|静かです\n")
+    third = inbox_index(avatar, "SYNTH_START|0|mei_voice_normal|静かです")
+    assert avatar.wait_inbox(lambda lines: any(r.line == "SYNTH_EVENT_START|0" for r in lines[third:]), WAIT)
+    started = next(i for i, r in enumerate(avatar.inbox) if i > third and r.line == "SYNTH_EVENT_START|0")
+    assert avatar.wait_inbox_line("SYNTH_EVENT_STOP|0", WAIT, after=started)
+    avatar.send("TIMER_START|later|0.3")  # past echo_delay and echo_tail: a result would be in by then
+    end = inbox_index(avatar, "TIMER_EVENT_STOP|later", started)
+    assert not [r for r in avatar.inbox[started:end] if r.line.startswith("RECOG_")]
 
 
 # -- end of the script --------------------------------------------------------------------------

@@ -187,10 +187,15 @@ def test_remote_avatars_and_allow_are_checked(tmp_path):
                         ('[remote.avatars]\nfront = { address = "kiosk" }\n', "is not an IP address"),
                         ('[remote.avatars]\n"a b" = { address = "10.0.0.1" }\n', "a name is letters"),
                         ('[remote.avatars]\nfront = { addr = "10.0.0.1" }\n', "expected { address")):
-        bad = tmp_path / "bad.toml"
-        bad.write_text(text, encoding="utf-8")
-        with pytest.raises(config_mod.ConfigError, match=re.escape(words)):
-            config_mod.load(bad)
+        refused(tmp_path, text, words)
+
+
+def refused(tmp_path: Path, text: str, words: str) -> None:
+    """A configuration file of ``text`` is refused, the error saying ``words``."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text, encoding="utf-8")
+    with pytest.raises(config.ConfigError, match=re.escape(words)):
+        config.load(bad)
 
 
 def test_an_unknown_builtin_tool_is_named(tmp_path):
@@ -199,3 +204,17 @@ def test_an_unknown_builtin_tool_is_named(tmp_path):
     bad.write_text('[tools]\nbuiltin = ["current_time", "wether"]\n', encoding="utf-8")
     with pytest.raises(config_mod.ConfigError, match="no tool 'wether'"):
         config_mod.load(bad)
+
+
+def test_the_echo_guard_and_backchannels_are_checked(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text('[turn]\necho_guard = true\nbackchannels = true\nbackchannel_words = ["うん", "mhm"]\n',
+                    encoding="utf-8")
+    assert config.load(good)["turn"]["backchannel_words"] == ["うん", "mhm"]
+    for text, words in (('[turn]\necho_similarity = 0.2\n', "echo_similarity = 0.2: must be from 0.5 to 1"),
+                        ('[turn]\nbackchannel_wait = 0\n', "backchannel_wait = 0.0: must be from 0.1 to 10"),
+                        ('[turn]\nbackchannel_words = ["うん", "。"]\n', "'。': a word of 1 to 12 letters"),
+                        ('[turn]\nbackchannel_words = ["ちょっと待ってくださいと言いました"]\n', "a word of 1 to 12"),
+                        ('[turn]\nbackchannels = true\nbackchannel_words = []\n', "needs backchannel_words"),
+                        ('[turn]\necho_guard = "yes"\n', "expected bool")):
+        refused(tmp_path, text, words)

@@ -12,8 +12,8 @@ from stages.states import ConversationState as C
 from stages.bridge.turns import Publish, TurnController, Write
 
 
-def controller(policy: str = "interrupt", up: bool = True) -> TurnController:
-    cfg = dict(config.load(Path(os.devnull))["turn"], barge_in=policy, echo_grace=1.0, listen_timeout=5.0)
+def controller(policy: str = "interrupt", up: bool = True, **turn) -> TurnController:
+    cfg = dict(config.load(Path(os.devnull))["turn"], barge_in=policy, echo_grace=1.0, listen_timeout=5.0, **turn)
     tc = TurnController(cfg, model="0", voice="mei_voice_normal")
     tc.on_pipeline(up)
     return tc
@@ -28,7 +28,7 @@ def say(tc: TurnController, text: str, now: float = 0.0):
 
 
 def speak(tc: TurnController, text: str, now: float = 0.0) -> None:
-    tc.on_written("SYNTH_START", ["0", "mei_voice_normal", text], tc.turn)
+    tc.on_written("SYNTH_START", ["0", "mei_voice_normal", text], tc.turn, now)
     tc.on_line("SYNTH_EVENT_START", ["0"], 0.0, now)
 
 
@@ -588,3 +588,116 @@ def test_an_input_never_comes_before_the_user_and_bad_ones_are_refused():
     assert kinds(held) == ["input_result"] and down.machine == C.HOLDING and len(down.user_text) == 1000
     assert kinds(down.on_input({"action": "stop"}, 0.0)) == ["input_result"] and down.machine == C.IDLE
     assert kinds(down.on_pipeline(True)) == []  # the dropped utterance is not sent later
+
+
+# -- what the microphone hears while the avatar speaks ([turn] echo_guard, backchannels) --------
+
+BACKCHANNELS = {"backchannels": True, "backchannel_wait": 0.8}
+ECHO_GUARD = {"echo_guard": True, "echo_similarity": 0.75}
+
+
+def answering(tc: TurnController, sentence: str = "今日は晴れていて、気持ちがいいですね。", now: float = 0.0) -> int:
+    """A turn whose answer's first sentence plays; returns the turn."""
+    say(tc, "天気は？", now)
+    speak(tc, sentence, now)
+    return tc.turn
+
+
+def hear(tc: TurnController, text: str, start: float, stop: float):
+    """A voice: RECOG_EVENT_START at ``start`` (must change nothing), its words at ``stop``."""
+    assert tc.on_line("RECOG_EVENT_START", [], 0.0, start) == []
+    assert tc.machine == C.HEARING
+    return tc.on_line("RECOG_EVENT_STOP", [text], 0.0, stop)
+
+
+@pytest.mark.parametrize("guards", [BACKCHANNELS, ECHO_GUARD, {**BACKCHANNELS, **ECHO_GUARD}])
+def test_a_backchannel_or_its_own_voice_interrupts_nothing_other_words_do_at_once(guards):
+    tc = controller(**guards)
+    turn = answering(tc, now=1.0)
+    heard = "うん" if guards.get("backchannels") else "今日は晴れてて気持ちがいいですね"
+    assert hear(tc, heard, 1.5, 2.2) == []
+    assert tc.machine == C.ANSWERING and tc.accepts("SYNTH_START", turn)
+    actions = hear(tc, "ちょっと待って", 2.5, 3.1)
+    assert kinds(actions) == ["SYNTH_STOP", "cancel", "turn_start"]
+    assert actions[1].body["reason"] == "interrupted" and actions[2].body["text"] == "ちょっと待って"
+    assert sum(tc.dropped.values()) == 1
+
+
+def test_backchannels_a_voice_longer_than_the_wait_interrupts_when_it_ends():
+    tc = controller(**BACKCHANNELS)
+    answering(tc, now=1.0)
+    tc.on_line("RECOG_EVENT_START", [], 0.0, 2.0)
+    assert tc.next_deadline() == pytest.approx(2.8)
+    assert tc.on_tick(2.79) == []
+    assert kinds(tc.on_tick(2.8)) == ["SYNTH_STOP", "cancel"] and tc.machine == C.LISTENING
+    actions = tc.on_line("RECOG_EVENT_STOP", ["ちょっと待ってください"], 0.0, 3.3)
+    assert kinds(actions) == ["turn_start"]
+
+
+def test_backchannels_one_that_came_too_late_is_an_utterance_and_says_to_raise_the_wait(caplog):
+    tc = controller(**BACKCHANNELS)
+    answering(tc, now=1.0)
+    tc.on_line("RECOG_EVENT_START", [], 0.0, 2.0)
+    tc.on_tick(2.8)
+    assert kinds(tc.on_line("RECOG_EVENT_STOP", ["うん"], 0.0, 3.0)) == ["turn_start"]
+    assert "raise it" in caplog.text
+
+
+def test_echo_guard_no_wait_the_words_decide_and_a_voice_without_words_was_a_noise():
+    tc = controller(**ECHO_GUARD)
+    turn = answering(tc, now=1.0)
+    tc.on_line("RECOG_EVENT_START", [], 0.0, 1.1)   # the loudspeaker: as long as the sentence
+    assert tc.next_deadline() == pytest.approx(1.1 + 5.0)  # listen_timeout, not backchannel_wait
+    assert tc.on_tick(3.0) == [] and tc.machine == C.HEARING
+    assert tc.on_tick(6.1) == [] and tc.machine == C.ANSWERING and tc.accepts("SYNTH_START", turn)
+
+
+def test_echo_guard_drops_its_own_voice_after_the_answer_and_not_the_user_saying_it_again():
+    tc = controller(**ECHO_GUARD)
+    turn = answering(tc, "駅は右に曲がってすぐです。", now=1.0)
+    tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0, 3.0)
+    tc.on_spoken(turn, now=3.0)
+    assert tc.on_line("RECOG_EVENT_STOP", ["駅は右に曲がってすぐです"], 0.0, 3.2) == []  # no start: in the grace
+    assert tc.on_line("RECOG_EVENT_START", [], 0.0, 3.3) == [] and tc.machine == C.LISTENING
+    assert tc.on_line("RECOG_EVENT_STOP", ["駅は右にまがってすぐです"], 0.0, 4.2) == []  # began with the sound
+    assert tc.machine == C.IDLE and tc.dropped["echo"] == 2
+    tc.on_line("RECOG_EVENT_START", [], 0.0, 4.5)  # 1.5 s after the sound: the user repeats it
+    assert kinds(tc.on_line("RECOG_EVENT_STOP", ["駅は右に曲がってすぐですか"], 0.0, 5.5)) == ["turn_start"]
+
+
+def test_a_backchannel_after_the_answer_is_an_utterance():
+    tc = controller(**BACKCHANNELS)
+    turn = answering(tc, "明日も来てくれますか。", now=1.0)
+    tc.on_line("RECOG_EVENT_START", [], 0.0, 2.0)
+    tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0, 2.1)
+    tc.on_spoken(turn, now=2.1)
+    assert tc.machine == C.LISTENING  # the voice goes on: listened to
+    assert kinds(tc.on_line("RECOG_EVENT_STOP", ["はい"], 0.0, 2.4)) == ["turn_start"]
+    tc.on_spoken(tc.turn, now=3.0)
+    assert kinds(say(tc, "うん", now=4.0)) == ["turn_start"]  # the avatar is quiet: no backchannel
+
+
+@pytest.mark.parametrize("guards", [BACKCHANNELS, ECHO_GUARD])
+def test_before_anything_is_said_a_voice_interrupts_at_once(guards):
+    tc = controller(**guards)
+    say(tc, "質問", now=0.0)  # the LLM is still thinking: nothing written yet
+    assert kinds(tc.on_line("RECOG_EVENT_START", [], 0.0, 10.0)) == ["cancel"]
+    assert tc.machine == C.LISTENING
+
+
+def test_while_a_voice_is_heard_the_answer_goes_on_and_inputs_and_away_still_work():
+    tc = controller(**BACKCHANNELS)
+    turn = answering(tc, "一文目です。", now=1.0)
+    tc.on_line("RECOG_EVENT_START", [], 0.0, 1.5)
+    cue = [("SYNTH_START", ["0", "mei_voice_normal", "二文目です。"])]
+    assert tc.on_speech(cue, turn, after=0) == []               # held as a cue, as while answering
+    assert kinds(tc.on_line("SYNTH_EVENT_STOP", ["0"], 0.0, 1.6)) == ["SYNTH_START"]
+    speak(tc, "二文目です。", now=1.6)
+    busy = tc.on_input({"action": "say", "text": "お知らせ", "when": "idle", "id": "i"}, 0.0)
+    assert busy[-1].body["reason"] == "busy"
+    stop = tc.on_input({"action": "stop", "id": "s"}, 0.0)
+    assert kinds(stop)[:2] == ["SYNTH_STOP", "cancel"] and tc.machine == C.IDLE
+    answering(tc, now=3.0)
+    tc.on_line("RECOG_EVENT_START", [], 0.0, 3.5)
+    assert kinds(tc.on_line("RECOG_EVENT_AWAY", ["ON"], 0.0, 3.6)) == ["SYNTH_STOP", "cancel"]
+    assert tc.machine == C.AWAY

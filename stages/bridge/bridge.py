@@ -23,8 +23,10 @@ Started by MMDAgent-EX as ``Plugin_AnyScript_Command=mmdagent-llm bridge``:
   from every field and caps the line at 2000 bytes (a cue, ``after`` set, waits in turn control
   for the speech playing to end). Nothing else is ever written to stdout; logs go to stderr.
 - turn control (:mod:`stages.bridge.turns`) sees every line first: it opens turns (``turn_start``),
-  cancels them (``cancel``), writes ``SYNTH_STOP`` itself on an interruption, and keeps
-  ``SYNTH_START`` of a cancelled or old turn from being written.
+  cancels them (``cancel``), writes ``SYNTH_STOP`` itself on an interruption, keeps
+  ``SYNTH_START`` of a cancelled or old turn from being written, and drops recognition results
+  that are the avatar's own voice or a backchannel (``[turn] echo_guard``, ``backchannels``;
+  counted in the heartbeat's ``dropped``).
 - end of input (MMDAgent-EX closed the pipe) ends the process with status 0.
 - once on the bus, it has the avatar say the persona's greeting (``[persona] greet``; see
   :mod:`stages.persona`), as a turn of its own; likewise a reminder of the llm's ``set_timer``
@@ -385,6 +387,7 @@ class Bridge(Stage):
         return {"lines_in": self.lines_in, "lines_out": self.lines_out, "turn": self.turns.turn,
                 "state": self.turns.machine.state.value, "pipeline": self.turns.pipeline_up, "bad_input": bad_input,
                 "refused": dict(self.refused), "restarts": dict(self.liveness.restarts),
+                "dropped": dict(self.turns.dropped),
                 "turns": [{"turn": t.turn, **t.as_ms()} for t in self.clock.last(LAST_TURNS)]}
 
     def close(self) -> None:

@@ -15,6 +15,37 @@ order. States and moves: :data:`stages.states.CONVERSATION_TRANSITIONS`.
   comes while the avatar speaks or within ``echo_grace`` seconds after is discarded (logged).
 - ``RECOG_EVENT_START`` with no ``RECOG_EVENT_STOP`` within ``listen_timeout``: a noise; back
   to idle, nothing resumed, nothing lost.
+
+What the microphone hears while the avatar speaks: its own voice from a loudspeaker ([turn]
+``echo_guard``) or a backchannel (``うん``; [turn] ``backchannels``). Matching is
+:mod:`stages.bridge.echo`'s; the decisions are these.
+
+- The echo guard drops (logs, counts) a ``RECOG_EVENT_STOP`` whose text is at least
+  ``echo_similarity`` alike to what the avatar could have heard of itself: what it said from
+  the moment that voice began (its ``RECOG_EVENT_START``, less the recognizer's lag), or, with
+  no start, within ``echo_grace`` before the result; whatever the state. A dropped result opens
+  nothing and cancels nothing.
+- A backchannel is dropped while a turn's answer is in progress and the avatar is audible, or
+  while its voice was heard (HEARING). Once the answer is over it is an utterance like any other:
+  ``はい`` may answer the avatar's question.
+- **When a voice interrupts** (the hard part: both begin with ``RECOG_EVENT_START``, as a user
+  does, before any word is known). Decided: with either guard on, once the avatar has begun to
+  answer (a sentence written, or, for the echo guard, its last one ended within the lag),
+  ``RECOG_EVENT_START`` does not stop it; the conversation goes to HEARING and the answer goes
+  on. Then its ``RECOG_EVENT_STOP``: the avatar's voice, a backchannel or empty: nothing is
+  cancelled (back to ANSWERING); other words: cancel (reason ``interrupted``, ``SYNTH_STOP`` at
+  once) and a new turn for them. With no words yet: without the echo guard, ``backchannel_wait``
+  seconds after the voice began it is taken as an interruption (a backchannel is short: cancel,
+  LISTENING, as a ``RECOG_EVENT_START`` did before); with the echo guard there is no such limit
+  (an echo lasts as long as the avatar's sentence, so any shorter limit would make it stop
+  itself): the words alone decide, and none within ``listen_timeout`` was a noise. Before the
+  avatar has said anything of the answer (the LLM still thinking) there is nothing to hear but
+  the user: a voice interrupts at once, as with both guards off. So the cost: a real
+  interruption stops the avatar at its words or ``backchannel_wait``, whichever comes first
+  (echo guard: at its words) instead of at its first sound; with both off it is exactly as
+  before. Rejected: stopping at once and resuming after a backchannel (the sentence would be
+  said twice, and MMDAgent-EX cannot pause a speech), and deciding by the timing of
+  ``RECOG_EVENT_START`` alone (an echo and a user who starts with the avatar look the same).
 - ``RECOG_EVENT_AWAY|ON`` cancels a turn in progress (reason ``away``) and discards utterances
   until ``RECOG_EVENT_AWAY|OFF``.
 - An input process's ``input`` (:meth:`TurnController.on_input`; the control API, comments, idle
@@ -55,6 +86,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.wire import CAUSES, INPUT_ACTIONS, INPUT_MAX_TEXT
+from stages.bridge.echo import ONSET_LAG, Backchannels, EchoGuard
 from stages.bridge.motions import Motions
 from stages.bridge.voice import Voice
 from stages.expression import Vocabulary
@@ -63,6 +95,7 @@ from stages.states import CONVERSATION_TRANSITIONS, ConversationState as C, Mach
 log = logging.getLogger("mmdagent_llm")
 
 POLICIES = ("interrupt", "ignore")
+ANSWER_STATES = (C.ANSWERING, C.HEARING)  # a turn's answer is in progress
 RESEND_AFTER = 1.5  # seconds; a heartbeat may be older than the turn_start it crossed
 
 
@@ -95,6 +128,15 @@ class TurnController:
         self.policy = policy
         self.echo_grace = turn_cfg["echo_grace"]
         self.listen_timeout = turn_cfg["listen_timeout"]
+        # what the microphone hears while the avatar speaks (stages.bridge.echo); None: not looked at
+        self.echo = EchoGuard(self.echo_grace) if turn_cfg["echo_guard"] else None
+        self.echo_similarity = turn_cfg["echo_similarity"]
+        self.backchannels = Backchannels(turn_cfg["backchannel_words"]) if turn_cfg["backchannels"] else None
+        self.backchannel_wait = turn_cfg["backchannel_wait"]
+        self.heard_at = 0.0     # when the voice now heard began (its RECOG_EVENT_START): echoes are looked for from then
+        self.heard_last = 0.0   # its latest RECOG_EVENT_START (the noise timer of HEARING with the echo guard)
+        self.waited_out = False  # the last voice was taken as an interruption at backchannel_wait, before its words
+        self.dropped = {"echo": 0, "backchannel": 0}  # results not answered, for the heartbeat
         self.model, self.voice_alias = model, voice
         self.machine: Machine[C] = Machine("conversation", CONVERSATION_TRANSITIONS, C.IDLE)
         self.turn = 0
@@ -130,23 +172,27 @@ class TurnController:
         """A line MMDAgent-EX wrote to us (``origin``: wall-clock time it arrived)."""
         now = time.monotonic() if now is None else now
         if msg_type == "RECOG_EVENT_START":
-            return self._recog_start(origin)
+            return self._recog_start(origin, now)
         if msg_type == "RECOG_EVENT_STOP":
             return self._recog_stop("|".join(args).strip(), origin, now)
         if msg_type == "RECOG_EVENT_AWAY":
             return self._away(args[:1] == ["ON"], origin)
         if args[:1] == [self.model]:
-            if msg_type == "SYNTH_EVENT_START":
+            if msg_type == "SYNTH_START" and self.echo is not None and len(args) >= 3:
+                self.echo.speak(args[2], now)  # ours echoed back, or another plugin's: both reach the microphone
+            elif msg_type == "SYNTH_EVENT_START":
                 self.voice.speaking = True
                 self.voice.since = now
-                if self.voice.outstanding is not None and self.machine == C.ANSWERING:
+                if self.voice.outstanding is not None and self.answering:
                     self.voice.spoken.append(self.voice.outstanding)
             elif msg_type == "SYNTH_EVENT_STOP":
                 ended = self.voice.speaking  # else the end of speech cut off before ours started
                 self.voice.speaking = False
                 self.voice.outstanding = None
                 self.voice.quiet_since = now
-                if ended and self.cued is not None and self.machine == C.ANSWERING:
+                if self.echo is not None:
+                    self.echo.quiet(now)
+                if ended and self.cued is not None and self.answering:
                     lines, self.cued = self.cued, None
                     return self._speech(lines)
                 return self._resume_when_quiet(now)
@@ -161,7 +207,7 @@ class TurnController:
         comes while the turn's previous one is still audible: only a sequencer that cannot know
         sends that (one restarted meanwhile, handed what the broker kept for it), and written now
         it would cut the avatar off. It is held as a cue instead."""
-        if (turn == self.turn and self.machine == C.ANSWERING and self.next_segment and self.voice.audible
+        if (turn == self.turn and self.answering and self.next_segment and self.voice.audible
                 and (after is None or self.next_segment == after + 1)):
             if after is None:
                 log.info("turn %d: segment %d came while segment %d still plays: held until it ends", turn,
@@ -178,6 +224,8 @@ class TurnController:
         now = time.monotonic() if now is None else now
         self.motions.on_written(msg_type, args, now)
         if msg_type == "SYNTH_START" and args[:1] == [self.model] and len(args) >= 3:
+            if self.echo is not None:
+                self.echo.speak(args[2], now)
             self.voice.outstanding = args[2]
             self.voice.since = now
             self.cued = None  # a cue is for the sentence after the one playing: this replaced it
@@ -216,18 +264,29 @@ class TurnController:
         """Every segment of the current turn was written and the avatar has finished the last
         one, though the sequencer's ``spoken`` may still be on its way: the turn is over, and a
         user who speaks now interrupts nothing."""
-        return (self.machine == C.ANSWERING and self.total_segments is not None
+        return (self.answering and self.total_segments is not None
                 and self.next_segment >= self.total_segments and not self.voice.audible)
 
+    @property
+    def answering(self) -> bool:
+        """A turn's answer is in progress (a voice may be heard meanwhile: HEARING)."""
+        return self.machine.state in ANSWER_STATES
+
+    def _settle(self) -> None:
+        """A turn all said is over, though its ``spoken`` may be on its way; a voice heard goes on."""
+        if self._all_said():
+            self.machine.move(C.IDLE if self.machine == C.ANSWERING else C.LISTENING, f"turn {self.turn} all said")
+
     def on_spoken(self, turn: int, now: float | None = None) -> None:
-        """The sequencer reports every segment of ``turn`` spoken (or given up)."""
-        if turn == self.turn and self.machine == C.ANSWERING:
-            self.machine.move(C.IDLE, f"turn {turn} spoken")
+        """The sequencer reports every segment of ``turn`` spoken (or given up). A voice heard
+        meanwhile (HEARING) is listened to on: its words are a new utterance."""
+        if turn == self.turn and self.answering:
+            self.machine.move(C.IDLE if self.machine == C.ANSWERING else C.LISTENING, f"turn {turn} spoken")
             self.voice.quiet_since = time.monotonic() if now is None else now
 
     def on_spoken_actions(self) -> list[Action]:
         """After :meth:`on_spoken`: a turn that ended without a word ends its thinking motion too."""
-        return [Write(t, a) for t, a in self.motions.end_mood()] if self.machine != C.ANSWERING else []
+        return [Write(t, a) for t, a in self.motions.end_mood()] if not self.answering else []
 
     def accepts(self, msg_type: str, turn: int) -> bool:
         """Whether a command from the queue may be written: speech only for the current turn."""
@@ -248,7 +307,17 @@ class TurnController:
             return self.asked_at + self.cfg["max_age"]
         if state == C.ANSWERING:
             return self.progress_at + self.cfg["stall_timeout"]
+        if state == C.HEARING:
+            return min(self.progress_at + self.cfg["stall_timeout"], self._hearing_deadline())
         return None
+
+    def _hearing_deadline(self) -> float:
+        """When a voice heard in HEARING is decided without its words: with the echo guard, it
+        was a noise after ``listen_timeout`` (an echo lasts as long as the sentence, so no
+        shorter wait can tell); without, ``backchannel_wait`` (a backchannel is short)."""
+        if self.echo is not None:
+            return self.heard_last + self.listen_timeout
+        return self.heard_at + self.backchannel_wait
 
     def on_tick(self, now: float) -> list[Action]:
         voice_due = self.voice.deadline(self.speech_limits)
@@ -257,9 +326,11 @@ class TurnController:
                         "your .ojt/.fph file?)", "STOP" if self.voice.speaking else "START", self.model,
                         (self.voice.outstanding or "")[:30])
             self.voice.over(now)
-        answering = self.machine == C.ANSWERING and not self.written
+            if self.echo is not None:
+                self.echo.quiet(now)
+        answering = self.answering and not self.written
         motions: list[Action] = [Write(t, a) for t, a in self.motions.on_tick(now, answering)]
-        if self.cued is not None and not self.voice.audible and self.machine == C.ANSWERING:
+        if self.cued is not None and not self.voice.audible and self.answering:
             lines, self.cued = self.cued, None  # what it waited for is taken as over: its turn now
             motions += self._speech(lines)
         motions += self._resume_when_quiet(now)
@@ -272,11 +343,30 @@ class TurnController:
                      "taken as a noise", self.listen_timeout)
             self.machine.move(C.IDLE, "listen timeout")
             return motions + [Write(t, a) for t, a in self.motions.end_mood()]
+        if state == C.HEARING and now >= self._hearing_deadline():
+            return motions + self._heard_long()
         return motions + self._tick_turn(state)
+
+    def _heard_long(self) -> list[Action]:
+        """A voice heard while the avatar answers has gone on with no words until its deadline."""
+        self._settle()
+        if self.machine != C.HEARING:
+            return []
+        if self.echo is not None:
+            log.info("turn %d: no RECOG_EVENT_STOP within [turn] listen_timeout = %.1f s: a noise, the answer "
+                     "goes on", self.turn, self.listen_timeout)
+            self.machine.move(C.ANSWERING, "noise")
+            return []
+        log.info("turn %d: a voice longer than [turn] backchannel_wait = %.1f s is no backchannel: interrupted",
+                 self.turn, self.backchannel_wait)
+        actions = self._cancel("interrupted", time.time())
+        self.machine.move(C.LISTENING, "interrupted")
+        self.waited_out = True
+        return actions + [Write(t, a) for t, a in self.motions.listening()]
 
     def _tick_turn(self, state: C) -> list[Action]:
         if self._all_said():  # only the sequencer's "spoken" went missing (a broker restart)
-            self.machine.move(C.IDLE, f"turn {self.turn} all said")
+            self._settle()
             return []
         if state == C.HOLDING:
             return self._fail(f"the pipeline was not back within [turn] max_age = {self.cfg['max_age']} s",
@@ -300,9 +390,11 @@ class TurnController:
         now = time.monotonic() if now is None else now
         state = self.machine.state
         self.voice.over(now)
+        if self.echo is not None:
+            self.echo.quiet(now)
         self.motions = Motions(self.vocabulary, self.model)  # a restarted app plays none of ours
         actions: list[Action] = []
-        if state in (C.ANSWERING, C.HOLDING) and self.turn > self.cancelled:
+        if state in (C.ANSWERING, C.HEARING, C.HOLDING) and self.turn > self.cancelled:
             actions = self._cancel("gone", origin, stop=False)
         self.cued, self.resuming = None, False
         if state != C.IDLE:
@@ -331,7 +423,7 @@ class TurnController:
         now = time.monotonic() if now is None else now
         if llm_turn >= self.epoch and self.turn < self.epoch:  # before our first turn: see _behind_clock
             return self._behind_clock(llm_turn)
-        if (self.machine != C.ANSWERING or llm_turn >= self.turn or "llm" in self.done_by or self.next_segment
+        if (not self.answering or llm_turn >= self.turn or "llm" in self.done_by or self.next_segment
                 or self.resuming or now - self.sent_at < RESEND_AFTER):
             return []
         self.sent_at = now
@@ -367,7 +459,7 @@ class TurnController:
         ``force``: the stage itself reported the turn broken, even if its part looked done.
         """
         now = time.monotonic() if now is None else now
-        if self.machine != C.ANSWERING or (name in self.done_by and not force):
+        if not self.answering or (name in self.done_by and not force):
             return []
         if self.total_segments is not None and self.next_segment >= self.total_segments:
             return []  # every sentence was written already: nothing of it is lost
@@ -405,7 +497,7 @@ class TurnController:
         written (a new SYNTH_START would cut it off) and the pipeline is reachable. ``resume`` names
         the id the answer was first asked under: the one the llm knows it by, however many ids
         of it came to nothing in a broker that died."""
-        if not self.resuming or self.machine != C.ANSWERING or self.voice.audible or not self.pipeline_up:
+        if not self.resuming or not self.answering or self.voice.audible or not self.pipeline_up:
             return []
         self.resuming = False
         self.turn = max(self.turn + 1, int(time.time() * 1000), self.epoch)
@@ -415,9 +507,8 @@ class TurnController:
         return [Publish("turn_start", self.start_body, self.turn, self.asked_origin)]
 
     # -- transitions ---------------------------------------------------------------------
-    def _recog_start(self, origin: float) -> list[Action]:
-        if self._all_said():
-            self.machine.move(C.IDLE, f"turn {self.turn} all said")
+    def _recog_start(self, origin: float, now: float) -> list[Action]:
+        self._settle()
         state = self.machine.state
         if state in (C.AWAY, C.HOLDING):
             return []
@@ -425,18 +516,38 @@ class TurnController:
             if self.policy == "ignore":
                 log.info("user speaks while the avatar answers: ignored ([turn] barge_in = ignore)")
                 return []
+            self.heard_at = self.heard_last = now
+            if self._words_decide(now):
+                log.info("turn %d: a voice while the avatar answers: it goes on until the words say whether it is "
+                         "its own voice or a backchannel", self.turn)
+                self.machine.move(C.HEARING, "RECOG_EVENT_START")
+                return []
             actions = self._cancel("interrupted", origin)
             self.machine.move(C.LISTENING, "interrupted")
             return actions + [Write(t, a) for t, a in self.motions.listening()]
         if state == C.IDLE:
+            self.heard_at = now
             self.machine.move(C.LISTENING, "RECOG_EVENT_START")
             return [Write(t, a) for t, a in self.motions.listening()]
+        if state == C.HEARING:
+            self.heard_last = now
+            return []
         self.machine.since = time.monotonic()  # still listening: the noise timer starts again
         return []
 
+    def _words_decide(self, now: float) -> bool:
+        """Whether a voice that begins now may be the avatar's own or a backchannel, so that its
+        words decide whether it interrupts: a guard is on and the avatar has begun to answer (or,
+        for the echo guard, fell silent so lately that this may be the echo of its last sentence).
+        Else it interrupts at once."""
+        if self.echo is None and self.backchannels is None:
+            return False
+        if self.voice.audible or self.written:
+            return True
+        return self.echo is not None and now < self.voice.quiet_since + ONSET_LAG
+
     def _recog_stop(self, text: str, origin: float, now: float) -> list[Action]:
-        if self._all_said():
-            self.machine.move(C.IDLE, f"turn {self.turn} all said")
+        self._settle()
         state = self.machine.state
         if state == C.AWAY:
             log.info("recognition result discarded: away (RECOG_EVENT_AWAY|ON)")
@@ -445,12 +556,27 @@ class TurnController:
             log.info("recognition result discarded: the avatar is speaking or just spoke "
                      "([turn] barge_in = ignore, echo_grace = %.1f s)", self.echo_grace)
             return []
+        waited_out, self.waited_out = self.waited_out, False
+        if text and self._not_for_us(text, state, now, waited_out):
+            if state == C.HEARING:
+                self.machine.move(C.ANSWERING, "not an interruption")
+                return []
+            if state == C.LISTENING:
+                self.machine.move(C.IDLE, "not an utterance")
+                return [Write(t, a) for t, a in self.motions.end_mood()]
+            return []
+        if not text and state == C.HEARING:
+            log.info("empty recognition result ignored: the answer goes on")
+            self.machine.move(C.ANSWERING, "empty result")
+            return []
         if not text:
             log.info("empty recognition result ignored")
             if state == C.LISTENING:
                 self.machine.move(C.IDLE, "empty result")
             return []
-        actions = self._cancel("superseded", origin) if state == C.ANSWERING else []
+        actions: list[Action] = []
+        if state in ANSWER_STATES:  # a voice heard while answering whose words are for us: it interrupts now
+            actions = self._cancel("interrupted" if state == C.HEARING else "superseded", origin)
         self._hold(text, now, origin)
         if self.pipeline_up:
             return actions + self._release_held(now)
@@ -459,6 +585,28 @@ class TurnController:
         if self.cfg["notify_unreachable"] and time.monotonic() >= self.quiet_until:
             actions.append(Write("NOTIFY_SHOW", [self.cfg["unreachable_text"]]))
         return actions
+
+    def _not_for_us(self, text: str, state: C, now: float, waited_out: bool) -> bool:
+        """A recognition result to drop (logged): the avatar's own voice ([turn] echo_guard), or a
+        backchannel while it answers ([turn] backchannels)."""
+        if self.echo is not None:
+            score, like = self.echo.match(text, self.heard_at if state in (C.LISTENING, C.HEARING) else None, now,
+                                          enough=self.echo_similarity)
+            if score >= self.echo_similarity:
+                self.dropped["echo"] += 1
+                log.info("recognition result %r dropped: the avatar's own voice (%.2f like %r, [turn] echo_guard)",
+                         text[:40], score, like[:40])
+                return True
+        if self.backchannels is None or text not in self.backchannels:
+            return False
+        if state == C.HEARING or (state == C.ANSWERING and self.voice.audible):
+            self.dropped["backchannel"] += 1
+            log.info("turn %d: %r is a backchannel: the answer goes on", self.turn, text[:40])
+            return True
+        if waited_out:
+            log.warning("%r came after [turn] backchannel_wait = %.1f s and interrupted the avatar: raise it if "
+                        "the recognizer is this slow", text[:40], self.backchannel_wait)
+        return False
 
     def say_own(self, words: str, origin: float, now: float | None = None) -> list[Action]:
         """The avatar says ``words`` of its own (the persona's greeting when it starts, a
@@ -486,11 +634,10 @@ class TurnController:
         if action not in INPUT_ACTIONS or when not in ("now", "idle"):
             log.info("input refused: not a request this bridge knows (%r, %r)", str(action)[:20], str(when)[:20])
             return result("invalid")
-        if self._all_said():
-            self.machine.move(C.IDLE, f"turn {self.turn} all said")
+        self._settle()
         state = self.machine.state
         if action == "stop":
-            if state == C.ANSWERING:
+            if state in ANSWER_STATES:
                 stopped = self.turn
                 actions = self._cancel("stopped", origin) + [Write(t, a) for t, a in self.motions.end_mood()]
                 self.machine.move(C.IDLE, "stopped")
@@ -506,7 +653,7 @@ class TurnController:
             return result("away")
         if when == "idle" and state != C.IDLE:
             return result("busy")
-        actions = self._cancel("superseded", origin) if state == C.ANSWERING else []
+        actions = self._cancel("superseded", origin) if state in ANSWER_STATES else []
         self._hold(text if action == "ask" else "", now, origin)
         self.say = text if action == "say" else ""
         self.came_from = {"source": str(body.get("source", ""))[:32], "from": str(body.get("from", ""))[:64]}
@@ -544,7 +691,7 @@ class TurnController:
         """End the current turn with the failure notice (spoken by the bridge itself)."""
         log.error("turn %d failed: %s", self.turn, why)
         actions: list[Action] = []
-        if self.machine == C.ANSWERING:
+        if self.answering:
             actions = self._cancel("failed", origin, stop=False)
         else:  # held, never sent: nothing to stop, but nothing of it may run later either
             self.cancelled = self.turn
@@ -558,7 +705,7 @@ class TurnController:
     def _away(self, on: bool, origin: float) -> list[Action]:
         state = self.machine.state
         if on and state != C.AWAY:
-            actions = self._cancel("away", origin) if state == C.ANSWERING else []
+            actions = self._cancel("away", origin) if state in ANSWER_STATES else []
             actions += [Write(t, a) for t, a in self.motions.end_mood()]
             if state == C.HOLDING:
                 log.info("turn %d: the held utterance is dropped: away", self.turn)

@@ -55,6 +55,19 @@ Speech (Plugin_Open_JTalk), per model alias; events go through one scheduler thr
     ``SYNTH_EVENT_START`` and one ``SYNTH_EVENT_STOP``: one interrupted during its start delay
     gets its ``SYNTH_EVENT_START`` at once (no lip sync) and is then stopped as above.
   - ``SYNTH_START`` from :meth:`send` (another plugin, the .fst) is spoken the same way.
+Echo (``echo=True``, or :attr:`echo` set at any time; the test double's option, not MMDAgent-EX's:
+the microphone hears the loudspeaker, the field problem of the page's "Known field problems")
+  - Every sentence that plays is heard by the recognizer as an utterance of its own (one that
+    cuts at the pause between sentences): ``RECOG_EVENT_START`` ``echo_delay`` after its
+    ``SYNTH_EVENT_START``, and ``RECOG_EVENT_STOP|<what was heard>`` ``echo_tail`` after its sound
+    ended (played out, or cut off by ``SYNTH_STOP`` or another ``SYNTH_START``; never before the
+    start). What was heard: the sentence, or the part of it played before the cut (by time),
+    as a recognizer writes it: no punctuation or spaces in Japanese (words joined as Julius does),
+    and ``echo_errors`` of its letters (rounded: none in a short word such as ``はい``, which a
+    recognizer hears well from a clean synthetic voice) wrong (a kana heard as its voiced or plain
+    neighbour, a kanji as kana, a letter as another) or missing, chosen by a random generator
+    seeded with ``echo_seed``: the same run, the same errors. Both lines go on the message queue like
+    the recognizer's own, so the script and the :attr:`inbox` see them in order.
 Captions, as observed on the real app (the argument counts are exact; a wrong one is silence)
   - ``CAPTION_SETSTYLE`` with exactly 3 or 6 arguments -> ``CAPTION_EVENT_SETSTYLE|<style>``, and
     the style exists from then on; any other count: nothing.
@@ -82,7 +95,9 @@ import collections
 import heapq
 import itertools
 import os
+import random
 import re
+import unicodedata
 import subprocess
 import sys
 import threading
@@ -155,6 +170,9 @@ class _Speech:
         self.text = text
         self.phase = "starting"  # -> "playing" -> "stopping"
         self.pending: str | None = None  # the sentence that cut this one off
+        self.played_at = 0.0  # monotonic time its sound began
+        self.duration = 0.0
+        self.echo_start_at: float | None = None  # when its echo's RECOG_EVENT_START goes out (echo on)
 
 
 #: the voice aliases of the official example content's main.ojt, and Flite's
@@ -170,6 +188,8 @@ class SimulatedMMDAgent:
                  seconds_per_char: float = 0.2, min_speech: float = 0.3, start_delay: float = 0.03,
                  synth_seconds_per_char: float = 0.0,
                  stop_delay: float = 0.9, cut_delay: float = 1.1, motion_seconds: float = 1.0,
+                 echo: bool = False, echo_delay: float = 0.1, echo_tail: float = 0.3, echo_errors: float = 0.1,
+                 echo_seed: int = 0,
                  on_message: Callable[[str], None] | None = None,
                  on_speech: Callable[[str, str, bool], None] | None = None,
                  stderr: int | IO | None = None) -> None:
@@ -181,6 +201,8 @@ class SimulatedMMDAgent:
         self.seconds_per_char, self.min_speech = seconds_per_char, min_speech
         self.start_delay, self.stop_delay, self.cut_delay = start_delay, stop_delay, cut_delay
         self.synth_seconds_per_char = synth_seconds_per_char
+        self.echo, self.echo_delay, self.echo_tail, self.echo_errors = echo, echo_delay, echo_tail, echo_errors
+        self._echo_rng = random.Random(echo_seed)  # used on the scheduler's thread only
         self.on_message, self.on_speech = on_message, on_speech
         self.stderr = stderr
         self.received: list[Received] = []
@@ -496,6 +518,10 @@ class SimulatedMMDAgent:
         speech.phase = "playing"
         duration = max(self.min_speech, self.seconds_per_char * len(speech.text))
         self.speaking[model] = speech.text  # before the event: whoever sees it sees this too
+        speech.played_at, speech.duration = time.monotonic(), duration
+        if self.echo:
+            speech.echo_start_at = speech.played_at + self.echo_delay
+            self._after(self.echo_delay, lambda: self._post("RECOG_EVENT_START"))
         self._call(self.on_speech, model, speech.text, True)
         self._post(f"SYNTH_EVENT_START|{model}")
         self._post(f"LIPSYNC_START|{model}|{_phonemes(speech.text, duration)}")
@@ -534,6 +560,41 @@ class SimulatedMMDAgent:
         if self.speaking.get(model) == speech.text:
             del self.speaking[model]
         self._call(self.on_speech, model, speech.text, False)
+        if speech.echo_start_at is not None:  # the recognizer heard it: its result follows the end of the sound
+            now = time.monotonic()
+            played = (now - speech.played_at) / speech.duration if speech.duration else 1.0
+            heard = misheard(speech.text[:max(1, round(len(speech.text) * min(1.0, played)))], self.echo_errors,
+                             self._echo_rng)
+            delay = max(self.echo_tail, speech.echo_start_at - now + 0.01)  # never before its START
+            self._after(delay, lambda: self._post(f"RECOG_EVENT_STOP|{heard}"))
+            speech.echo_start_at = None
+
+
+def misheard(text: str, errors: float, rng: random.Random) -> str:
+    """``text`` as a recognizer writes what it heard: no punctuation, Japanese without spaces, and
+    the share ``errors`` of its letters wrong or missing (see the module's "Echo")."""
+    kept = [ch for ch in text if unicodedata.category(ch)[0] in "LN" or ch == " "]
+    letters = [i for i, ch in enumerate(kept) if ch != " "]
+    out = list(kept)
+    for i in rng.sample(letters, round(len(letters) * errors)):
+        out[i] = "" if rng.random() < 1 / 3 else _confused(kept[i], rng)  # not heard, or heard wrong
+    heard = "".join(out)
+    if not heard.isascii():
+        heard = heard.replace(" ", "")
+    heard = " ".join(heard.split())
+    return heard or (kept[0] if kept else "")
+
+
+def _confused(ch: str, rng: random.Random) -> str:
+    if "\u3041" <= ch <= "\u3093":  # hiragana: a neighbour (は/ば/ぱ, か/が)
+        return chr(ord(ch) + rng.choice((-1, 1)))
+    if "\u30a1" <= ch <= "\u30f3":  # katakana: a neighbour too
+        return chr(ord(ch) + rng.choice((-1, 1)))
+    if ch.isascii() and ch.isalpha():
+        return rng.choice("aeiounrst")
+    if unicodedata.category(ch) == "Lo":  # a kanji, written in kana
+        return rng.choice("かしたいこう")
+    return ch
 
 
 def _phonemes(text: str, duration: float) -> str:
