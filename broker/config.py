@@ -63,6 +63,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("tools", "timeout"): (0.1, 600), ("tools", "max_calls"): (1, 20),
     ("remote", "max_connections"): (1, 1000), ("remote", "liveness"): (0.1, 3600),
     ("subtitles", "port"): _PORT, ("metrics", "port"): _PORT, ("expression", "thinking_after"): (0.1, 60),
+    ("api", "port"): _PORT, ("api", "answer_timeout"): (0.1, 600),
 }
 
 

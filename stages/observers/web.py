@@ -88,6 +88,15 @@ def url_of(cfg: config_mod.Config, section: str, path: str = "/") -> str:
     return f"http://{shown}:{port_of(cfg, section)}{path}?key={access_key(cfg)}"
 
 
+class Refused(Exception):
+    """Raised by a handler for a request it does not take: answered ``status`` with ``message``
+    (``{"error": message}`` on a server with ``json_errors``)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def json_error(status: int, message: str, **fields: Any) -> web.Response:
     """A JSON error answer: ``{"error": message, ...}``."""
     return web.json_response({"error": message, **fields}, status=status)
@@ -138,7 +147,12 @@ class Server:
         self._started.set()
         try:
             self.loop.run_forever()
-        finally:
+        finally:  # what the clean-up left (a connection still sending a refused body) ends here
+            left = asyncio.all_tasks(self.loop)
+            for task in left:
+                task.cancel()
+            if left:
+                self.loop.run_until_complete(asyncio.wait(left, timeout=1.0))
             self.loop.close()
 
     async def _start(self) -> None:
@@ -159,6 +173,10 @@ class Server:
             return self._refuse(403, f"{what} needs the access key: mmdagent-llm {how} --url")
         try:
             return await handler(request)
+        except Refused as exc:
+            log.log(logging.WARNING if exc.status >= 500 else logging.INFO, "%s %s refused: %d %s", request.method,
+                    request.path, exc.status, exc)  # the path only (the query may hold the key); no request text
+            return self._refuse(exc.status, str(exc))
         except web.HTTPException as exc:  # 404, 405, 413 ...: said plainly, in JSON for the API
             if exc.status < 400:
                 raise
