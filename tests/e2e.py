@@ -248,16 +248,17 @@ def managed(tmp: Path, runner: str = "supervisord", *, reply=None, avatar_kwargs
 
 
 class Observer:
-    """``mmdagent-llm observe <name>`` as a real process of its own, on the world's bus."""
+    """``mmdagent-llm observe <name>`` (or ``input <name>``: ``command="input"``) as a real process
+    of its own, on the world's bus."""
 
-    def __init__(self, world: World, name: str, log: Path | None = None) -> None:
-        self.world, self.name = world, name
-        self.log_path = log or world.run_dir / f"observer-{name}.log"
+    def __init__(self, world: World, name: str, log: Path | None = None, command: str = "observe") -> None:
+        self.world, self.name, self.command = world, name, command
+        self.log_path = log or world.run_dir / f"{'observer' if command == 'observe' else command}-{name}.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self, ready: bool = True) -> "Observer":
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "stages.commands.cli", "observe", self.name],
+            self.proc = subprocess.Popen([sys.executable, "-m", "stages.commands.cli", self.command, self.name],
                                          env=self.world.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=log)
         if ready:
