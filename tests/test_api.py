@@ -1,7 +1,8 @@
 """The control API, ``mmdagent-llm input api``: a real process on the bus of the real pipeline with
 the simulated MMDAgent-EX, asked over HTTP by urllib and curl; its events read by ``curl -N`` and
 by a page in a real headless Chromium. Hostile requests reach nothing; ``|`` and line breaks
-never reach MMDAgent-EX raw; a bridge that does not answer is a 504. One world for all of it
+never reach MMDAgent-EX raw; a bridge that does not answer is a 504; the API stops at once with
+requests and event streams open. One world for all of it
 (its steps are the helpers below); the checks of a request's shape need no process."""
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def test_the_control_api_end_to_end(tmp_path: Path):
                 asked += say_cut_off_by_the_user_then_stop(world, client, events)
                 asked += pipes_and_line_breaks_never_reach_mmdagent_raw(world, client)
                 status_and_openapi(client)
-                asked += a_bridge_that_does_not_answer_is_a_504(world, client)
+                asked += a_bridge_that_does_not_answer_is_a_504_and_the_api_stops_at_once(world, client, api, events)
                 log = api.log_path
     finally:
         if events is not None:
@@ -228,7 +229,8 @@ def say_with_a_gesture_and_a_voice(world: World, client: Client, events: Events,
     said = next(d for n, d in events.events if n == "say" and d["turn"] == turn)
     assert said == {"turn": turn, "text": "声と身振りの試験です。二文目です。", "source": "api", "from": ""}
     if page is not None:  # the same events in a browser page, with EventSource
-        got = f"JSON.stringify(window.got.filter(([n, d]) => n === 'sentence' && d.turn === {turn}).map(([n, d]) => [d.index, d.state]))"
+        got = (f"JSON.stringify(window.got.filter(([n, d]) => n === 'sentence' && d.turn === {turn})"
+               f".map(([n, d]) => [d.index, d.state]))")
         deadline = time.monotonic() + WAIT
         while {tuple(x) for x in json.loads(page.eval(got))} < everything and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -305,19 +307,35 @@ def status_and_openapi(client: Client) -> None:
         "schema"]["properties"]["voice"]["enum"]
 
 
-def a_bridge_that_does_not_answer_is_a_504(world: World, client: Client) -> list[str]:
+def a_bridge_that_does_not_answer_is_a_504_and_the_api_stops_at_once(world: World, client: Client, api: Observer,
+                                                                       events: Events) -> list[str]:
     bridge = pid_of(world, "bridge")
     os.kill(bridge, signal.SIGSTOP)
     try:
         asked_at = time.monotonic()
         status, answer = client.call("POST", "/stop")
         waited = time.monotonic() - asked_at
+        assert status == 504 and "the pipeline or the bridge is down" in answer["error"], answer
+        assert ANSWER_TIMEOUT <= waited < ANSWER_TIMEOUT + 3
+        # the API is stopped while a request waits for the bridge and an event stream is open
+        inputs = len(world.bus.of("input"))
+        refused: list[tuple[int, Any]] = []
+        waiting = threading.Thread(target=lambda: refused.append(client.call("POST", "/stop")), daemon=True)
+        waiting.start()
+        assert world.bus.wait_for(lambda envs: sum(e.kind == "input" for e in envs) > inputs, WAIT)
+        asked_at = time.monotonic()
+        api.proc.send_signal(signal.SIGTERM)
+        assert api.proc.wait(web.STOP_TIMEOUT + 2) == 0
+        stopped_in = time.monotonic() - asked_at
+        assert stopped_in < web.STOP_TIMEOUT  # no timeout was needed
+        events.proc.wait(5)  # its stream ended with the server
+        waiting.join(5)
+        assert refused and refused[0][0] == 503 and "stopping" in refused[0][1]["error"], refused
     finally:
         os.kill(bridge, signal.SIGCONT)
-    assert status == 504 and "the pipeline or the bridge is down" in answer["error"], answer
-    assert ANSWER_TIMEOUT <= waited < ANSWER_TIMEOUT + 3
-    # its input was published: the bridge, back, answers it late (and nobody waits for that)
-    return [world.bus.of("input")[-1].body["id"]]
+    print(f"the API stopped in {stopped_in:.2f} s with a request and an event stream open")
+    # their inputs were published: the bridge, back, answers them late (and nobody waits for that)
+    return [e.body["id"] for e in world.bus.of("input")[-2:]]
 
 
 # -- the shape of requests and events, without processes ----------------------------------------
@@ -349,14 +367,16 @@ def test_the_conversation_events_of_bus_events():
     make = wire.Sender("bridge").make
     assert conversation_event(make("turn_start", {"text": "やあ"}, turn=3)) == (
         "user", {"turn": 3, "text": "やあ", "source": "", "from": ""})
-    assert conversation_event(make("turn_start", {"text": "", "say": "[happy] ようこそ", "source": "api"}, turn=4)) == (
+    greeting = make("turn_start", {"text": "", "say": "[happy] ようこそ", "source": "api"}, turn=4)
+    assert conversation_event(greeting) == (
         "say", {"turn": 4, "text": "ようこそ", "source": "api", "from": ""})
     assert conversation_event(make("turn_start", {"text": "やあ", "resume": 3, "heard": []}, turn=5)) is None
     assert conversation_event(make("speech", {"state": "interrupted", "index": 1, "text": "a"}, turn=4)) == (
         "sentence", {"turn": 4, "index": 1, "text": "a", "state": "cut"})
     assert conversation_event(make("speech", {"state": "sent", "index": 1, "text": "a"}, turn=4)) is None
     assert conversation_event(make("cancel", {"reason": "lost", "spoken": []}, turn=4)) is None
-    assert conversation_event(make("turn_result", {"reason": "error", "cause": "timeout", "error": "slow"}, turn=4)) == (
+    failed = make("turn_result", {"reason": "error", "cause": "timeout", "error": "slow"}, turn=4)
+    assert conversation_event(failed) == (
         "error", {"turn": 4, "cause": "timeout", "error": "slow"})
     assert conversation_event(make("turn_result", {"reason": "done", "answer": "[sad] はい"}, turn=4)) == (
         "done", {"turn": 4, "reason": "done", "answer": "はい"})

@@ -141,8 +141,10 @@ def conversation_event(env: wire.Envelope) -> tuple[str, dict[str, Any]] | None:
                                "heard": [str(s) for s in heard] if isinstance(heard, list) else []}
     if env.kind == "turn_result":
         if body.get("reason") == "error":
-            return "error", {"turn": turn, "cause": str(body.get("cause") or "other"), "error": str(body.get("error", ""))}
-        return "done", {"turn": turn, "reason": str(body.get("reason", "")), "answer": strip_tags(str(body.get("answer", ""))).strip()}
+            return "error", {"turn": turn, "cause": str(body.get("cause") or "other"),
+                             "error": str(body.get("error", ""))}
+        return "done", {"turn": turn, "reason": str(body.get("reason", "")),
+                        "answer": strip_tags(str(body.get("answer", ""))).strip()}
     return None
 
 
@@ -166,10 +168,12 @@ class Api(Stage):
         self.extra[self.bell.fileno()] = self._send_inputs
         self.pending: dict[str, asyncio.Future] = {}  # input id -> its answer; the server's loop only
         self.server = web.Server(cfg, "api", [
-            ("POST", f"{BASE}/say", self._say), ("POST", f"{BASE}/ask", self._ask), ("POST", f"{BASE}/stop", self._stop),
+            ("POST", f"{BASE}/say", self._say), ("POST", f"{BASE}/ask", self._ask),
+            ("POST", f"{BASE}/stop", self._stop),
             ("GET", f"{BASE}/status", self._status), ("GET", f"{BASE}/events", self._events),
             ("GET", f"{BASE}/openapi.json", self._openapi)], json_errors=True, max_body=MAX_BODY)
         self.events = web.Hub(self.server)
+        self.server.on_stop.append(self._stopping)
         self.server.start()
 
     # -- the bus (this thread) -------------------------------------------------------------
@@ -177,7 +181,10 @@ class Api(Stage):
         if env.kind == "input_result":
             ident = str(env.body.get("id", ""))
             if ident.startswith("api-"):
-                self.server.loop.call_soon_threadsafe(self._answered, ident, dict(env.body))
+                try:
+                    self.server.loop.call_soon_threadsafe(self._answered, ident, dict(env.body))
+                except RuntimeError:
+                    pass  # the server has stopped: nobody waits
             return
         event = conversation_event(env)
         if event is not None:
@@ -206,6 +213,11 @@ class Api(Stage):
         self._ring.close()
 
     # -- the server (its loop's thread) ----------------------------------------------------
+    def _stopping(self) -> None:
+        for future in self.pending.values():  # a clear answer rather than a connection cut
+            if not future.done():
+                future.set_exception(Refused(503, "the API is stopping: ask again when it is back"))
+
     def _answered(self, ident: str, body: dict[str, Any]) -> None:
         future = self.pending.pop(ident, None)
         if future is not None and not future.done():
@@ -252,7 +264,8 @@ class Api(Stage):
         tags = list(body.get("tags", []))
         for tag in tags:
             if tag not in self.names:
-                raise Refused(400, f"unknown tag {tag[:40]!r} (the names of [expression.names]: {', '.join(self.names)})")
+                raise Refused(400, f"unknown tag {tag[:40]!r} (the names of [expression.names]: "
+                                   f"{', '.join(self.names)})")
         if "voice" in body:
             voice = body["voice"]
             if voice not in self.voices:

@@ -112,7 +112,7 @@ class Server:
         self.section, self.host, self.port = section, cfg[section]["host"], port_of(cfg, section)
         self.key = access_key(cfg).encode("ascii")
         self.json_errors, self.max_body = json_errors, max_body
-        self.hubs: list[Hub] = []
+        self.on_stop: list[Callable[[], None]] = []  # run on the loop as it stops: end what waits
         self.closed = False
         self.loop = asyncio.new_event_loop()
         self.app = web.Application(middlewares=[self._guard], client_max_size=max_body)
@@ -157,9 +157,10 @@ class Server:
 
     async def _start(self) -> None:
         # access_log=None: the request line holds the key, so it is never logged
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # shutdown_timeout: a handler still running a second after the stop is cancelled
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port, shutdown_timeout=1.0).start()
+        await web.TCPSite(self._runner, self.host, self.port).start()
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -212,8 +213,8 @@ class Server:
         self.thread.join(STOP_TIMEOUT)
 
     async def _stop(self) -> None:
-        for hub in self.hubs:
-            hub.end_all()
+        for hook in self.on_stop:
+            hook()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -233,7 +234,7 @@ class Hub:
         self.server, self.latest = server, latest
         self.last: str | None = None
         self.streams: set[_Stream] = set()
-        server.hubs.append(self)
+        server.on_stop.append(self.end_all)
 
     def publish(self, data: Any, event: str = "") -> None:
         """Send ``data`` (JSON-encoded) to every stream, as SSE ``event`` if given; any thread."""
