@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -137,7 +138,10 @@ def test_the_control_api_end_to_end(tmp_path: Path):
         with launched(tmp_path, server=server, avatar_kwargs=AVATAR, api={"answer_timeout": ANSWER_TIMEOUT}) as world:
             with Observer(world, "api", command="input") as api:
                 key = web.access_key(world.cfg)
-                client = Client(f"http://127.0.0.1:{world.cfg['api']['port']}/api/v1", key)
+                url = subprocess.run([sys.executable, "-m", "stages.commands.cli", "input", "api", "--url"],
+                                     env=world.env, capture_output=True, text=True, timeout=30).stdout.strip()
+                assert url == f"http://127.0.0.1:{world.cfg['api']['port']}/api/v1/status?key={key}"
+                client = Client(url.split("/status?")[0], key)  # as the README's curl lines do
                 header = tmp_path / "api.header"
                 header.touch(0o600)
                 header.write_text(f"Authorization: Bearer {key}\n", encoding="ascii")
