@@ -133,6 +133,9 @@ class Server:
             raise self._error
         log.info("serving on http://%s:%d/ (the address with its key: mmdagent-llm %s %s --url)", self.host,
                  self.port, "input" if self.section == "api" else "observe", self.section)
+        if not config_mod.is_loopback(self.host):
+            log.warning("[%s] host = %r is reachable from other machines, over plain HTTP: the access key "
+                        "travels unencrypted on the network", self.section, self.host)
         return self
 
     def _serve(self) -> None:
