@@ -272,7 +272,8 @@ def _url(cfg: config_mod.Config, observer: str, command: str = "observe") -> int
         print(f"mmdagent-llm {command} {observer}: has no web address", file=sys.stderr)
         return 2
     print(web.url_of(cfg, observer, WEB[observer]))
-    print(f"(the key alone, e.g. for Prometheus's credentials_file: {web.key_path(cfg)})", file=sys.stderr)
+    use = "an Authorization: Bearer header" if observer == "api" else "Prometheus's credentials_file"
+    print(f"(the key alone, e.g. for {use}: {web.key_path(cfg)})", file=sys.stderr)
     return 0
 
 
