@@ -71,6 +71,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("comments", "max_age"): (1, 86400), ("comments", "max_queue"): (1, 1000), ("comments", "quiet"): (0, 600),
     ("comments", "per_viewer"): (0, 86400), ("comments", "max_chars"): (1, 500),
     ("idle", "after"): (0.1, 86400), ("idle", "every"): (0.1, 86400),
+    ("api", "port"): _PORT, ("api", "answer_timeout"): (0.1, 600),
 }
 
 

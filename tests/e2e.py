@@ -249,12 +249,12 @@ def managed(tmp: Path, runner: str = "supervisord", *, reply=None, avatar_kwargs
 
 
 class Observer:
-    """``mmdagent-llm observe <name>`` (or ``input <name>``: ``command``) as a real process of its
-    own, on the world's bus."""
+    """``mmdagent-llm observe <name>`` (or ``input <name>``: ``command="input"``) as a real process
+    of its own, on the world's bus."""
 
     def __init__(self, world: World, name: str, log: Path | None = None, command: str = "observe") -> None:
         self.world, self.name, self.command = world, name, command
-        self.log_path = log or world.run_dir / f"observer-{name}.log"
+        self.log_path = log or world.run_dir / f"{'observer' if command == 'observe' else command}-{name}.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self, ready: bool = True) -> "Observer":

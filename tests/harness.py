@@ -66,6 +66,7 @@ def write_config(folder: Path, *, transport: str = "tcp", **sections: dict) -> P
         "transcript": {"folder": str(folder / "transcripts")},
         "subtitles": {"port": free_base_port(1)},
         "metrics": {"port": free_base_port(1)},
+        "api": {"port": free_base_port(1)},
         # no listening or thinking motions unless a test asks: the exact lines stay those of speech
         "expression": {"listening": "", "thinking": ""},
     }

@@ -42,7 +42,7 @@ INPUTS = {
     "comments": "stages.inputs.comments:main",
     "idle": "stages.inputs.idle:main",
 }
-WEB = ("subtitles", "metrics")  # observers with a private web address (--url)
+WEB = {"subtitles": "/", "metrics": "/metrics", "api": "/api/v1/status"}  # private web addresses (--url)
 
 
 def _plugin_help() -> str:
@@ -146,6 +146,8 @@ def _main(argv: list[str] | None) -> int:
                                      help="subtitles, metrics: print the private address (with its access key) "
                                           "and exit")
     commands["input"].add_argument("input", choices=INPUTS)
+    commands["input"].add_argument("--url", action="store_true",
+                                   help="api: print the private address (with its access key) and exit")
     commands["transcript"].add_argument("--follow", "-f", action="store_true",
                                         help="keep printing new lines as they come")
     commands["config"].add_argument("--defaults", action="store_true",
@@ -174,8 +176,8 @@ def _main(argv: list[str] | None) -> int:
         return _config(cfg, sources, getattr(args, "config", None))
     if args.command == "bus":
         return _bus(cfg)
-    if args.command == "observe" and args.url:
-        return _url(cfg, args.observer)
+    if args.command in ("observe", "input") and args.url:
+        return _url(cfg, args.observer if args.command == "observe" else args.input, args.command)
     target, extra = PROCESSES.get(args.command, ""), {}
     if args.command == "observe":
         target = OBSERVERS[args.observer]
@@ -261,16 +263,17 @@ def _toml(value: object) -> str:
     return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
 
 
-def _url(cfg: config_mod.Config, observer: str) -> int:
-    """``mmdagent-llm observe subtitles|metrics --url``: the address with its access key (a
-    secret: printed on request only, never logged)."""
+def _url(cfg: config_mod.Config, observer: str, command: str = "observe") -> int:
+    """``mmdagent-llm observe subtitles|metrics --url``, ``mmdagent-llm input api --url``: the
+    address with its access key (a secret: printed on request only, never logged)."""
     from stages.observers import web
 
     if observer not in WEB:
-        print(f"mmdagent-llm observe {observer}: has no web address", file=sys.stderr)
+        print(f"mmdagent-llm {command} {observer}: has no web address", file=sys.stderr)
         return 2
-    print(web.url_of(cfg, observer, "/metrics" if observer == "metrics" else "/"))
-    print(f"(the key alone, e.g. for Prometheus's credentials_file: {web.key_path(cfg)})", file=sys.stderr)
+    print(web.url_of(cfg, observer, WEB[observer]))
+    use = "an Authorization: Bearer header" if observer == "api" else "Prometheus's credentials_file"
+    print(f"(the key alone, e.g. for {use}: {web.key_path(cfg)})", file=sys.stderr)
     return 0
 
 

@@ -1,6 +1,7 @@
 """``mmdagent-llm observe metrics``: Prometheus metrics of the conversation and the processes.
 
-Served in Prometheus's text format (0.0.4) at ``/metrics``, with the access key of
+Served at ``/metrics`` by prometheus_client's exposition (its text format, or OpenMetrics when the
+scraper asks for it), with the access key of
 :mod:`stages.observers.web` as a bearer token. All counts are since this observer started.
 
 ==================================================== =========== =================================
@@ -33,7 +34,13 @@ from __future__ import annotations
 
 import math
 import threading
-from http.server import BaseHTTPRequestHandler
+from typing import Iterator
+
+import prometheus_client
+from aiohttp import web as aioweb
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 from broker import config as config_mod
 from broker import wire
@@ -42,68 +49,86 @@ from broker.runtime import Stage
 from stages.latency import TurnClock
 from stages.observers import web
 
+# no <name>_created series: every count starts with this observer, which Prometheus sees as a reset
+prometheus_client.disable_created_metrics()
+
 PREFIX = "mmdagent_llm_"
 BUCKETS = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, math.inf)
 HISTOGRAMS = {"first_token": ("first_token_seconds", "from the utterance to the answer's first token"),
               "first_synth": ("first_synth_start_seconds", "from the utterance to the first SYNTH_START written"),
               "first_speech": ("first_speech_seconds", "from the utterance to SYNTH_EVENT_START (speech began)")}
-COUNTERS = {"turns_total": "turns opened by a user utterance",
-            "resumed_total": "answers that went on under a new turn after a stage was lost in their middle",
-            "turn_results_total": "turns the llm closed, by reason",
-            "interruptions_total": "turns cancelled, by reason",
-            "errors_total": "failed turns, by cause",
-            "stage_restarts_total": "stage processes that came back with a new pid",
-            "bad_input_total": "stdin problems the bridge counted since its start, by reason",
-            "tool_calls_total": "tool calls of the LLM that gave a result, by tool",
-            "summaries_total": "summaries of the history's oldest exchanges, by outcome",
-            "tool_failures_total": "tool calls of the LLM that failed, timed out or were cancelled, by tool"}
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+# name: (help, label names)
+COUNTERS = {"turns_total": ("turns opened by a user utterance", ()),
+            "resumed_total": ("answers that went on under a new turn after a stage was lost in their middle", ()),
+            "turn_results_total": ("turns the llm closed, by reason", ("reason",)),
+            "interruptions_total": ("turns cancelled, by reason", ("reason",)),
+            "errors_total": ("failed turns, by cause", ("cause",)),
+            "stage_restarts_total": ("stage processes that came back with a new pid", ("stage",)),
+            "tool_calls_total": ("tool calls of the LLM that gave a result, by tool", ("tool",)),
+            "summaries_total": ("summaries of the history's oldest exchanges, by outcome", ("outcome",)),
+            "tool_failures_total": ("tool calls of the LLM that failed, timed out or were cancelled, by tool",
+                                    ("tool",))}
+# counted by the bridge since its start: the observer sets them as they come, it does not add
+BRIDGE_COUNTERS = {"bad_input_total": "stdin problems the bridge counted since its start, by reason"}
 
 
 class Registry:
-    """Counters, histograms and gauges, rendered in the text format; thread-safe."""
+    """The observer's metrics, in a prometheus_client registry of their own (thread-safe: the
+    library's locks), rendered by the library's exposition."""
 
     def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.counters = {name: Counter(PREFIX + name, text, labels, registry=self.registry)
+                         for name, (text, labels) in COUNTERS.items()}
+        self.stage_up = Gauge(PREFIX + "stage_up", "1 while the process beats on the bus", ("stage",),
+                              registry=self.registry)
+        self.hist = {milestone: Histogram(PREFIX + name, text, buckets=BUCKETS, registry=self.registry)
+                     for milestone, (name, text) in HISTOGRAMS.items()}
         self.lock = threading.Lock()
-        self.counters: dict[str, dict[tuple[str, str], float]] = {name: {} for name in COUNTERS}
-        self.gauges: dict[tuple[str, str], float] = {}
-        self.hist: dict[str, list[int]] = {name: [0] * len(BUCKETS) for name in HISTOGRAMS}
-        self.sums: dict[str, float] = {name: 0.0 for name in HISTOGRAMS}
+        self.bridge_counts: dict[str, dict[tuple[str, str], float]] = {name: {} for name in BRIDGE_COUNTERS}
+        self.registry.register(_BridgeCounts(self))
 
     def count(self, name: str, label: tuple[str, str] = ("", ""), by: float = 1.0, value: float | None = None) -> None:
-        with self.lock:
-            table = self.counters[name]
-            table[label] = value if value is not None else table.get(label, 0.0) + by
+        """Add ``by`` to counter ``name`` (with ``label``: its one label's name and value), or, for
+        one the bridge counts, set it to ``value``."""
+        if name in BRIDGE_COUNTERS:
+            with self.lock:
+                self.bridge_counts[name][label] = value if value is not None else by
+            return
+        counter = self.counters[name]
+        (counter.labels(**{label[0]: label[1]}) if label[0] else counter).inc(by)
+
+    def up(self, stage: str, beating: bool) -> None:
+        self.stage_up.labels(stage=stage).set(1.0 if beating else 0.0)
 
     def observe(self, milestone: str, seconds: float) -> None:
-        with self.lock:
-            for i, bound in enumerate(BUCKETS):
-                if seconds <= bound:
-                    self.hist[milestone][i] += 1
-            self.sums[milestone] += seconds
+        self.hist[milestone].observe(seconds)
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition the scraper asked for (``Accept``: the text format by default, or
+        OpenMetrics), and its content type."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
 
     def render(self) -> str:
-        out: list[str] = []
-        with self.lock:
-            for name, text in COUNTERS.items():
-                out += [f"# HELP {PREFIX}{name} {text}", f"# TYPE {PREFIX}{name} counter"]
-                for (key, value), n in sorted(self.counters[name].items()):
-                    labels = f'{{{key}="{_label(value)}"}}' if key else ""
-                    out.append(f"{PREFIX}{name}{labels} {n:g}")
-            out += [f"# HELP {PREFIX}stage_up 1 while the process beats on the bus", f"# TYPE {PREFIX}stage_up gauge"]
-            for (_, stage), up in sorted(self.gauges.items()):
-                out.append(f'{PREFIX}stage_up{{stage="{_label(stage)}"}} {up:g}')
-            for milestone, (name, text) in HISTOGRAMS.items():
-                out += [f"# HELP {PREFIX}{name} {text}", f"# TYPE {PREFIX}{name} histogram"]
-                for bound, n in zip(BUCKETS, self.hist[milestone]):
-                    le = "+Inf" if bound == math.inf else f"{bound:g}"
-                    out.append(f'{PREFIX}{name}_bucket{{le="{le}"}} {n}')
-                out.append(f"{PREFIX}{name}_sum {self.sums[milestone]:.6f}")
-                out.append(f"{PREFIX}{name}_count {self.hist[milestone][-1]}")
-        return "\n".join(out) + "\n"
+        """The text format."""
+        return self.exposition()[0].decode("utf-8")
+
+
+class _BridgeCounts:
+    """The bridge's own counts, as counters (a prometheus_client custom collector)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        with self.registry.lock:
+            tables = {name: dict(table) for name, table in self.registry.bridge_counts.items()}
+        for name, table in tables.items():
+            family = CounterMetricFamily(PREFIX + name, BRIDGE_COUNTERS[name], labels=("reason",))
+            for (_, reason), n in sorted(table.items()):
+                family.add_metric((reason,), n)
+            yield family
 
 
 class Metrics(Stage):
@@ -115,16 +140,12 @@ class Metrics(Stage):
         self.registry = Registry()
         self.clock = TurnClock()
         for stage in (*PIPELINE, "bridge"):
-            self.registry.gauges[("stage", stage)] = 0.0
-        self.server = web.serve(cfg, "metrics", {"/metrics": self._scrape})
+            self.registry.up(stage, False)
+        self.server = web.Server(cfg, "metrics", [("GET", "/metrics", self._scrape)]).start()
 
-    def _scrape(self, req: BaseHTTPRequestHandler) -> None:
-        body = self.registry.render().encode("utf-8")
-        req.send_response(200)
-        req.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        req.send_header("Content-Length", str(len(body)))
-        req.end_headers()
-        req.wfile.write(body)
+    async def _scrape(self, request: aioweb.Request) -> aioweb.Response:
+        body, content_type = self.registry.exposition(request.headers.get("Accept", ""))
+        return aioweb.Response(body=body, headers={"Content-Type": content_type})
 
     def on_event(self, env: wire.Envelope) -> None:
         mark = self.clock.observe(env)
@@ -145,8 +166,7 @@ class Metrics(Stage):
                 self.registry.count("errors_total", ("cause", str(env.body.get("cause") or "other")))
 
     def on_peer(self, name: str, change: str) -> None:
-        with self.registry.lock:
-            self.registry.gauges[("stage", name)] = 0.0 if change == "gone" else 1.0
+        self.registry.up(name, change != "gone")
         if change == "restarted":
             self.registry.count("stage_restarts_total", ("stage", name))
 
@@ -160,8 +180,7 @@ class Metrics(Stage):
                     self.registry.count("bad_input_total", ("reason", str(reason)[:40]), value=float(n))
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.close()
 
 
 def main(cfg: config_mod.Config) -> int:

@@ -19,18 +19,15 @@ opening bracket ends one); a word too long for a line is broken rather than cut 
 from __future__ import annotations
 
 import html
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler
+
+from aiohttp import web as aioweb
 
 from broker import config as config_mod
 from broker import wire
 from broker.runtime import Stage
 from stages.inputs.prompt import user_line
 from stages.observers import web
-
-PING = 15.0  # an SSE comment this often: proxies and OBS keep the connection, a dead one is noticed
 
 # lang="ja": Chromium applies line-break: strict's Japanese rules only to text in Japanese
 PAGE = """<!doctype html>
@@ -72,25 +69,19 @@ def page_html(section: dict) -> str:
 
 
 class Board:
-    """What the page shows now; each change wakes every connected page."""
+    """What the page shows now; each change goes to every connected page (a :class:`web.Hub` of
+    whole states)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hub: web.Hub) -> None:
         self.state = {"avatar": "", "user": ""}
-        self.version = 0
-        self.cond = threading.Condition()
+        self.hub = hub
+        hub.publish(self.state)
 
     def set(self, **fields: str) -> None:
-        with self.cond:
-            if all(self.state[k] == v for k, v in fields.items()):
-                return
-            self.state.update(fields)
-            self.version += 1
-            self.cond.notify_all()
-
-    def wait(self, seen: int, timeout: float) -> tuple[int, dict[str, str]]:
-        with self.cond:
-            self.cond.wait_for(lambda: self.version != seen, timeout)
-            return self.version, dict(self.state)
+        if all(self.state[k] == v for k, v in fields.items()):
+            return
+        self.state = {**self.state, **fields}
+        self.hub.publish(self.state)
 
 
 class Subtitles(Stage):
@@ -101,41 +92,18 @@ class Subtitles(Stage):
         super().__init__(cfg)
         self.s = cfg["subtitles"]
         self.model = cfg["speech"]["model"]
-        self.board = Board()
-        self.closed = False  # set on close: every page's stream ends
         self.showing: tuple[int, int] | None = None
         self.user_until: float | None = None
         self.page = page_html(self.s).encode("utf-8")
-        self.server = web.serve(cfg, "subtitles", {"/": self._page, "/events": self._events})
+        self.server = web.Server(cfg, "subtitles", [("GET", "/", self._page), ("GET", "/events", self._events)])
+        self.board = Board(web.Hub(self.server, latest=True))
+        self.server.start()
 
-    def _page(self, req: BaseHTTPRequestHandler) -> None:
-        req.send_response(200)
-        req.send_header("Content-Type", "text/html; charset=utf-8")
-        req.send_header("Content-Length", str(len(self.page)))
-        req.send_header("Cache-Control", "no-store")
-        req.send_header("Referrer-Policy", "no-referrer")
-        req.end_headers()
-        req.wfile.write(self.page)
+    async def _page(self, request: aioweb.Request) -> aioweb.Response:
+        return aioweb.Response(body=self.page, content_type="text/html", charset="utf-8")
 
-    def _events(self, req: BaseHTTPRequestHandler) -> None:
-        req.send_response(200)
-        req.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        req.send_header("Cache-Control", "no-store")
-        req.end_headers()
-        version, state = -1, None
-        try:
-            req.wfile.write(b"retry: 1000\n\n")
-            while not self.closed:
-                new_version, new_state = self.board.wait(version, PING)
-                if new_version != version:
-                    version, state = new_version, new_state
-                    req.wfile.write(f"data: {json.dumps(state, ensure_ascii=False)}\n\n".encode("utf-8"))
-                else:
-                    req.wfile.write(b": ping\n\n")
-                req.wfile.flush()
-        except OSError:
-            pass  # the page went away
-
+    async def _events(self, request: aioweb.Request) -> aioweb.StreamResponse:
+        return await self.board.hub.stream(request)
 
     def on_event(self, env: wire.Envelope) -> None:
         if env.kind == "turn_start":
@@ -167,11 +135,7 @@ class Subtitles(Stage):
             self.board.set(user="")
 
     def close(self) -> None:
-        self.closed = True
-        with self.board.cond:
-            self.board.cond.notify_all()
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.close()
 
 
 def main(cfg: config_mod.Config) -> int:
