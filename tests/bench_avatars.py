@@ -68,6 +68,13 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return b""
+
+
 def measure(count: int, rounds: int, tmp: Path, idle: float = IDLE) -> dict:
     names = [f"av{i:02d}" for i in range(1, count + 1)]
     avatars = {name: {"address": f"127.0.0.{10 + i}"} for i, name in enumerate(names, 1)}
@@ -83,7 +90,8 @@ def measure(count: int, rounds: int, tmp: Path, idle: float = IDLE) -> dict:
         for name in names:
             run.wait_connected(run.avatar_cfg(name), timeout=300)
         time.sleep(3)  # idle: start-up allocations settled (a measurement, not a synchronisation)
-        pids = processes_with(run.mark)
+        # not the start-up check (`doctor --notice`): it ends by itself, sooner or later on a loaded machine
+        pids = [p for p in processes_with(run.mark) if b" doctor" not in _cmdline(p)]
         rss, pss = map(sum, zip(*(memory(p) for p in pids)))
         used = cpu_seconds(pids)
         time.sleep(idle)  # the idle CPU of N avatars: heartbeats, liveness checks

@@ -90,6 +90,18 @@ def test_a_refused_comment_goes_back_in_its_place_unless_its_viewer_said_somethi
     assert "twitch:z" not in policy.queue
 
 
+def test_an_answer_cut_off_before_a_word_leaves_the_comment_waiting_and_its_viewer_free():
+    policy = Policy(SECTION)
+    policy.offer(comment("a", "一つ目", at=0), 0, busy=False)
+    first = policy.take(1)
+    policy.answered(first, 1.0)
+    policy.cut_off(first, 1.0, 1.01)  # the user spoke as the turn began (seen on the real app)
+    assert policy.take(2) == first  # it waits again, and its viewer was not held back
+    policy.answered(first, 2.0)
+    policy.offer(comment("a", "二つ目", at=2.5), 2.5, busy=False)
+    assert "twitch:a" not in policy.queue  # answered for real this time: per_viewer holds
+
+
 def test_moderation_withdraws_a_comment_a_viewer_or_everything():
     policy = Policy(SECTION)
     policy.offer(comment("a", id="m1"), 0, busy=True)

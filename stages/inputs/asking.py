@@ -42,6 +42,7 @@ class Asked:
     what: Any          # the subclass's own (the comment asked about)
     sent_at: float     # monotonic
     deadline: float
+    turn: int = 0      # the turn the bridge opened for it (once it said ok)
 
 
 class Asker(Stage):
@@ -77,6 +78,7 @@ class Asker(Stage):
         if asked is None or env.body.get("id") != asked.id:
             return  # another input's
         self.asked = None
+        asked.turn = env.body.get("turn") if type(env.body.get("turn")) is int else 0
         reason = "" if env.body.get("ok") else str(env.body.get("reason", "refused"))[:40]
         if reason:
             self.retry_at = now + RETRY

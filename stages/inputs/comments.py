@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 from broker import config as config_mod
+from broker import wire
 from broker.runtime import setup_logging
 from stages.inputs.asking import Asked, Asker
 from stages.inputs.feeds import Feeds, Source, Withdraw
@@ -59,6 +60,7 @@ class Comments(Asker):
         self.feeds = Feeds(sources)
         self.extra[self.feeds.fileno()] = self._arrived
         self.counts = {"received": 0, "asked": 0, "answered": 0}
+        self.answering: tuple[int, Comment, float] | None = None  # (turn, comment, when), until the turn ends
         self._told: set[str] = set()  # drop reasons logged once
 
     def on_ready(self) -> None:
@@ -91,10 +93,23 @@ class Comments(Asker):
                  now - comment.at, len(self.policy.queue))
         return prompt(comment.name, comment.text), comment.name, comment
 
+    def on_event(self, env: wire.Envelope) -> None:
+        super().on_event(env)
+        if self.answering is None or env.turn != self.answering[0] or env.kind not in ("cancel", "spoken"):
+            return
+        _, comment, began = self.answering
+        self.answering = None
+        if env.kind == "cancel" and not env.body.get("spoken"):
+            # the user began to speak as the turn began: not a word of the answer was said
+            log.info("the answer to a comment of %s was cut off before a word of it: it waits again", comment.name)
+            self.policy.cut_off(comment, began, time.monotonic())
+        else:
+            self.counts["answered"] += 1
+
     def on_result(self, asked: Asked, reason: str, now: float) -> None:
         comment: Comment = asked.what
         if not reason:
-            self.counts["answered"] += 1
+            self.answering = (asked.turn, comment, now)  # answered once a word of it is said (or all was said)
             self.policy.answered(comment, now)
         elif reason in ("busy", "away", "no answer"):
             self.policy.put_back(comment, now)

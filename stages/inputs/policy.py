@@ -135,6 +135,14 @@ class Policy:
         while len(self.last_answer) > MAX_VIEWERS:
             self.last_answer.popitem(last=False)
 
+    def cut_off(self, comment: Comment, answered_at: float, now: float) -> None:
+        """The turn that began to answer ``comment`` at ``answered_at`` was cut off before a word of
+        it was said (the user began to speak at that moment): it was not answered after all, and
+        waits again, its viewer not held back."""
+        if self.last_answer.get(comment.viewer) == answered_at:
+            del self.last_answer[comment.viewer]
+        self.put_back(comment, now)
+
     def forget(self, *, comment_id: str = "", viewer: str = "", everything: bool = False) -> int:
         """Withdraw a comment (by its id), a viewer's, or all; how many were waiting."""
         gone = [v for v, c in self.queue.items()
