@@ -16,7 +16,7 @@ from stages.inputs.activity import TURN_LIMIT, Activity
 from stages.inputs.feeds import Withdraw, backoff
 from stages.inputs.idle import Schedule, text as idle_text
 from stages.inputs.policy import MAX_VIEWERS, Comment, Policy
-from stages.inputs.prompt import INTRO, clean, prompt, user_line
+from stages.comment_prompt import INTRO, clean, prompt, user_line
 
 SECTION = {**config.load()["comments"], "max_age": 10.0, "max_queue": 3, "per_viewer": 5.0,
            "ignore_names": ["Nightbot"], "ignore_words": ["ＮＧ"]}

@@ -25,7 +25,7 @@ import pytest
 import trustme
 
 from broker import wire
-from stages.inputs.prompt import MARK
+from stages.comment_prompt import MARK
 from stages.llm.offline_responder import Stall
 from tests.e2e import Observer, World, managed, tokens_of
 from tests.fake_streams import FakeOneComme, FakeTwitch, onecomme_comment

@@ -15,7 +15,7 @@ with ``when = "idle"`` (:mod:`stages.inputs.asking`), so it never cuts off the s
 avatar: the bridge refuses it, ``busy``, if anything came first, and the comment waits again.
 
 What the model gets is a fixed sentence and the comment as JSON data, never the comment as
-the user's words (:mod:`stages.inputs.prompt`); the ``input``'s ``from`` is the viewer's name,
+the user's words (:mod:`stages.comment_prompt`); the ``input``'s ``from`` is the viewer's name,
 which the turn's ``turn_start`` carries for the captions and subtitles (``<name>: <comment>``).
 The heartbeat's ``info``: ``sources`` (each ``connecting``, ``connected`` or ``down``), ``queued``,
 ``received``, ``asked``, ``answered`` and ``dropped`` (reason -> count).
@@ -33,7 +33,7 @@ from broker.runtime import setup_logging
 from stages.inputs.asking import Asked, Asker
 from stages.inputs.feeds import Feeds, Source, Withdraw
 from stages.inputs.policy import Comment, Policy
-from stages.inputs.prompt import prompt
+from stages.comment_prompt import prompt
 
 log = logging.getLogger("mmdagent_llm")
 

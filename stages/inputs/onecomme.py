@@ -18,7 +18,7 @@ What this client does with it: the comments of ``connected`` were there before (
 reconnection, partly answered already): none is offered, each is only remembered as seen; a
 comment of ``comments`` whose id was seen is skipped; ``deleted`` (its data not described in the
 docs: any comment id found in it) withdraws those comments. The HTML becomes plain text (an
-``<img>`` its ``alt``), cleaned and cut (:func:`stages.inputs.prompt.clean`). Any other event is
+``<img>`` its ``alt``), cleaned and cut (:func:`stages.comment_prompt.clean`). Any other event is
 ignored. A dropped connection (OneComme closed, restarted) is tried again 1 s later, doubling to
 30 s; each attempt has a 10 s deadline, and a connection that answers no ping for 10 s is taken
 as dropped (aiohttp's heartbeat every 20 s).
@@ -39,7 +39,7 @@ import aiohttp
 
 from stages.inputs.feeds import Emit, Status, Withdraw, backoff
 from stages.inputs.policy import Comment
-from stages.inputs.prompt import NAME_CHARS, clean
+from stages.comment_prompt import NAME_CHARS, clean
 
 log = logging.getLogger("mmdagent_llm")
 

@@ -23,7 +23,7 @@ alone. ``[comments]`` in ``broker/defaults.toml`` sets it:
 - Moderation: a comment, or all of a viewer's, or all, can be withdrawn (:meth:`Policy.forget`:
   a moderator deleted it, timed the viewer out, cleared the chat).
 
-Texts and names arrive cleaned and cut (:func:`stages.inputs.prompt.clean`); the memory held is
+Texts and names arrive cleaned and cut (:func:`stages.comment_prompt.clean`); the memory held is
 bounded: the queue, and the last answer time of at most :data:`MAX_VIEWERS` viewers.
 """
 

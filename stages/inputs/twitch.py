@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 from stages.inputs.feeds import Emit, Status, Withdraw, backoff
 from stages.inputs.policy import Comment
-from stages.inputs.prompt import NAME_CHARS, clean
+from stages.comment_prompt import NAME_CHARS, clean
 
 log = logging.getLogger("mmdagent_llm")
 

@@ -14,7 +14,7 @@ the bridge's default ``[bridge] allow_senders``/``allow_types`` admit it):
 - with ``[captions] show_user``: the user's utterance as ``CAPTION_START|mmdagent-llm-user|...``
   for ``user_seconds``, at its own height; for a turn a live-stream comment opened, the comment
   as ``<viewer>: <comment>``, and nothing for one the idle input opened
-  (:func:`stages.inputs.prompt.user_line`).
+  (:func:`stages.comment_prompt.user_line`).
 
 The observer follows the sequencer's events, so it lags the speech by a few hops: on a loaded
 machine a caption may come on a moment after its sentence started, or even after it ended (a
@@ -36,7 +36,7 @@ import unicodedata
 from broker import config as config_mod
 from broker import wire
 from broker.runtime import Stage, setup_logging
-from stages.inputs.prompt import user_line
+from stages.comment_prompt import user_line
 from stages.observers.line_breaks import wrap
 
 log = logging.getLogger("mmdagent_llm")

@@ -8,7 +8,7 @@ OBS's own "Custom CSS" can override ``#avatar``, ``#user`` and ``.line``).
 Updates are pushed by the server (Server-Sent Events on ``/events``), never polled: the
 sentence appears on its ``SYNTH_EVENT_START`` (the sequencer's ``speech`` ``started``) and goes
 on its end or cut-off; the user's utterance, with ``show_user``, for ``user_seconds`` (a
-live-stream comment as ``<viewer>: <comment>``: :func:`stages.inputs.prompt.user_line`). Each
+live-stream comment as ``<viewer>: <comment>``: :func:`stages.comment_prompt.user_line`). Each
 message is the whole state, ``{"avatar": str, "user": str}``, so a page that (re)connects is
 in step at once. The page reconnects by itself when this observer or the browser restarts.
 Text is set as text, never as HTML. Lines wrap by the Japanese line-breaking rules, like the
@@ -26,7 +26,7 @@ from aiohttp import web as aioweb
 from broker import config as config_mod
 from broker import wire
 from broker.runtime import Stage
-from stages.inputs.prompt import user_line
+from stages.comment_prompt import user_line
 from stages.observers import web
 
 # lang="ja": Chromium applies line-break: strict's Japanese rules only to text in Japanese
